@@ -1,0 +1,124 @@
+//! The one error type of fla-rs libraries.
+
+/// Errors returned by fla-rs library calls. Variants name the operation (`op`) and the argument
+/// (`arg`) at fault, so that a message alone says what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    // === Shape errors ===
+    /// An argument has the wrong shape.
+    #[error("{op}: argument `{arg}` has shape {got:?}, expected {expected}")]
+    Shape {
+        /// Operation that checked the argument.
+        op: &'static str,
+        /// Argument name, as in the op's signature.
+        arg: &'static str,
+        /// What was expected, in words or as a shape.
+        expected: String,
+        /// The shape that was given.
+        got: Vec<usize>,
+    },
+    /// Two sizes that must agree do not (for example `HV` not a multiple of `H`).
+    #[error("{op}: {msg}")]
+    Size {
+        /// Operation that checked the sizes.
+        op: &'static str,
+        /// What disagrees, with the values.
+        msg: String,
+    },
+
+    // === DType and device errors ===
+    /// An argument has a dtype the operation does not take.
+    #[error("{op}: argument `{arg}` has dtype {got}, expected {expected}")]
+    DType {
+        /// Operation that checked the argument.
+        op: &'static str,
+        /// Argument name.
+        arg: &'static str,
+        /// Accepted dtypes, in words.
+        expected: String,
+        /// The dtype given.
+        got: crate::DType,
+    },
+    /// Arguments live on devices the operation cannot combine.
+    #[error("{op}: argument `{arg}` is on {got}, expected {expected}")]
+    Device {
+        /// Operation that checked the argument.
+        op: &'static str,
+        /// Argument name.
+        arg: &'static str,
+        /// Expected device.
+        expected: String,
+        /// Device given.
+        got: String,
+    },
+
+    // === Variable-length batches ===
+    /// `cu_seqlens` is malformed.
+    #[error("{op}: cu_seqlens {msg}")]
+    CuSeqlens {
+        /// Operation that checked it.
+        op: &'static str,
+        /// What is wrong, with the offending values.
+        msg: String,
+    },
+
+    // === Everything else ===
+    /// A valid request the operation does not support (yet).
+    #[error("{op}: unsupported: {msg}")]
+    Unsupported {
+        /// Operation.
+        op: &'static str,
+        /// What is unsupported.
+        msg: String,
+    },
+    /// A tensor name is missing from a file or map.
+    #[error("tensor `{name}` not found{context}")]
+    MissingTensor {
+        /// The name looked up.
+        name: String,
+        /// Where it was looked up (may be empty).
+        context: String,
+    },
+    /// Malformed metadata or configuration.
+    #[error("{0}")]
+    Msg(String),
+    /// I/O error, with the path involved.
+    #[error("{path}: {source}")]
+    Io {
+        /// File involved.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// safetensors parse or write error.
+    #[error("safetensors: {0}")]
+    SafeTensors(#[from] safetensors::SafeTensorError),
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Shorthand for [`Error::Shape`].
+    pub fn shape(
+        op: &'static str,
+        arg: &'static str,
+        expected: impl Into<String>,
+        got: &[usize],
+    ) -> Self {
+        Error::Shape {
+            op,
+            arg,
+            expected: expected.into(),
+            got: got.to_vec(),
+        }
+    }
+    /// Shorthand for [`Error::Size`].
+    pub fn size(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Size {
+            op,
+            msg: msg.into(),
+        }
+    }
+}
