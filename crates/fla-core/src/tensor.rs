@@ -35,6 +35,7 @@ mod private {
     pub trait Sealed: Sized {
         fn slice_of(s: &super::Storage) -> Option<&[Self]>;
         fn wrap_vec(v: Vec<Self>) -> super::Storage;
+        fn slice_of_mut(s: &mut super::Storage) -> Option<&mut [Self]>;
     }
 }
 
@@ -49,6 +50,12 @@ macro_rules! element {
             }
             fn wrap_vec(v: Vec<Self>) -> Storage {
                 Storage::$v(v)
+            }
+            fn slice_of_mut(s: &mut Storage) -> Option<&mut [Self]> {
+                match s {
+                    Storage::$v(v) => Some(v),
+                    _ => None,
+                }
             }
         }
         impl Element for $t {}
@@ -178,6 +185,26 @@ impl Tensor {
             });
         }
         Ok(&data[self.offset..self.offset + self.elem_count()])
+    }
+
+    /// The elements as a mutable slice, when the tensor is contiguous and of element type `T`.
+    /// Storage shared with other tensors is copied first (copy on write), so views elsewhere
+    /// never see the change.
+    pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
+        if T::DTYPE != self.dtype() {
+            return Err(Error::DType {
+                op: "as_mut_slice",
+                arg: "self",
+                expected: T::DTYPE.to_string(),
+                got: self.dtype(),
+            });
+        }
+        if !self.is_contiguous() || self.offset != 0 || Arc::strong_count(&self.storage) > 1 {
+            *self = Tensor::from_vec(self.to_vec::<T>()?, &self.shape)?;
+        }
+        let storage = Arc::get_mut(&mut self.storage).expect("unique after copy");
+        let n = self.shape.iter().product::<usize>();
+        Ok(&mut <T as private::Sealed>::slice_of_mut(storage).expect("dtype checked")[..n])
     }
 
     /// Row-major copy of the elements converted to `T` (any dtype to any dtype).
@@ -420,6 +447,14 @@ mod tests {
         assert!(Tensor::from_vec(vec![1.0f32; 5], &[2, 3]).is_err());
         assert!(t.as_slice::<f64>().is_err());
         assert!(t.narrow(1, 2, 2).is_err());
+        let mut m = t.clone();
+        m.as_mut_slice::<f32>().unwrap()[0] = 9.0;
+        assert_eq!(
+            t.to_vec::<f32>().unwrap()[0],
+            0.0,
+            "copy on write keeps the original"
+        );
+        assert_eq!(m.to_vec::<f32>().unwrap()[0], 9.0);
     }
 
     #[test]

@@ -1,0 +1,3 @@
+//! One module per subcommand: `Args` and `run(args) -> anyhow::Result<exit code>`.
+pub mod bench;
+pub mod verify;

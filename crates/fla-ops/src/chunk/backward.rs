@@ -1,0 +1,373 @@
+//! Chunk backward. Per chunk, in reverse, with `dS` the gradient of the state leaving the chunk
+//! and `Y = X − Kb S₀`, `U = T Y` recomputed from the saved entering state `S₀`:
+//!
+//! ```text
+//! dU  = Pᵀ dO + Kt dS          dP  = dO Uᵀ (lower incl.)     dQg = dO S₀ᵀ     dKt = U dSᵀ
+//! dY  = Tᵀ dU                  dA  = −dY Uᵀ (strictly lower) dKb = −dY S₀ᵀ   dX  = dY
+//! dS₀ = Qgᵀ dO − Kbᵀ dY + diag(exp(G_L)) dS
+//! ```
+//!
+//! (`dA` follows from `T = (I + A)⁻¹`: `dA = −Tᵀ dT Tᵀ` with `dT = dU Yᵀ`.) The chunk-local
+//! products then pass their gradients to q, k, v, b, w and the cumulative gate `G`, and
+//! `dg_t = Σ_{i ≥ t} dG_i + dG_L` undoes the in-chunk cumulative sum.
+use fla_core::cpu::{gemm, MatMut, MatRef};
+use fla_core::{Element, Float, Result, Tensor};
+
+use super::intra::{for_each_pair, Intra, CHUNK};
+use super::{head_forward, new_values};
+use crate::prepare::{HeadData, HeadGrads, Prepared};
+use crate::{Grads, Inputs, Options, Problem};
+
+pub(super) fn run<F: Float + Element>(
+    p: Problem,
+    x: &Inputs<'_>,
+    opts: &Options,
+    d_o: &Tensor,
+    dht: Option<&Tensor>,
+) -> Result<Grads> {
+    let prep = Prepared::<F>::new(p, x, opts)?;
+    let d = prep.p.dims;
+    let d_o: Vec<F> = d_o.to_vec()?;
+    let dht: Option<Vec<F>> = dht.map(|t| t.to_vec()).transpose()?;
+    let kv = d.k * d.v;
+    let heads = prep.map_heads(|i, h| {
+        let do_rows = prep.rows_of(&d_o, i, d.v);
+        let dht = dht
+            .as_ref()
+            .map_or_else(|| vec![F::zero(); kv], |t| t[i * kv..][..kv].to_vec());
+        head_backward(&h, &do_rows, dht)
+    });
+    prep.grads(heads, x.initial_state.is_some())
+}
+
+/// Scratch of the backward, one per head.
+struct Scratch<F> {
+    y: Vec<F>,
+    u: Vec<F>,
+    du: Vec<F>,
+    dy: Vec<F>,
+    dp: Vec<F>,
+    da: Vec<F>,
+    dqg: Vec<F>,
+    dkt: Vec<F>,
+    dkb: Vec<F>,
+    dbk: Vec<F>,
+    dgc: Vec<F>,
+    dgh: Vec<F>,
+    dgl: Vec<F>,
+    ds0: Vec<F>,
+    m: Vec<F>,
+}
+
+pub(crate) fn head_backward<F: Float>(x: &HeadData<F>, d_o: &[F], mut ds: Vec<F>) -> HeadGrads<F> {
+    let (dk, dv, len) = (x.dk, x.dv, x.len);
+    let erase = x.b.is_some();
+    let mut states = Vec::new();
+    head_forward(x, Some(&mut states));
+    let gw = if x.channel { dk } else { 1 };
+    let mut g = HeadGrads {
+        dq: vec![F::zero(); len * dk],
+        dk: vec![F::zero(); len * dk],
+        dv: vec![F::zero(); len * dv],
+        dg: vec![F::zero(); len * gw],
+        db: erase.then(|| vec![F::zero(); len * dk]),
+        dw: vec![F::zero(); len * dv],
+        dh0: Vec::new(),
+    };
+    let z = |n: usize| vec![F::zero(); n];
+    let (ck, cv, cc) = (CHUNK * dk, CHUNK * dv, CHUNK * CHUNK);
+    let mut s = Scratch {
+        y: z(cv),
+        u: z(cv),
+        du: z(cv),
+        dy: z(cv),
+        dp: z(cc),
+        da: z(cc),
+        dqg: z(ck),
+        dkt: z(ck),
+        dkb: z(ck),
+        dbk: z(ck),
+        dgc: z(ck),
+        dgh: z(CHUNK),
+        dgl: z(dk),
+        ds0: z(dk * dv),
+        m: z(cc),
+    };
+    let mut w = Intra::new(dk, dv);
+    let n_chunks = len.div_ceil(CHUNK);
+    for ci in (0..n_chunks).rev() {
+        let c0 = ci * CHUNK;
+        let l = CHUNK.min(len - c0);
+        let s0 = &states[ci * dk * dv..][..dk * dv];
+        w.compute(x, c0, l);
+        new_values(&w, s0, dk, dv, &mut s.y, &mut s.u, erase);
+        chunk_backward(
+            x,
+            &w,
+            s0,
+            &d_o[c0 * dv..][..l * dv],
+            &mut ds,
+            &mut s,
+            &mut g,
+        );
+        std::mem::swap(&mut ds, &mut s.ds0);
+    }
+    g.dh0 = ds;
+    g
+}
+
+fn mat<F: Copy>(d: &[F], r: usize, c: usize, rs: usize) -> MatRef<'_, F> {
+    MatRef::new(d, r, c, rs, 1)
+}
+fn mat_mut<F: Copy>(d: &mut [F], r: usize, c: usize, rs: usize) -> MatMut<'_, F> {
+    MatMut::new(d, r, c, rs, 1)
+}
+
+/// One chunk of the backward: reads `ds` (gradient of the leaving state), writes `s.ds0` and
+/// this chunk's rows of the head gradients.
+fn chunk_backward<F: Float>(
+    x: &HeadData<F>,
+    w: &Intra<F>,
+    s0: &[F],
+    d_o: &[F],
+    ds: &[F],
+    s: &mut Scratch<F>,
+    g: &mut HeadGrads<F>,
+) {
+    let (dk, dv, l, c0) = (x.dk, x.dv, w.l, w.c0);
+    let erase = x.b.is_some();
+    let (one, zero) = (F::one(), F::zero());
+    let s0m = mat(s0, dk, dv, dv);
+    let dsm = mat(ds, dk, dv, dv);
+    let dom = mat(d_o, l, dv, dv);
+    let um = mat(&s.u, l, dv, dv);
+    // dU = Pᵀ dO + Kt dS
+    gemm(
+        one,
+        mat(&w.p, l, l, CHUNK).t(),
+        dom,
+        zero,
+        mat_mut(&mut s.du, l, dv, dv),
+    );
+    gemm(
+        one,
+        mat(&w.kt, l, dk, dk),
+        dsm,
+        one,
+        mat_mut(&mut s.du, l, dv, dv),
+    );
+    // dP = dO Uᵀ, dQg = dO S₀ᵀ, dKt = U dSᵀ
+    gemm(one, dom, um.t(), zero, mat_mut(&mut s.dp, l, l, CHUNK));
+    gemm(one, dom, s0m.t(), zero, mat_mut(&mut s.dqg, l, dk, dk));
+    gemm(one, um, dsm.t(), zero, mat_mut(&mut s.dkt, l, dk, dk));
+    // dY = Tᵀ dU; dA = −dY Uᵀ; dKb = −dY S₀ᵀ
+    if erase {
+        gemm(
+            one,
+            mat(&w.t, l, l, CHUNK).t(),
+            mat(&s.du, l, dv, dv),
+            zero,
+            mat_mut(&mut s.dy, l, dv, dv),
+        );
+        gemm(
+            -one,
+            mat(&s.dy, l, dv, dv),
+            um.t(),
+            zero,
+            mat_mut(&mut s.da, l, l, CHUNK),
+        );
+        gemm(
+            -one,
+            mat(&s.dy, l, dv, dv),
+            s0m.t(),
+            zero,
+            mat_mut(&mut s.dkb, l, dk, dk),
+        );
+    } else {
+        s.dy[..l * dv].copy_from_slice(&s.du[..l * dv]);
+    }
+    // dS₀ = Qgᵀ dO − Kbᵀ dY + diag(exp(G_L)) dS
+    for c in 0..dk {
+        let e = w.e_last[c];
+        for j in 0..dv {
+            s.ds0[c * dv + j] = e * ds[c * dv + j];
+        }
+    }
+    gemm(
+        one,
+        mat(&w.qg, l, dk, dk).t(),
+        dom,
+        one,
+        mat_mut(&mut s.ds0, dk, dv, dv),
+    );
+    if erase {
+        gemm(
+            -one,
+            mat(&w.kb, l, dk, dk).t(),
+            mat(&s.dy, l, dv, dv),
+            one,
+            mat_mut(&mut s.ds0, dk, dv, dv),
+        );
+    }
+    // X = w ⊙ V
+    for i in 0..l * dv {
+        let r = c0 * dv + i;
+        g.dv[r] = x.w[r] * s.dy[i];
+        g.dw[r] = x.v[r] * s.dy[i];
+    }
+    // dG_L from the state decay and Kt; per-row dG from Kb, Qg, Kt.
+    for c in 0..dk {
+        let dot: F = (0..dv).map(|j| ds[c * dv + j] * s0[c * dv + j]).sum();
+        s.dgl[c] = w.e_last[c] * dot;
+    }
+    let dq = &mut g.dq[c0 * dk..][..l * dk];
+    let dkk = &mut g.dk[c0 * dk..][..l * dk];
+    for i in 0..l * dk {
+        let kt = s.dkt[i] * w.kt[i];
+        s.dgl[i % dk] += kt;
+        let mut dgi = s.dqg[i] * w.qg[i] - kt;
+        dq[i] = x.scale * w.eg[i] * s.dqg[i];
+        dkk[i] = s.dkt[i] * w.e_tail[i];
+        if erase {
+            dgi += s.dkb[i] * w.kb[i];
+            s.dbk[i] = s.dkb[i] * w.eg[i];
+        }
+        s.dgc[i] = dgi;
+    }
+    s.dgh[..l].iter_mut().for_each(|v| *v = zero);
+    let q = &x.q[c0 * dk..][..l * dk];
+    let k = &x.k[c0 * dk..][..l * dk];
+    if x.channel {
+        channel_ap_backward(x, w, q, k, s, dq, dkk);
+    } else {
+        head_ap_backward(x, w, q, k, s, dq, dkk);
+    }
+    if let (Some(b), Some(db)) = (&x.b, g.db.as_mut()) {
+        let b = &b[c0 * dk..][..l * dk];
+        for i in 0..l * dk {
+            dkk[i] += b[i] * s.dbk[i];
+            db[c0 * dk + i] = k[i] * s.dbk[i];
+        }
+    }
+    // Undo the in-chunk cumulative sum.
+    if x.channel {
+        for c in 0..dk {
+            let mut acc = s.dgl[c];
+            for i in (0..l).rev() {
+                acc += s.dgc[i * dk + c];
+                g.dg[(c0 + i) * dk + c] = acc;
+            }
+        }
+    } else {
+        let mut acc: F = s.dgl.iter().copied().sum();
+        for i in (0..l).rev() {
+            acc += s.dgh[i] + s.dgc[i * dk..][..dk].iter().copied().sum();
+            g.dg[c0 + i] = acc;
+        }
+    }
+}
+
+/// Head decay: `A = (bk Kᵀ) ⊙ E`, `P = scale·(Q Kᵀ) ⊙ E`.
+fn head_ap_backward<F: Float>(
+    x: &HeadData<F>,
+    w: &Intra<F>,
+    q: &[F],
+    k: &[F],
+    s: &mut Scratch<F>,
+    dq: &mut [F],
+    dkk: &mut [F],
+) {
+    let (dk, l) = (x.dk, w.l);
+    let erase = x.b.is_some();
+    let one = F::one();
+    // dN = scale·dP ⊙ E (incl.) into s.m, and the gate terms of P.
+    for i in 0..l {
+        for j in 0..l {
+            let ij = i * CHUNK + j;
+            if j <= i {
+                let t = s.dp[ij] * w.p[ij];
+                s.dgh[i] += t;
+                s.dgh[j] -= t;
+                s.m[ij] = x.scale * s.dp[ij] * w.e[ij];
+            } else {
+                s.m[ij] = F::zero();
+            }
+        }
+    }
+    let km = mat(k, l, dk, dk);
+    gemm(one, mat(&s.m, l, l, CHUNK), km, one, mat_mut(dq, l, dk, dk));
+    gemm(
+        one,
+        mat(&s.m, l, l, CHUNK).t(),
+        mat(q, l, dk, dk),
+        one,
+        mat_mut(dkk, l, dk, dk),
+    );
+    if !erase {
+        return;
+    }
+    // dM = dA ⊙ E (strict) into s.m, and the gate terms of A.
+    for i in 0..l {
+        for j in 0..l {
+            let ij = i * CHUNK + j;
+            if j < i {
+                let t = s.da[ij] * w.a[ij];
+                s.dgh[i] += t;
+                s.dgh[j] -= t;
+                s.m[ij] = s.da[ij] * w.e[ij];
+            } else {
+                s.m[ij] = F::zero();
+            }
+        }
+    }
+    gemm(
+        one,
+        mat(&s.m, l, l, CHUNK),
+        km,
+        one,
+        mat_mut(&mut s.dbk, l, dk, dk),
+    );
+    gemm(
+        one,
+        mat(&s.m, l, l, CHUNK).t(),
+        mat(&w.bk, l, dk, dk),
+        one,
+        mat_mut(dkk, l, dk, dk),
+    );
+}
+
+/// Channel decay: per pair `(i, j ≤ i)` with `e = exp(G_i − G_j)` per channel,
+/// `P_ij = scale·Σ q_i k_j e` and `A_ij = Σ bk_i k_j e` (`j < i`).
+fn channel_ap_backward<F: Float>(
+    x: &HeadData<F>,
+    w: &Intra<F>,
+    q: &[F],
+    k: &[F],
+    s: &mut Scratch<F>,
+    dq: &mut [F],
+    dkk: &mut [F],
+) {
+    let (dk, l) = (x.dk, w.l);
+    let erase = x.b.is_some();
+    let (dp, da, dbk, dgc) = (&s.dp, &s.da, &mut s.dbk, &mut s.dgc);
+    for_each_pair(&w.eg_step, l, dk, |i, j, run| {
+        let dpij = x.scale * dp[i * CHUNK + j];
+        let daij = if erase && j < i {
+            da[i * CHUNK + j]
+        } else {
+            F::zero()
+        };
+        let (qi, kj) = (&q[i * dk..][..dk], &k[j * dk..][..dk]);
+        let bki = &w.bk[i * dk..];
+        for c in 0..dk {
+            let kd = kj[c] * run[c];
+            let bk = if erase { bki[c] } else { F::zero() };
+            dq[i * dk + c] += dpij * kd;
+            dkk[j * dk + c] += (dpij * qi[c] + daij * bk) * run[c];
+            dbk[i * dk + c] += daij * kd;
+            let t = (dpij * qi[c] + daij * bk) * kd;
+            dgc[i * dk + c] += t;
+            dgc[j * dk + c] -= t;
+        }
+    });
+}

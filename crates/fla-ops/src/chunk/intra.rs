@@ -1,0 +1,247 @@
+//! Quantities local to one chunk, shared by the chunk forward and backward.
+//!
+//! With `G` the in-chunk inclusive cumulative sum of the log decay (per token, or per token and
+//! key channel), `E_ij = exp(G_i − G_j)` for `j ≤ i`, and `L` the chunk's last row:
+//!
+//! ```text
+//! A  = strictly lower  (b⊙K)Kᵀ ⊙ E      T = (I + A)⁻¹          (the UT / WY transform)
+//! P  = lower incl.     scale·QKᵀ ⊙ E
+//! Kb = b ⊙ K ⊙ exp(G)   Qg = scale·Q ⊙ exp(G)   Kt = K ⊙ exp(G_L − G)   X = w ⊙ V
+//! ```
+//!
+//! Head decay forms `A` and `P` with one GEMM each and scales by the `C×C` matrix `E`. Channel
+//! decay cannot factor `exp(G_i − G_j)` into `exp(G_i)·exp(−G_j)` without overflow under strong
+//! decay, so it forms each pair's decay vector as a running product of `exp(g)` from `i` down to
+//! `j` (always ≤ 1 for a decay), which is exact to rounding for any gate strength.
+use fla_core::cpu::{gemm, MatMut, MatRef};
+use fla_core::Float;
+
+use crate::prepare::HeadData;
+
+/// Chunk length of the chunk form (as FLA's default).
+pub const CHUNK: usize = 64;
+
+/// Workspace for one chunk of one head: allocated once per head, reused across chunks.
+pub(crate) struct Intra<F> {
+    /// Rows in this chunk.
+    pub l: usize,
+    /// First row of the chunk within the head.
+    pub c0: usize,
+    /// Cumulative log decay `[l]` or `[l, K]`.
+    pub g: Vec<F>,
+    /// `exp(G_L)` per key channel `[K]`.
+    pub e_last: Vec<F>,
+    /// `exp(G)` per row and key channel `[l, K]`.
+    pub eg: Vec<F>,
+    /// `b ⊙ K` `[l, K]` (empty without erase).
+    pub bk: Vec<F>,
+    /// `b ⊙ K ⊙ exp(G)` `[l, K]`.
+    pub kb: Vec<F>,
+    /// `scale·Q ⊙ exp(G)` `[l, K]`.
+    pub qg: Vec<F>,
+    /// `exp(G_L − G)` `[l, K]`.
+    pub e_tail: Vec<F>,
+    /// `K ⊙ exp(G_L − G)` `[l, K]`.
+    pub kt: Vec<F>,
+    /// `w ⊙ V` `[l, V]`.
+    pub x: Vec<F>,
+    /// `[C, C]`, row stride `C`.
+    pub a: Vec<F>,
+    /// `[C, C]`.
+    pub p: Vec<F>,
+    /// `(I + A)⁻¹` `[C, C]`.
+    pub t: Vec<F>,
+    /// Head decay: `E_ij` `[C, C]`.
+    pub e: Vec<F>,
+    /// Channel decay: `exp(g)` of the raw gate `[l, K]`.
+    pub eg_step: Vec<F>,
+}
+
+impl<F: Float> Intra<F> {
+    /// Workspace sized for `K`, `V` and chunk [`CHUNK`].
+    pub fn new(dk: usize, dv: usize) -> Self {
+        let ck = CHUNK * dk;
+        let z = |n| vec![F::zero(); n];
+        Intra {
+            l: 0,
+            c0: 0,
+            g: z(ck),
+            e_last: z(dk),
+            eg: z(ck),
+            bk: z(ck),
+            kb: z(ck),
+            qg: z(ck),
+            e_tail: z(ck),
+            kt: z(ck),
+            x: z(CHUNK * dv),
+            a: z(CHUNK * CHUNK),
+            p: z(CHUNK * CHUNK),
+            t: z(CHUNK * CHUNK),
+            e: z(CHUNK * CHUNK),
+            eg_step: z(ck),
+        }
+    }
+
+    /// Fills every chunk-local quantity for rows `c0 .. c0 + l` of `x`.
+    pub fn compute(&mut self, x: &HeadData<F>, c0: usize, l: usize) {
+        let (dk, dv) = (x.dk, x.dv);
+        self.l = l;
+        self.c0 = c0;
+        let gw = if x.channel { dk } else { 1 };
+        // Cumulative gate and its exponentials.
+        for i in 0..l {
+            for c in 0..gw {
+                let prev = if i == 0 {
+                    F::zero()
+                } else {
+                    self.g[(i - 1) * gw + c]
+                };
+                self.g[i * gw + c] = prev + x.g[(c0 + i) * gw + c];
+            }
+        }
+        let gl = |s: &Self, i: usize, c: usize| if x.channel { s.g[i * dk + c] } else { s.g[i] };
+        for c in 0..dk {
+            self.e_last[c] = gl(self, l - 1, c).exp();
+        }
+        for i in 0..l {
+            for c in 0..dk {
+                let gi = gl(self, i, c);
+                self.eg[i * dk + c] = gi.exp();
+                self.e_tail[i * dk + c] = (gl(self, l - 1, c) - gi).exp();
+            }
+        }
+        let (q, k) = (&x.q[c0 * dk..][..l * dk], &x.k[c0 * dk..][..l * dk]);
+        for i in 0..l * dk {
+            self.qg[i] = x.scale * q[i] * self.eg[i];
+            self.kt[i] = k[i] * self.e_tail[i];
+        }
+        if let Some(b) = &x.b {
+            let b = &b[c0 * dk..][..l * dk];
+            for i in 0..l * dk {
+                self.bk[i] = b[i] * k[i];
+                self.kb[i] = self.bk[i] * self.eg[i];
+            }
+        }
+        for i in 0..l * dv {
+            self.x[i] = x.w[c0 * dv + i] * x.v[c0 * dv + i];
+        }
+        if x.channel {
+            self.channel_ap(x, q, k);
+        } else {
+            self.head_ap(x, q, k);
+        }
+        if x.b.is_some() {
+            self.invert();
+        }
+    }
+
+    fn head_ap(&mut self, x: &HeadData<F>, q: &[F], k: &[F]) {
+        let (l, dk) = (self.l, x.dk);
+        let kr = MatRef::new(k, l, dk, dk, 1);
+        for i in 0..l {
+            for j in 0..=i {
+                self.e[i * CHUNK + j] = (self.g[i] - self.g[j]).exp();
+            }
+        }
+        gemm(
+            x.scale,
+            MatRef::new(q, l, dk, dk, 1),
+            kr.t(),
+            F::zero(),
+            MatMut::new(&mut self.p, l, l, CHUNK, 1),
+        );
+        if x.b.is_some() {
+            gemm(
+                F::one(),
+                MatRef::new(&self.bk, l, dk, dk, 1),
+                kr.t(),
+                F::zero(),
+                MatMut::new(&mut self.a, l, l, CHUNK, 1),
+            );
+        }
+        for i in 0..l {
+            for j in 0..l {
+                let ij = i * CHUNK + j;
+                self.p[ij] = if j <= i {
+                    self.p[ij] * self.e[ij]
+                } else {
+                    F::zero()
+                };
+                self.a[ij] = if j < i && x.b.is_some() {
+                    self.a[ij] * self.e[ij]
+                } else {
+                    F::zero()
+                };
+            }
+        }
+    }
+
+    fn channel_ap(&mut self, x: &HeadData<F>, q: &[F], k: &[F]) {
+        let (l, dk) = (self.l, x.dk);
+        for i in 0..l * dk {
+            self.eg_step[i] = x.g[self.c0 * dk + i].exp();
+        }
+        self.p[..l * CHUNK].iter_mut().for_each(|v| *v = F::zero());
+        self.a[..l * CHUNK].iter_mut().for_each(|v| *v = F::zero());
+        let erase = x.b.is_some();
+        let (p, a, bk) = (&mut self.p, &mut self.a, &self.bk);
+        for_each_pair(&self.eg_step, l, dk, |i, j, run| {
+            let (qi, kj) = (&q[i * dk..][..dk], &k[j * dk..][..dk]);
+            let mut pq = F::zero();
+            for c in 0..dk {
+                pq += qi[c] * kj[c] * run[c];
+            }
+            p[i * CHUNK + j] = x.scale * pq;
+            if erase && j < i {
+                let bki = &bk[i * dk..][..dk];
+                let mut pa = F::zero();
+                for c in 0..dk {
+                    pa += bki[c] * kj[c] * run[c];
+                }
+                a[i * CHUNK + j] = pa;
+            }
+        });
+    }
+
+    /// `T = (I + A)⁻¹` by forward substitution (A strictly lower triangular).
+    fn invert(&mut self) {
+        let l = self.l;
+        for i in 0..l {
+            for j in 0..l {
+                self.t[i * CHUNK + j] = if i == j { F::one() } else { F::zero() };
+            }
+            for m in 0..i {
+                let a = self.a[i * CHUNK + m];
+                if a == F::zero() {
+                    continue;
+                }
+                for j in 0..=m {
+                    let tmj = self.t[m * CHUNK + j];
+                    self.t[i * CHUNK + j] -= a * tmj;
+                }
+            }
+        }
+    }
+}
+
+/// Channel-decay pair loop: calls `f(i, j, e)` for every `j ≤ i < l` with
+/// `e = exp(G_i − G_j) = Π_{t=j+1..i} exp(g_t)` per key channel, formed as a running product of
+/// `eg_step = exp(g)` `[l, K]`.
+pub(crate) fn for_each_pair<F: Float>(
+    eg_step: &[F],
+    l: usize,
+    dk: usize,
+    mut f: impl FnMut(usize, usize, &[F]),
+) {
+    let mut run = vec![F::zero(); dk];
+    for i in 0..l {
+        run.iter_mut().for_each(|r| *r = F::one());
+        for j in (0..=i).rev() {
+            if j < i {
+                let step = &eg_step[(j + 1) * dk..][..dk];
+                run.iter_mut().zip(step).for_each(|(r, &s)| *r *= s);
+            }
+            f(i, j, &run);
+        }
+    }
+}

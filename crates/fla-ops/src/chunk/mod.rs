@@ -1,0 +1,169 @@
+//! The chunkwise-parallel (WY / UT transform) form, chunk size 64: forward and backward.
+//!
+//! Per chunk, with the state `S₀ [K,V]` entering it and the chunk-local quantities of
+//! [`intra`] (`A`, `T = (I + A)⁻¹`, `P`, `Kb`, `Qg`, `Kt`, `X`):
+//!
+//! ```text
+//! U   = T (X − Kb S₀)                  new values (the erase already applied)
+//! O   = Qg S₀ + P U                    outputs of the chunk
+//! S_L = diag(exp(G_L)) S₀ + Ktᵀ U      state leaving the chunk
+//! ```
+//!
+//! The backward recomputes the per-chunk states with one forward sweep, then walks the chunks in
+//! reverse carrying `dS`; see `backward.rs` for its equations. FLA: `chunk_gated_delta_rule`,
+//! `chunk_kda`, `chunk_gla`, ... (`fla/ops/common/chunk_delta_h.py`, `chunk_o.py`).
+use fla_core::cpu::{gemm, MatMut, MatRef};
+use fla_core::{Element, Float, Result, Tensor};
+
+use crate::prepare::{HeadData, HeadOut, Prepared};
+use crate::{Family, Grads, Inputs, Options, Output, Problem};
+
+mod backward;
+pub(crate) mod intra;
+
+use intra::Intra;
+pub use intra::CHUNK;
+
+/// Chunk forward for `family`: outputs and, when requested, final states.
+pub fn forward(family: Family, x: &Inputs<'_>, opts: &Options) -> Result<Output> {
+    let p = Problem::new("chunk::forward", family, x, opts)?;
+    if p.f64 {
+        run_forward::<f64>(p, x, opts)
+    } else {
+        run_forward::<f32>(p, x, opts)
+    }
+}
+
+fn run_forward<F: Float + Element>(p: Problem, x: &Inputs<'_>, opts: &Options) -> Result<Output> {
+    let prep = Prepared::<F>::new(p, x, opts)?;
+    let heads = prep.map_heads(|_, h| head_forward(&h, None));
+    prep.output(heads, opts.output_final_state)
+}
+
+/// Chunk backward for `family`: gradients of `Σ o·do + Σ ht·dht` with respect to every input
+/// given (`dht [N,HV,K,V]` may be omitted: zero). Recomputes the forward internally, so nothing
+/// needs to be kept from [`forward`].
+pub fn backward(
+    family: Family,
+    x: &Inputs<'_>,
+    opts: &Options,
+    d_o: &Tensor,
+    dht: Option<&Tensor>,
+) -> Result<Grads> {
+    let p = Problem::new("chunk::backward", family, x, opts)?;
+    let d = p.dims;
+    if d_o.shape() != [d.b, d.t, d.hv, d.v] {
+        return Err(fla_core::Error::shape(
+            "chunk::backward",
+            "do",
+            format!("o's shape [{}, {}, {}, {}]", d.b, d.t, d.hv, d.v),
+            d_o.shape(),
+        ));
+    }
+    if let Some(dht) = dht {
+        if dht.shape() != [d.n, d.hv, d.k, d.v] {
+            return Err(fla_core::Error::shape(
+                "chunk::backward",
+                "dht",
+                format!("[N,HV,K,V] = [{}, {}, {}, {}]", d.n, d.hv, d.k, d.v),
+                dht.shape(),
+            ));
+        }
+    }
+    if p.f64 {
+        backward::run::<f64>(p, x, opts, d_o, dht)
+    } else {
+        backward::run::<f32>(p, x, opts, d_o, dht)
+    }
+}
+
+/// Forward over one head. With `states`, also records the state entering each chunk
+/// (`[n_chunks, K, V]`, for the backward).
+pub(crate) fn head_forward<F: Float>(
+    x: &HeadData<F>,
+    mut states: Option<&mut Vec<F>>,
+) -> HeadOut<F> {
+    let (dk, dv) = (x.dk, x.dv);
+    let mut s = x.h0.clone();
+    let mut o = vec![F::zero(); x.len * dv];
+    let mut w = Intra::new(dk, dv);
+    let mut y = vec![F::zero(); CHUNK * dv];
+    let mut u = vec![F::zero(); CHUNK * dv];
+    for c0 in (0..x.len).step_by(CHUNK) {
+        let l = CHUNK.min(x.len - c0);
+        if let Some(st) = states.as_deref_mut() {
+            st.extend_from_slice(&s);
+        }
+        w.compute(x, c0, l);
+        new_values(&w, &s, dk, dv, &mut y, &mut u, x.b.is_some());
+        let u = &u[..l * dv];
+        let sm = MatRef::new(&s, dk, dv, dv, 1);
+        let oc = MatMut::new(&mut o[c0 * dv..], l, dv, dv, 1);
+        gemm(
+            F::one(),
+            MatRef::new(&w.qg, l, dk, dk, 1),
+            sm,
+            F::zero(),
+            oc,
+        );
+        let oc = MatMut::new(&mut o[c0 * dv..], l, dv, dv, 1);
+        gemm(
+            F::one(),
+            MatRef::new(&w.p, l, l, CHUNK, 1),
+            MatRef::new(u, l, dv, dv, 1),
+            F::one(),
+            oc,
+        );
+        advance_state(&w, &mut s, u, dk, dv);
+    }
+    HeadOut { o, ht: s }
+}
+
+/// `Y = X − Kb S₀` into `y`, and `U = T Y` into `u` (`U = Y` without erase).
+pub(crate) fn new_values<F: Float>(
+    w: &Intra<F>,
+    s: &[F],
+    dk: usize,
+    dv: usize,
+    y: &mut [F],
+    u: &mut [F],
+    erase: bool,
+) {
+    let l = w.l;
+    y[..l * dv].copy_from_slice(&w.x[..l * dv]);
+    if !erase {
+        u[..l * dv].copy_from_slice(&y[..l * dv]);
+        return;
+    }
+    let sm = MatRef::new(s, dk, dv, dv, 1);
+    gemm(
+        -F::one(),
+        MatRef::new(&w.kb, l, dk, dk, 1),
+        sm,
+        F::one(),
+        MatMut::new(y, l, dv, dv, 1),
+    );
+    gemm(
+        F::one(),
+        MatRef::new(&w.t, l, l, CHUNK, 1),
+        MatRef::new(y, l, dv, dv, 1),
+        F::zero(),
+        MatMut::new(u, l, dv, dv, 1),
+    );
+}
+
+/// `S ← diag(exp(G_L)) S + Ktᵀ U`.
+fn advance_state<F: Float>(w: &Intra<F>, s: &mut [F], u: &[F], dk: usize, dv: usize) {
+    for c in 0..dk {
+        let e = w.e_last[c];
+        s[c * dv..][..dv].iter_mut().for_each(|v| *v *= e);
+    }
+    let l = w.l;
+    gemm(
+        F::one(),
+        MatRef::new(&w.kt, l, dk, dk, 1).t(),
+        MatRef::new(u, l, dv, dv, 1),
+        F::one(),
+        MatMut::new(s, dk, dv, dv, 1),
+    );
+}
