@@ -125,10 +125,7 @@ pub struct MatMut<'a, T> {
 fn check_view(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) {
     if rows > 0 && cols > 0 {
         let last = (rows - 1) * rs + (cols - 1) * cs;
-        assert!(
-            last < len,
-            "matrix view {rows}x{cols} (strides {rs},{cs}) exceeds slice of {len}"
-        );
+        assert!(last < len, "matrix view {rows}x{cols} (strides {rs},{cs}) exceeds slice of {len}");
     }
 }
 
@@ -137,32 +134,16 @@ impl<'a, T: Copy> MatRef<'a, T> {
     /// Panics if the view leaves the slice: views are built by kernels, never from user input.
     pub fn new(data: &'a [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
         check_view(data.len(), rows, cols, rs, cs);
-        MatRef {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        }
+        MatRef { data, rows, cols, rs, cs }
     }
     /// The transposed view (no copy).
     pub fn t(self) -> Self {
-        MatRef {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
+        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
     /// Rows `start..start+len`.
     pub fn rows(self, start: usize, len: usize) -> Self {
         assert!(start + len <= self.rows);
-        MatRef {
-            data: &self.data[(start * self.rs).min(self.data.len())..],
-            rows: len,
-            ..self
-        }
+        MatRef { data: &self.data[(start * self.rs).min(self.data.len())..], rows: len, ..self }
     }
     /// Element `(i, j)`.
     #[inline(always)]
@@ -183,33 +164,18 @@ impl<'a, T: Copy> MatMut<'a, T> {
     /// A mutable `rows × cols` view with row stride `rs` and column stride `cs`.
     pub fn new(data: &'a mut [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
         check_view(data.len(), rows, cols, rs, cs);
-        MatMut {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        }
+        MatMut { data, rows, cols, rs, cs }
     }
     /// Reborrow.
     pub fn rb(&mut self) -> MatMut<'_, T> {
-        MatMut {
-            data: self.data,
-            rows: self.rows,
-            cols: self.cols,
-            rs: self.rs,
-            cs: self.cs,
-        }
+        MatMut { data: self.data, rows: self.rows, cols: self.cols, rs: self.rs, cs: self.cs }
     }
 }
 
 /// `C ← alpha·A·B + beta·C`. Panics if the shapes disagree (a kernel bug, not a user error).
 /// When `beta` is 0, `C` is overwritten and its old contents (even NaN) are ignored.
 pub fn gemm<T: Float>(alpha: T, a: MatRef<'_, T>, b: MatRef<'_, T>, beta: T, c: MatMut<'_, T>) {
-    assert!(
-        a.cols == b.rows && c.rows == a.rows && c.cols == b.cols,
-        "gemm shape mismatch"
-    );
+    assert!(a.cols == b.rows && c.rows == a.rows && c.cols == b.cols, "gemm shape mismatch");
     if c.rows == 0 || c.cols == 0 {
         return;
     }
@@ -217,11 +183,7 @@ pub fn gemm<T: Float>(alpha: T, a: MatRef<'_, T>, b: MatRef<'_, T>, beta: T, c: 
         for i in 0..c.rows {
             for j in 0..c.cols {
                 let x = &mut c.data[i * c.rs + j * c.cs];
-                *x = if beta == T::zero() {
-                    T::zero()
-                } else {
-                    beta * *x
-                };
+                *x = if beta == T::zero() { T::zero() } else { beta * *x };
             }
         }
         return;
@@ -247,19 +209,30 @@ pub fn gemm<T: Float>(alpha: T, a: MatRef<'_, T>, b: MatRef<'_, T>, beta: T, c: 
     }
 }
 
+/// `Σ aᵢ·bᵢ` with eight independent partial sums, so that the reduction vectorises (a plain
+/// float `sum` stays scalar: the compiler may not reassociate it).
+#[inline(always)]
+pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: T = ac.remainder().iter().zip(bc.remainder()).map(|(&x, &y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().fold(tail, |s, &x| s + x)
+}
+
 /// Runs `f(i, chunk)` over the `chunk`-sized pieces of `data` in parallel (one piece per batch ×
 /// head, typically).
-pub fn par_chunks_mut<T: Send>(
-    data: &mut [T],
-    chunk: usize,
-    f: impl Fn(usize, &mut [T]) + Sync + Send,
-) {
+pub fn par_chunks_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
     if chunk == 0 {
         return;
     }
-    data.par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, c)| f(i, c));
+    data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
 }
 
 /// Elementwise map in parallel.
@@ -270,12 +243,7 @@ pub fn par_map<T: Copy + Send + Sync, U: Send>(x: &[T], f: impl Fn(T) -> U + Syn
 /// `‖a − b‖ / ‖b‖` in f64 (the absolute norm when `b` is 0). NaN anywhere gives NaN. This equals
 /// the relative RMSE `rms(a − b) / rms(b)` used for bf16 tolerances.
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     if a.iter().chain(b).any(|x| x.is_nan()) {
         return f64::NAN;
@@ -297,14 +265,16 @@ mod tests {
         let a = [1.0f64, 4.0, 2.0, 5.0, 3.0, 6.0];
         let b = [1.0f64, 0.0, 0.0, 1.0, 1.0, 1.0];
         let mut c = [f64::NAN; 4];
-        gemm(
-            1.0,
-            MatRef::new(&a, 2, 3, 1, 2),
-            MatRef::new(&b, 3, 2, 2, 1),
-            0.0,
-            MatMut::new(&mut c, 2, 2, 2, 1),
-        );
+        gemm(1.0, MatRef::new(&a, 2, 3, 1, 2), MatRef::new(&b, 3, 2, 2, 1), 0.0, MatMut::new(&mut c, 2, 2, 2, 1));
         assert_eq!(c, [4.0, 5.0, 10.0, 11.0]);
+    }
+
+    #[test]
+    fn dot_matches_sum() {
+        let a: Vec<f64> = (0..19).map(|i| i as f64 * 0.5).collect();
+        let b: Vec<f64> = (0..19).map(|i| 1.0 - i as f64).collect();
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - want).abs() < 1e-12);
     }
 
     #[test]

@@ -79,19 +79,5 @@ macro_rules! with_dtype {
 }
 with_dtype!(f32, F32, |x: f32| x as f64, |x: f64| x as f32, |x| x, |x| x);
 with_dtype!(f64, F64, |x| x, |x| x, |x: f64| x as f32, |x: f32| x as f64);
-with_dtype!(
-    bf16,
-    BF16,
-    |x: bf16| x.to_f64(),
-    bf16::from_f64,
-    |x: bf16| x.to_f32(),
-    bf16::from_f32
-);
-with_dtype!(
-    f16,
-    F16,
-    |x: f16| x.to_f64(),
-    f16::from_f64,
-    |x: f16| x.to_f32(),
-    f16::from_f32
-);
+with_dtype!(bf16, BF16, |x: bf16| x.to_f64(), bf16::from_f64, |x: bf16| x.to_f32(), bf16::from_f32);
+with_dtype!(f16, F16, |x: f16| x.to_f64(), f16::from_f64, |x: f16| x.to_f32(), f16::from_f32);

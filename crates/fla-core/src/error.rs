@@ -101,24 +101,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// Shorthand for [`Error::Shape`].
-    pub fn shape(
-        op: &'static str,
-        arg: &'static str,
-        expected: impl Into<String>,
-        got: &[usize],
-    ) -> Self {
-        Error::Shape {
-            op,
-            arg,
-            expected: expected.into(),
-            got: got.to_vec(),
-        }
+    pub fn shape(op: &'static str, arg: &'static str, expected: impl Into<String>, got: &[usize]) -> Self {
+        Error::Shape { op, arg, expected: expected.into(), got: got.to_vec() }
     }
     /// Shorthand for [`Error::Size`].
     pub fn size(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::Size {
-            op,
-            msg: msg.into(),
-        }
+        Error::Size { op, msg: msg.into() }
     }
 }

@@ -15,10 +15,7 @@ pub struct SafeTensorsFile {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    Error::Io { path: path.display().to_string(), source }
 }
 
 impl SafeTensorsFile {
@@ -30,10 +27,7 @@ impl SafeTensorsFile {
         // as for every memory-mapped reader.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
         SafeTensors::deserialize(&mmap)?;
-        Ok(SafeTensorsFile {
-            path: path.display().to_string(),
-            mmap,
-        })
+        Ok(SafeTensorsFile { path: path.display().to_string(), mmap })
     }
 
     fn parsed(&self) -> SafeTensors<'_> {
@@ -61,10 +55,9 @@ impl SafeTensorsFile {
     /// Copies tensor `name` out of the file.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let st = self.parsed();
-        let view = st.tensor(name).map_err(|_| Error::MissingTensor {
-            name: name.to_string(),
-            context: format!(" in {}", self.path),
-        })?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| Error::MissingTensor { name: name.to_string(), context: format!(" in {}", self.path) })?;
         view_to_tensor(&view, name)
     }
 }
@@ -74,13 +67,7 @@ fn view_to_tensor(view: &TensorView<'_>, name: &str) -> Result<Tensor> {
     let shape = view.shape();
     macro_rules! decode {
         ($t:ty, $n:expr, $f:expr) => {
-            Tensor::from_vec::<$t>(
-                bytes
-                    .chunks_exact($n)
-                    .map(|c| $f(c.try_into().unwrap()))
-                    .collect(),
-                shape,
-            )
+            Tensor::from_vec::<$t>(bytes.chunks_exact($n).map(|c| $f(c.try_into().unwrap())).collect(), shape)
         };
     }
     match view.dtype() {
@@ -90,9 +77,7 @@ fn view_to_tensor(view: &TensorView<'_>, name: &str) -> Result<Tensor> {
         StDtype::F16 => decode!(f16, 2, f16::from_le_bytes),
         StDtype::I64 => decode!(f64, 8, |b| i64::from_le_bytes(b) as f64),
         StDtype::I32 => decode!(f64, 4, |b| i32::from_le_bytes(b) as f64),
-        other => Err(Error::Msg(format!(
-            "tensor `{name}` has dtype {other:?}, which fla-rs does not read"
-        ))),
+        other => Err(Error::Msg(format!("tensor `{name}` has dtype {other:?}, which fla-rs does not read"))),
     }
 }
 
@@ -106,26 +91,10 @@ pub fn save(
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let bytes: Vec<u8> = match t.dtype() {
-            DType::F32 => t
-                .to_vec::<f32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-            DType::F64 => t
-                .to_vec::<f64>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-            DType::BF16 => t
-                .to_vec::<bf16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-            DType::F16 => t
-                .to_vec::<f16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
+            DType::F32 => t.to_vec::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::F64 => t.to_vec::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::BF16 => t.to_vec::<bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::F16 => t.to_vec::<f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
         };
         let dt = match t.dtype() {
             DType::F32 => StDtype::F32,

@@ -95,26 +95,13 @@ impl Tensor {
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(Error::shape(
-                "from_vec",
-                "data",
-                format!("{n} elements"),
-                &[data.len()],
-            ));
+            return Err(Error::shape("from_vec", "data", format!("{n} elements"), &[data.len()]));
         }
-        Ok(Self::from_storage(
-            <T as private::Sealed>::wrap_vec(data),
-            shape,
-        ))
+        Ok(Self::from_storage(<T as private::Sealed>::wrap_vec(data), shape))
     }
 
     fn from_storage(storage: Storage, shape: &[usize]) -> Self {
-        Tensor {
-            storage: Arc::new(storage),
-            strides: contiguous_strides(shape),
-            shape: shape.to_vec(),
-            offset: 0,
-        }
+        Tensor { storage: Arc::new(storage), strides: contiguous_strides(shape), shape: shape.to_vec(), offset: 0 }
     }
 
     /// A contiguous tensor of zeros.
@@ -179,10 +166,7 @@ impl Tensor {
             got: self.dtype(),
         })?;
         if !self.is_contiguous() {
-            return Err(Error::Unsupported {
-                op: "as_slice",
-                msg: "tensor is not contiguous".into(),
-            });
+            return Err(Error::Unsupported { op: "as_slice", msg: "tensor is not contiguous".into() });
         }
         Ok(&data[self.offset..self.offset + self.elem_count()])
     }
@@ -215,9 +199,7 @@ impl Tensor {
                 let s = &data[t.offset..t.offset + t.elem_count()];
                 if S::DTYPE == T::DTYPE {
                     // SAFETY: S and T are the same type when their DTYPEs agree.
-                    out.extend_from_slice(unsafe {
-                        std::slice::from_raw_parts(s.as_ptr() as *const T, s.len())
-                    });
+                    out.extend_from_slice(unsafe { std::slice::from_raw_parts(s.as_ptr() as *const T, s.len()) });
                 } else if T::DTYPE == DType::F64 || S::DTYPE == DType::F64 {
                     out.extend(s.iter().map(|&x| T::from_f64(x.to_f64())));
                 } else {
@@ -227,12 +209,7 @@ impl Tensor {
             }
             let mut idx = vec![0usize; t.rank()];
             for _ in 0..t.elem_count() {
-                let pos = t.offset
-                    + idx
-                        .iter()
-                        .zip(&t.strides)
-                        .map(|(i, s)| i * s)
-                        .sum::<usize>();
+                let pos = t.offset + idx.iter().zip(&t.strides).map(|(i, s)| i * s).sum::<usize>();
                 out.push(T::from_f64(data[pos].to_f64()));
                 for d in (0..t.rank()).rev() {
                     idx[d] += 1;
@@ -274,12 +251,7 @@ impl Tensor {
     /// The same elements in a new shape with the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
         if shape.iter().product::<usize>() != self.elem_count() {
-            return Err(Error::shape(
-                "reshape",
-                "shape",
-                format!("{} elements", self.elem_count()),
-                shape,
-            ));
+            return Err(Error::shape("reshape", "shape", format!("{} elements", self.elem_count()), shape));
         }
         let mut t = self.contiguous()?;
         t.strides = contiguous_strides(shape);
@@ -290,12 +262,7 @@ impl Tensor {
     /// A view with dimensions `a` and `b` swapped.
     pub fn transpose(&self, a: usize, b: usize) -> Result<Self> {
         if a >= self.rank() || b >= self.rank() {
-            return Err(Error::shape(
-                "transpose",
-                "dims",
-                format!("dims below rank {}", self.rank()),
-                &[a, b],
-            ));
+            return Err(Error::shape("transpose", "dims", format!("dims below rank {}", self.rank()), &[a, b]));
         }
         let mut t = self.clone();
         t.shape.swap(a, b);
@@ -329,12 +296,7 @@ impl Tensor {
     /// Elementwise `f(a, b)` of two tensors of the same shape, computed in f64, in `self`'s dtype.
     pub fn zip_map(&self, other: &Tensor, f: impl Fn(f64, f64) -> f64 + Sync) -> Result<Self> {
         if other.shape != self.shape {
-            return Err(Error::shape(
-                "zip_map",
-                "other",
-                format!("{:?}", self.shape),
-                &other.shape,
-            ));
+            return Err(Error::shape("zip_map", "other", format!("{:?}", self.shape), &other.shape));
         }
         let (a, b): (Vec<f64>, Vec<f64>) = (self.to_vec()?, other.to_vec()?);
         let out: Vec<f64> = a.iter().zip(&b).map(|(&x, &y)| f(x, y)).collect();
@@ -348,24 +310,14 @@ impl Tensor {
 
     /// Euclidean norm of all elements, accumulated in f64.
     pub fn norm(&self) -> Result<f64> {
-        Ok(self
-            .to_vec::<f64>()?
-            .iter()
-            .map(|x| x * x)
-            .sum::<f64>()
-            .sqrt())
+        Ok(self.to_vec::<f64>()?.iter().map(|x| x * x).sum::<f64>().sqrt())
     }
 
     /// `‖self − reference‖ / ‖reference‖` in f64 (`‖self − reference‖` when the reference is 0).
     /// NaN anywhere gives NaN, so a comparison `err <= tol` fails on it.
     pub fn rel_err(&self, reference: &Tensor) -> Result<f64> {
         if reference.shape != self.shape {
-            return Err(Error::shape(
-                "rel_err",
-                "reference",
-                format!("{:?}", self.shape),
-                &reference.shape,
-            ));
+            return Err(Error::shape("rel_err", "reference", format!("{:?}", self.shape), &reference.shape));
         }
         let (a, b): (Vec<f64>, Vec<f64>) = (self.to_vec()?, reference.to_vec()?);
         Ok(cpu::rel_err(&a, &b))
@@ -375,19 +327,12 @@ impl Tensor {
     /// agree). f32 and f64 compute natively; bf16 and f16 compute in f32 and round back.
     pub fn matmul(&self, rhs: &Tensor) -> Result<Self> {
         let (ra, rb) = (self.rank(), rhs.rank());
-        if ra < 2
-            || ra != rb
-            || self.shape[..ra - 2] != rhs.shape[..rb - 2]
-            || self.shape[ra - 1] != rhs.shape[rb - 2]
+        if ra < 2 || ra != rb || self.shape[..ra - 2] != rhs.shape[..rb - 2] || self.shape[ra - 1] != rhs.shape[rb - 2]
         {
             return Err(Error::shape(
                 "matmul",
                 "rhs",
-                format!(
-                    "[.., {}, n] matching {:?}",
-                    self.shape[ra.max(1) - 1],
-                    self.shape
-                ),
+                format!("[.., {}, n] matching {:?}", self.shape[ra.max(1) - 1], self.shape),
                 &rhs.shape,
             ));
         }
@@ -438,10 +383,7 @@ mod tests {
         let tt = t.transpose(0, 1).unwrap();
         assert!(!tt.is_contiguous());
         assert_eq!(tt.to_vec::<f32>().unwrap(), vec![0., 3., 1., 4., 2., 5.]);
-        assert_eq!(
-            t.narrow(1, 1, 2).unwrap().to_vec::<f64>().unwrap(),
-            vec![1., 2., 4., 5.]
-        );
+        assert_eq!(t.narrow(1, 1, 2).unwrap().to_vec::<f64>().unwrap(), vec![1., 2., 4., 5.]);
         let h = t.to_dtype(DType::F16).unwrap();
         assert_eq!(h.to_vec::<f32>().unwrap(), t.to_vec::<f32>().unwrap());
         assert!(Tensor::from_vec(vec![1.0f32; 5], &[2, 3]).is_err());
@@ -449,11 +391,7 @@ mod tests {
         assert!(t.narrow(1, 2, 2).is_err());
         let mut m = t.clone();
         m.as_mut_slice::<f32>().unwrap()[0] = 9.0;
-        assert_eq!(
-            t.to_vec::<f32>().unwrap()[0],
-            0.0,
-            "copy on write keeps the original"
-        );
+        assert_eq!(t.to_vec::<f32>().unwrap()[0], 0.0, "copy on write keeps the original");
         assert_eq!(m.to_vec::<f32>().unwrap()[0], 9.0);
     }
 
@@ -469,9 +407,7 @@ mod tests {
         for bt in 0..2 {
             for i in 0..3 {
                 for j in 0..5 {
-                    let r: f64 = (0..4)
-                        .map(|l| a[bt * 12 + i * 4 + l] * b[bt * 20 + l * 5 + j])
-                        .sum();
+                    let r: f64 = (0..4).map(|l| a[bt * 12 + i * 4 + l] * b[bt * 20 + l * 5 + j]).sum();
                     assert!((c[bt * 15 + i * 5 + j] - r).abs() < 1e-12);
                 }
             }

@@ -147,57 +147,27 @@ pub struct Problem {
 }
 
 fn rank4(op: &'static str, arg: &'static str, t: &Tensor, what: &str) -> Result<[usize; 4]> {
-    t.shape()
-        .try_into()
-        .map_err(|_| Error::shape(op, arg, format!("rank 4 {what}"), t.shape()))
+    t.shape().try_into().map_err(|_| Error::shape(op, arg, format!("rank 4 {what}"), t.shape()))
 }
 
-fn expect_shape(
-    op: &'static str,
-    arg: &'static str,
-    t: &Tensor,
-    want: &[usize],
-    name: &str,
-) -> Result<()> {
+fn expect_shape(op: &'static str, arg: &'static str, t: &Tensor, want: &[usize], name: &str) -> Result<()> {
     if t.shape() != want {
-        return Err(Error::shape(
-            op,
-            arg,
-            format!("{name} = {want:?}"),
-            t.shape(),
-        ));
+        return Err(Error::shape(op, arg, format!("{name} = {want:?}"), t.shape()));
     }
     Ok(())
 }
 
 fn float_dtype(op: &'static str, arg: &'static str, t: &Tensor, want: DType) -> Result<()> {
     if t.dtype() != want {
-        return Err(Error::DType {
-            op,
-            arg,
-            expected: format!("{want} (the dtype of q)"),
-            got: t.dtype(),
-        });
+        return Err(Error::DType { op, arg, expected: format!("{want} (the dtype of q)"), got: t.dtype() });
     }
     Ok(())
 }
 
-fn presence(
-    op: &'static str,
-    arg: &'static str,
-    t: Option<&Tensor>,
-    needed: bool,
-    family: Family,
-) -> Result<()> {
+fn presence(op: &'static str, arg: &'static str, t: Option<&Tensor>, needed: bool, family: Family) -> Result<()> {
     match (t.is_some(), needed) {
-        (false, true) => Err(Error::Unsupported {
-            op,
-            msg: format!("argument `{arg}` is required by {family}"),
-        }),
-        (true, false) => Err(Error::Unsupported {
-            op,
-            msg: format!("argument `{arg}` is not taken by {family}"),
-        }),
+        (false, true) => Err(Error::Unsupported { op, msg: format!("argument `{arg}` is required by {family}") }),
+        (true, false) => Err(Error::Unsupported { op, msg: format!("argument `{arg}` is not taken by {family}") }),
         _ => Ok(()),
     }
 }
@@ -227,22 +197,12 @@ pub fn check_cu_seqlens(op: &'static str, cu: &[usize], t: usize) -> Result<Vec<
 
 impl Problem {
     /// Validates `inputs` for `family` under `opts`; `op` names the caller in errors.
-    pub fn new(
-        op: &'static str,
-        family: Family,
-        x: &Inputs<'_>,
-        opts: &Options,
-    ) -> Result<Problem> {
+    pub fn new(op: &'static str, family: Family, x: &Inputs<'_>, opts: &Options) -> Result<Problem> {
         let [b, t, h, k] = rank4(op, "q", x.q, "[B,T,H,K]")?;
         expect_shape(op, "k", x.k, &[b, t, h, k], "q.shape")?;
         let [bv, tv, hv, v] = rank4(op, "v", x.v, "[B,T,HV,V]")?;
         if (bv, tv) != (b, t) {
-            return Err(Error::shape(
-                op,
-                "v",
-                format!("[B={b}, T={t}, HV, V] as q"),
-                x.v.shape(),
-            ));
+            return Err(Error::shape(op, "v", format!("[B={b}, T={t}, HV, V] as q"), x.v.shape()));
         }
         if h == 0 || k == 0 || v == 0 || hv == 0 {
             return Err(Error::size(
@@ -251,20 +211,10 @@ impl Problem {
             ));
         }
         if hv % h != 0 {
-            return Err(Error::size(
-                op,
-                format!("HV ({hv}) must be a multiple of H ({h})"),
-            ));
+            return Err(Error::size(op, format!("HV ({hv}) must be a multiple of H ({h})")));
         }
         let dtype = x.q.dtype();
-        for (arg, t) in [
-            ("k", Some(x.k)),
-            ("v", Some(x.v)),
-            ("g", x.g),
-            ("beta", x.beta),
-            ("b", x.b),
-            ("w", x.w),
-        ] {
+        for (arg, t) in [("k", Some(x.k)), ("v", Some(x.v)), ("g", x.g), ("beta", x.beta), ("b", x.b), ("w", x.w)] {
             if let Some(t) = t {
                 float_dtype(op, arg, t, dtype)?;
             }
@@ -294,10 +244,7 @@ impl Problem {
         let seqs = match x.cu_seqlens {
             Some(cu) => {
                 if b != 1 {
-                    return Err(Error::CuSeqlens {
-                        op,
-                        msg: format!("requires B = 1 (a packed batch), got B = {b}"),
-                    });
+                    return Err(Error::CuSeqlens { op, msg: format!("requires B = 1 (a packed batch), got B = {b}") });
                 }
                 check_cu_seqlens(op, cu, t)?
             }
@@ -319,34 +266,19 @@ impl Problem {
             if family.decay() == Decay::None || x.g.is_none() {
                 return Err(Error::Unsupported {
                     op,
-                    msg: format!(
-                        "use_gate_in_kernel needs a gate input `g`, and {family} has none here"
-                    ),
+                    msg: format!("use_gate_in_kernel needs a gate input `g`, and {family} has none here"),
                 });
             }
-            let a_log = x.a_log.ok_or_else(|| Error::Unsupported {
-                op,
-                msg: "use_gate_in_kernel requires `A_log`".into(),
-            })?;
-            let dt = x.dt_bias.ok_or_else(|| Error::Unsupported {
-                op,
-                msg: "use_gate_in_kernel requires `dt_bias`".into(),
-            })?;
+            let a_log =
+                x.a_log.ok_or_else(|| Error::Unsupported { op, msg: "use_gate_in_kernel requires `A_log`".into() })?;
+            let dt = x
+                .dt_bias
+                .ok_or_else(|| Error::Unsupported { op, msg: "use_gate_in_kernel requires `dt_bias`".into() })?;
             if a_log.elem_count() != hv || a_log.rank() != 1 {
-                return Err(Error::shape(
-                    op,
-                    "A_log",
-                    format!("[HV] = [{hv}]"),
-                    a_log.shape(),
-                ));
+                return Err(Error::shape(op, "A_log", format!("[HV] = [{hv}]"), a_log.shape()));
             }
-            let want = if family.decay() == Decay::Head {
-                hv
-            } else {
-                hv * k
-            };
-            let ok =
-                dt.shape() == [want] || (family.decay() == Decay::Channel && dt.shape() == [hv, k]);
+            let want = if family.decay() == Decay::Head { hv } else { hv * k };
+            let ok = dt.shape() == [want] || (family.decay() == Decay::Channel && dt.shape() == [hv, k]);
             if !ok {
                 let what = if family.decay() == Decay::Head {
                     format!("[HV] = [{hv}]")
@@ -356,32 +288,12 @@ impl Problem {
                 return Err(Error::shape(op, "dt_bias", what, dt.shape()));
             }
         } else if x.a_log.is_some() || x.dt_bias.is_some() {
-            return Err(Error::Unsupported {
-                op,
-                msg: "`A_log` / `dt_bias` given without use_gate_in_kernel".into(),
-            });
+            return Err(Error::Unsupported { op, msg: "`A_log` / `dt_bias` given without use_gate_in_kernel".into() });
         }
         let scale = opts.scale.unwrap_or(1.0 / (k as f64).sqrt());
         if !scale.is_finite() {
-            return Err(Error::Unsupported {
-                op,
-                msg: format!("scale must be finite, got {scale}"),
-            });
+            return Err(Error::Unsupported { op, msg: format!("scale must be finite, got {scale}") });
         }
-        Ok(Problem {
-            family,
-            dims: Dims {
-                b,
-                t,
-                h,
-                hv,
-                k,
-                v,
-                n,
-            },
-            seqs,
-            f64: dtype == DType::F64,
-            scale,
-        })
+        Ok(Problem { family, dims: Dims { b, t, h, hv, k, v, n }, seqs, f64: dtype == DType::F64, scale })
     }
 }

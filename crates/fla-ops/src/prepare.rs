@@ -6,6 +6,8 @@
 //! (sequence, value head) and run the form on it in parallel ([`Prepared::map_heads`]), then
 //! scatter the results back ([`Prepared::output`], [`Prepared::grads`]), chaining gradients
 //! through the in-op options.
+use std::borrow::Cow;
+
 use fla_core::{DType, Element, Float, Result, Tensor};
 use rayon::prelude::*;
 
@@ -59,22 +61,22 @@ pub(crate) struct HeadOut<F> {
 }
 
 /// Inputs converted to `F` with the in-op options applied, plus what their backward needs.
-pub(crate) struct Prepared<F> {
+pub(crate) struct Prepared<'a, F: Clone> {
     pub p: Problem,
     out_dtype: DType,
     in_dtypes: InDtypes,
-    q: Vec<F>,
-    k: Vec<F>,
+    q: Cow<'a, [F]>,
+    k: Cow<'a, [F]>,
     q_rstd: Vec<F>,
     k_rstd: Vec<F>,
-    v: Vec<F>,
+    v: Cow<'a, [F]>,
     /// Post-gate log decay (empty without decay).
-    g: Vec<F>,
+    g: Cow<'a, [F]>,
     /// Raw gate input `a + dt_bias` and `exp(A_log)` per value head, with the in-op gate.
     gate: Option<(Vec<F>, Vec<F>)>,
-    beta: Vec<F>,
-    bg: Vec<F>,
-    wg: Vec<F>,
+    beta: Cow<'a, [F]>,
+    bg: Cow<'a, [F]>,
+    wg: Cow<'a, [F]>,
     sigmoid: bool,
     h0: Option<Vec<F>>,
 }
@@ -110,45 +112,45 @@ fn l2norm<F: Float>(x: &mut [F], dim: usize) -> Vec<F> {
 
 /// `dx = r·(dy − y·(y·dy))` for `y = x·r`, in place on `dy`.
 fn l2norm_backward<F: Float>(dy: &mut [F], y: &[F], rstd: &[F], dim: usize) {
-    dy.par_chunks_mut(dim)
-        .zip(y.par_chunks(dim))
-        .zip(rstd.par_iter())
-        .for_each(|((d, y), &r)| {
-            let dot: F = d.iter().zip(y).map(|(&a, &b)| a * b).sum();
-            d.iter_mut()
-                .zip(y)
-                .for_each(|(a, &b)| *a = r * (*a - b * dot));
-        });
+    dy.par_chunks_mut(dim).zip(y.par_chunks(dim)).zip(rstd.par_iter()).for_each(|((d, y), &r)| {
+        let dot: F = d.iter().zip(y).map(|(&a, &b)| a * b).sum();
+        d.iter_mut().zip(y).for_each(|(a, &b)| *a = r * (*a - b * dot));
+    });
 }
 
-fn vec_of<F: Float + Element>(t: Option<&Tensor>) -> Result<Vec<F>> {
-    t.map_or(Ok(Vec::new()), |t| t.to_vec())
+/// The elements of `t` in `F`: borrowed when already contiguous `F`, converted otherwise.
+fn load<F: Float + Element>(t: &Tensor) -> Result<Cow<'_, [F]>> {
+    if t.dtype() == F::DTYPE && t.is_contiguous() {
+        Ok(Cow::Borrowed(t.as_slice()?))
+    } else {
+        Ok(Cow::Owned(t.to_vec()?))
+    }
 }
 
-impl<F: Float + Element> Prepared<F> {
+fn load_opt<F: Float + Element>(t: Option<&Tensor>) -> Result<Cow<'_, [F]>> {
+    t.map_or(Ok(Cow::Owned(Vec::new())), load)
+}
+
+impl<'a, F: Float + Element> Prepared<'a, F> {
     /// Converts and preprocesses the validated inputs.
-    pub fn new(p: Problem, x: &Inputs<'_>, opts: &Options) -> Result<Self> {
+    pub fn new(p: Problem, x: &Inputs<'a>, opts: &Options) -> Result<Self> {
         let d = p.dims;
-        let (mut q, mut k): (Vec<F>, Vec<F>) = (x.q.to_vec()?, x.k.to_vec()?);
+        let (mut q, mut k) = (load::<F>(x.q)?, load::<F>(x.k)?);
         let (q_rstd, k_rstd) = if opts.use_qk_l2norm_in_kernel {
-            (l2norm(&mut q, d.k), l2norm(&mut k, d.k))
+            (l2norm(q.to_mut(), d.k), l2norm(k.to_mut(), d.k))
         } else {
             (Vec::new(), Vec::new())
         };
-        let mut g: Vec<F> = vec_of(x.g)?;
+        let mut g = load_opt::<F>(x.g)?;
         let gate = if opts.use_gate_in_kernel {
             let a_log: Vec<F> = x.a_log.expect("validated").to_vec()?;
             let dt: Vec<F> = x.dt_bias.expect("validated").to_vec()?;
             let per_head = g.len() / (d.b * d.t * d.hv).max(1);
             let e_a: Vec<F> = a_log.iter().map(|&a| a.exp()).collect();
-            let mut raw = g.clone();
-            for (i, (r, gi)) in raw.iter_mut().zip(g.iter_mut()).enumerate() {
+            let mut raw = g.to_vec();
+            for (i, (r, gi)) in raw.iter_mut().zip(g.to_mut().iter_mut()).enumerate() {
                 let head = (i / per_head) % d.hv;
-                let dt_i = if dt.len() == d.hv {
-                    head
-                } else {
-                    head * d.k + i % per_head
-                };
+                let dt_i = if dt.len() == d.hv { head } else { head * d.k + i % per_head };
                 *r += dt[dt_i];
                 *gi = -e_a[head] * softplus(*r);
             }
@@ -157,10 +159,10 @@ impl<F: Float + Element> Prepared<F> {
             None
         };
         let sig = opts.use_beta_sigmoid_in_kernel;
-        let act = |t: Option<&Tensor>| -> Result<Vec<F>> {
-            let mut v: Vec<F> = vec_of(t)?;
+        let act = |t: Option<&'a Tensor>| -> Result<Cow<'a, [F]>> {
+            let mut v = load_opt::<F>(t)?;
             if sig {
-                v.iter_mut().for_each(|x| *x = sigmoid(*x));
+                v.to_mut().iter_mut().for_each(|x| *x = sigmoid(*x));
             }
             Ok(v)
         };
@@ -173,7 +175,7 @@ impl<F: Float + Element> Prepared<F> {
         Ok(Prepared {
             out_dtype: x.q.dtype(),
             in_dtypes,
-            v: x.v.to_vec()?,
+            v: load(x.v)?,
             q,
             k,
             q_rstd,
@@ -231,10 +233,7 @@ impl<F: Float + Element> Prepared<F> {
             Write::Channel => rows(&self.wg, d.hv, hv, d.v),
         };
         let kv = d.k * d.v;
-        let h0 = self.h0.as_ref().map_or_else(
-            || vec![F::zero(); kv],
-            |h| h[(n * d.hv + hv) * kv..][..kv].to_vec(),
-        );
+        let h0 = self.h0.as_ref().map_or_else(|| vec![F::zero(); kv], |h| h[(n * d.hv + hv) * kv..][..kv].to_vec());
         HeadData {
             len,
             dk: d.k,
@@ -255,20 +254,14 @@ impl<F: Float + Element> Prepared<F> {
     /// that order.
     pub fn map_heads<R: Send>(&self, f: impl Fn(usize, HeadData<F>) -> R + Sync) -> Vec<R> {
         let d = self.p.dims;
-        (0..d.n * d.hv)
-            .into_par_iter()
-            .map(|i| f(i, self.head(i / d.hv, i % d.hv)))
-            .collect()
+        (0..d.n * d.hv).into_par_iter().map(|i| f(i, self.head(i / d.hv, i % d.hv))).collect()
     }
 
     /// The rows of head `i = n·HV + hv` of a `[B,T,HV,dim]` array (an upstream gradient).
     pub fn rows_of(&self, src: &[F], i: usize, dim: usize) -> Vec<F> {
         let d = self.p.dims;
         let hv = i % d.hv;
-        self.p.seqs[i / d.hv]
-            .clone()
-            .flat_map(|t| src[(t * d.hv + hv) * dim..][..dim].iter().copied())
-            .collect()
+        self.p.seqs[i / d.hv].clone().flat_map(|t| src[(t * d.hv + hv) * dim..][..dim].iter().copied()).collect()
     }
 
     fn scatter_rows(
@@ -284,9 +277,7 @@ impl<F: Float + Element> Prepared<F> {
             let (n, head) = (i / d.hv, (i % d.hv) / group);
             for (r, t) in self.p.seqs[n].clone().enumerate() {
                 let dst = &mut out[(t * heads + head) * dim..][..dim];
-                dst.iter_mut()
-                    .zip(&part[r * dim..][..dim])
-                    .for_each(|(a, &b)| *a += b);
+                dst.iter_mut().zip(&part[r * dim..][..dim]).for_each(|(a, &b)| *a += b);
             }
         }
         out
@@ -300,11 +291,7 @@ impl<F: Float + Element> Prepared<F> {
     pub fn output(&self, heads: Vec<HeadOut<F>>, want_state: bool) -> Result<Output> {
         let d = self.p.dims;
         let state_dtype = if self.p.f64 { DType::F64 } else { DType::F32 };
-        let mut ht = Vec::with_capacity(if want_state {
-            heads.len() * d.k * d.v
-        } else {
-            0
-        });
+        let mut ht = Vec::with_capacity(if want_state { heads.len() * d.k * d.v } else { 0 });
         let mut o_parts = Vec::with_capacity(heads.len());
         for (i, h) in heads.into_iter().enumerate() {
             if want_state {
@@ -314,9 +301,7 @@ impl<F: Float + Element> Prepared<F> {
         }
         let o = self.scatter_rows(o_parts.into_iter(), d.hv, d.v, 1);
         let o = self.tensor(o, &[d.b, d.t, d.hv, d.v], self.out_dtype)?;
-        let final_state = want_state
-            .then(|| self.tensor(ht, &[d.n, d.hv, d.k, d.v], state_dtype))
-            .transpose()?;
+        let final_state = want_state.then(|| self.tensor(ht, &[d.n, d.hv, d.k, d.v], state_dtype)).transpose()?;
         Ok(Output { o, final_state })
     }
 
@@ -325,32 +310,18 @@ impl<F: Float + Element> Prepared<F> {
         let d = self.p.dims;
         let fam = self.family();
         let dt = self.out_dtype;
-        let mut dq = self.scatter_rows(
-            heads.iter().map(|h| h.dq.clone()).enumerate(),
-            d.h,
-            d.k,
-            d.group(),
-        );
-        let mut dk = self.scatter_rows(
-            heads.iter().map(|h| h.dk.clone()).enumerate(),
-            d.h,
-            d.k,
-            d.group(),
-        );
+        let mut dq = self.scatter_rows(heads.iter().map(|h| h.dq.clone()).enumerate(), d.h, d.k, d.group());
+        let mut dk = self.scatter_rows(heads.iter().map(|h| h.dk.clone()).enumerate(), d.h, d.k, d.group());
         if !self.q_rstd.is_empty() {
             l2norm_backward(&mut dq, &self.q, &self.q_rstd, d.k);
             l2norm_backward(&mut dk, &self.k, &self.k_rstd, d.k);
         }
         let dv = self.scatter_rows(heads.iter().map(|h| h.dv.clone()).enumerate(), d.hv, d.v, 1);
         // Reduce the broadcast erase/write gates back to beta [B,T,HV].
-        let reduce = |x: &[F], dim: usize| -> Vec<F> {
-            x.chunks(dim).map(|c| c.iter().copied().sum()).collect()
-        };
+        let reduce = |x: &[F], dim: usize| -> Vec<F> { x.chunks(dim).map(|c| c.iter().copied().sum()).collect() };
         let sig_bwd = |dx: &mut Vec<F>, y: &[F]| {
             if self.sigmoid {
-                dx.iter_mut()
-                    .zip(y)
-                    .for_each(|(a, &s)| *a *= s * (F::one() - s));
+                dx.iter_mut().zip(y).for_each(|(a, &s)| *a *= s * (F::one() - s));
             }
         };
         let mut dbeta = None;
@@ -358,38 +329,22 @@ impl<F: Float + Element> Prepared<F> {
         match (fam.erase(), fam.write()) {
             (Erase::Beta, Write::Beta) => {
                 let mut acc = self.scatter_rows(
-                    heads
-                        .iter()
-                        .map(|h| reduce(h.db.as_ref().expect("erase"), d.k))
-                        .enumerate(),
+                    heads.iter().map(|h| reduce(h.db.as_ref().expect("erase"), d.k)).enumerate(),
                     d.hv,
                     1,
                     1,
                 );
-                let dwr = self.scatter_rows(
-                    heads.iter().map(|h| reduce(&h.dw, d.v)).enumerate(),
-                    d.hv,
-                    1,
-                    1,
-                );
+                let dwr = self.scatter_rows(heads.iter().map(|h| reduce(&h.dw, d.v)).enumerate(), d.hv, 1, 1);
                 acc.iter_mut().zip(&dwr).for_each(|(a, &b)| *a += b);
                 sig_bwd(&mut acc, &self.beta);
                 dbeta = Some(self.tensor(acc, &[d.b, d.t, d.hv], dt)?);
             }
             (Erase::Channel, Write::Channel) => {
-                let mut x = self.scatter_rows(
-                    heads
-                        .iter()
-                        .map(|h| h.db.clone().expect("erase"))
-                        .enumerate(),
-                    d.hv,
-                    d.k,
-                    1,
-                );
+                let mut x =
+                    self.scatter_rows(heads.iter().map(|h| h.db.clone().expect("erase")).enumerate(), d.hv, d.k, 1);
                 sig_bwd(&mut x, &self.bg);
                 db = Some(self.tensor(x, &[d.b, d.t, d.hv, d.k], dt)?);
-                let mut x =
-                    self.scatter_rows(heads.iter().map(|h| h.dw.clone()).enumerate(), d.hv, d.v, 1);
+                let mut x = self.scatter_rows(heads.iter().map(|h| h.dw.clone()).enumerate(), d.hv, d.v, 1);
                 sig_bwd(&mut x, &self.wg);
                 dw = Some(self.tensor(x, &[d.b, d.t, d.hv, d.v], dt)?);
             }
@@ -397,17 +352,8 @@ impl<F: Float + Element> Prepared<F> {
         }
         let (mut dg, mut da_log, mut ddt_bias) = (None, None, None);
         if !self.g.is_empty() {
-            let per_head = if fam.decay() == Decay::Channel {
-                d.k
-            } else {
-                1
-            };
-            let mut x = self.scatter_rows(
-                heads.iter().map(|h| h.dg.clone()).enumerate(),
-                d.hv,
-                per_head,
-                1,
-            );
+            let per_head = if fam.decay() == Decay::Channel { d.k } else { 1 };
+            let mut x = self.scatter_rows(heads.iter().map(|h| h.dg.clone()).enumerate(), d.hv, per_head, 1);
             if let Some((raw, e_a)) = &self.gate {
                 // g = −e_a·softplus(r): dA_log = Σ dg·g, da = dg·(−e_a)·σ(r), ddt_bias = Σ_tokens da.
                 let mut d_alog = vec![F::zero(); d.hv];
@@ -417,25 +363,13 @@ impl<F: Float + Element> Prepared<F> {
                     let head = (i / per_head) % d.hv;
                     d_alog[head] += *dx * self.g[i];
                     *dx = *dx * (-e_a[head]) * sigmoid(r);
-                    d_dt[if dt_len == d.hv {
-                        head
-                    } else {
-                        head * d.k + i % per_head
-                    }] += *dx;
+                    d_dt[if dt_len == d.hv { head } else { head * d.k + i % per_head }] += *dx;
                 }
                 da_log = Some(self.tensor(d_alog, &[d.hv], self.in_dtypes.gate)?);
-                let dt_shape = if dt_len == d.hv {
-                    vec![d.hv]
-                } else {
-                    vec![d.hv * d.k]
-                };
+                let dt_shape = if dt_len == d.hv { vec![d.hv] } else { vec![d.hv * d.k] };
                 ddt_bias = Some(self.tensor(d_dt, &dt_shape, self.in_dtypes.gate)?);
             }
-            let shape = if per_head == 1 {
-                vec![d.b, d.t, d.hv]
-            } else {
-                vec![d.b, d.t, d.hv, d.k]
-            };
+            let shape = if per_head == 1 { vec![d.b, d.t, d.hv] } else { vec![d.b, d.t, d.hv, d.k] };
             dg = Some(self.tensor(x, &shape, dt)?);
         }
         let dh0 = has_h0

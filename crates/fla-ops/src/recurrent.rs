@@ -21,10 +21,7 @@ pub const BLOCK_V: usize = 16;
 pub fn step(family: Family, x: &Inputs<'_>, opts: &Options, state: &mut Tensor) -> Result<Tensor> {
     const OP: &str = "recurrent::step";
     if x.initial_state.is_some() {
-        return Err(Error::Unsupported {
-            op: OP,
-            msg: "pass the state as `state`, not `initial_state`".into(),
-        });
+        return Err(Error::Unsupported { op: OP, msg: "pass the state as `state`, not `initial_state`".into() });
     }
     let p = Problem::new(OP, family, x, opts)?;
     let d = p.dims;
@@ -37,12 +34,7 @@ pub fn step(family: Family, x: &Inputs<'_>, opts: &Options, state: &mut Tensor) 
         ));
     }
     if state.dtype() != DType::F32 {
-        return Err(Error::DType {
-            op: OP,
-            arg: "state",
-            expected: "f32".into(),
-            got: state.dtype(),
-        });
+        return Err(Error::DType { op: OP, arg: "state", expected: "f32".into(), got: state.dtype() });
     }
     let prep = Prepared::<f32>::new(p, x, opts)?;
     let kv = d.k * d.v;
@@ -50,10 +42,7 @@ pub fn step(family: Family, x: &Inputs<'_>, opts: &Options, state: &mut Tensor) 
     let heads: Vec<HeadOut<f32>> = s
         .par_chunks_mut(kv.max(1))
         .enumerate()
-        .map(|(i, s)| HeadOut {
-            o: head_step(&prep.head(i / d.hv, i % d.hv), s),
-            ht: Vec::new(),
-        })
+        .map(|(i, s)| HeadOut { o: head_step(&prep.head(i / d.hv, i % d.hv), s), ht: Vec::new() })
         .collect();
     Ok(prep.output(heads, false)?.o)
 }
@@ -67,11 +56,7 @@ struct TokenVecs {
 
 fn token_vecs(x: &HeadData<f32>) -> TokenVecs {
     let (dk, n) = (x.dk, x.len * x.dk);
-    let mut t = TokenVecs {
-        decay: vec![0.0; n],
-        bk: vec![0.0; n],
-        q: vec![0.0; n],
-    };
+    let mut t = TokenVecs { decay: vec![0.0; n], bk: vec![0.0; n], q: vec![0.0; n] };
     for i in 0..n {
         let g = if x.channel { x.g[i] } else { x.g[i / dk] };
         t.decay[i] = g.exp();
@@ -98,13 +83,7 @@ fn head_step(x: &HeadData<f32>, s: &mut [f32]) -> Vec<f32> {
 
 /// All tokens against the `W` state columns starting at `v0`.
 #[inline(always)]
-fn block<const W: usize>(
-    x: &HeadData<f32>,
-    tv: &TokenVecs,
-    s: &mut [f32],
-    o: &mut [f32],
-    v0: usize,
-) {
+fn block<const W: usize>(x: &HeadData<f32>, tv: &TokenVecs, s: &mut [f32], o: &mut [f32], v0: usize) {
     let (dk, dv) = (x.dk, x.dv);
     for t in 0..x.len {
         let (decay, bk) = (&tv.decay[t * dk..][..dk], &tv.bk[t * dk..][..dk]);

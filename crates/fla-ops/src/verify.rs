@@ -48,22 +48,18 @@ impl FormReport {
 }
 
 fn meta_usize(meta: &std::collections::HashMap<String, String>, key: &str) -> Result<usize> {
-    meta.get(key).and_then(|v| v.parse().ok()).ok_or_else(|| {
-        Error::Msg(format!(
-            "fixture metadata `{key}` missing or not an integer"
-        ))
-    })
+    meta.get(key)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Msg(format!("fixture metadata `{key}` missing or not an integer")))
 }
 
 /// Runs every applicable form on the fixture at `path`.
 pub fn verify_fixture(path: &Path) -> Result<Vec<FormReport>> {
     let file = SafeTensorsFile::open(path)?;
     let meta = file.metadata()?;
-    let op = meta
-        .get("op")
-        .ok_or_else(|| Error::Msg(format!("{}: no `op` in metadata", path.display())))?;
-    let family = Family::from_fixture_op(op)
-        .ok_or_else(|| Error::Msg(format!("{}: unknown op `{op}`", path.display())))?;
+    let op = meta.get("op").ok_or_else(|| Error::Msg(format!("{}: no `op` in metadata", path.display())))?;
+    let family =
+        Family::from_fixture_op(op).ok_or_else(|| Error::Msg(format!("{}: unknown op `{op}`", path.display())))?;
     let scale: f64 = meta
         .get("scale")
         .and_then(|s| s.parse().ok())
@@ -71,10 +67,7 @@ pub fn verify_fixture(path: &Path) -> Result<Vec<FormReport>> {
     let _ = meta_usize(&meta, "T")?;
     let cu: Option<Vec<usize>> = match meta.get("cu_seqlens").map(|s| s.trim()) {
         None | Some("") | Some("[]") => None,
-        Some(s) => Some(
-            serde_json::from_str(s)
-                .map_err(|e| Error::Msg(format!("fixture cu_seqlens `{s}`: {e}")))?,
-        ),
+        Some(s) => Some(serde_json::from_str(s).map_err(|e| Error::Msg(format!("fixture cu_seqlens `{s}`: {e}")))?),
     };
     let get = |name: &str| file.tensor(name);
     let opt = |name: &str| {
@@ -85,21 +78,9 @@ pub fn verify_fixture(path: &Path) -> Result<Vec<FormReport>> {
         }
     };
     let (q, k, v, h0) = (get("q")?, get("k")?, get("v")?, get("h0")?);
-    let g = if family.decay() == crate::Decay::None {
-        None
-    } else {
-        opt("g")?
-    };
-    let beta = if family.erase() == crate::Erase::Beta {
-        opt("beta")?
-    } else {
-        None
-    };
-    let (b, w) = if family.erase() == crate::Erase::Channel {
-        (opt("b")?, opt("w")?)
-    } else {
-        (None, None)
-    };
+    let g = if family.decay() == crate::Decay::None { None } else { opt("g")? };
+    let beta = if family.erase() == crate::Erase::Beta { opt("beta")? } else { None };
+    let (b, w) = if family.erase() == crate::Erase::Channel { (opt("b")?, opt("w")?) } else { (None, None) };
     let inputs = Inputs {
         g: g.as_ref(),
         beta: beta.as_ref(),
@@ -109,35 +90,17 @@ pub fn verify_fixture(path: &Path) -> Result<Vec<FormReport>> {
         cu_seqlens: cu.as_deref(),
         ..Inputs::new(&q, &k, &v)
     };
-    let opts = Options {
-        scale: Some(scale),
-        output_final_state: true,
-        ..Options::default()
-    };
+    let opts = Options { scale: Some(scale), output_final_state: true, ..Options::default() };
     let (o_ref, ht_ref) = (get("o")?, get("ht")?);
-    let fixture = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let report = |form, errors| FormReport {
-        fixture: fixture.clone(),
-        family,
-        form,
-        errors,
-    };
+    let fixture = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let report = |form, errors| FormReport { fixture: fixture.clone(), family, form, errors };
     let fwd_errors = |o: &Tensor, ht: &Tensor| -> Result<BTreeMap<String, f64>> {
-        Ok(BTreeMap::from([
-            ("o".to_string(), o.rel_err(&o_ref)?),
-            ("ht".to_string(), ht.rel_err(&ht_ref)?),
-        ]))
+        Ok(BTreeMap::from([("o".to_string(), o.rel_err(&o_ref)?), ("ht".to_string(), ht.rel_err(&ht_ref)?)]))
     };
     let mut out = Vec::new();
 
     let naive = naive::forward(family, &inputs, &opts)?;
-    out.push(report(
-        "naive",
-        fwd_errors(&naive.o, naive.final_state.as_ref().expect("requested"))?,
-    ));
+    out.push(report("naive", fwd_errors(&naive.o, naive.final_state.as_ref().expect("requested"))?));
 
     let fwd = chunk::forward(family, &inputs, &opts)?;
     let mut errors = fwd_errors(&fwd.o, fwd.final_state.as_ref().expect("requested"))?;
@@ -160,15 +123,7 @@ pub fn verify_fixture(path: &Path) -> Result<Vec<FormReport>> {
     out.push(report("chunk", errors));
 
     let mut state = h0.clone();
-    let o = recurrent::step(
-        family,
-        &Inputs {
-            initial_state: None,
-            ..inputs
-        },
-        &opts,
-        &mut state,
-    )?;
+    let o = recurrent::step(family, &Inputs { initial_state: None, ..inputs }, &opts, &mut state)?;
     out.push(report("recurrent", fwd_errors(&o, &state)?));
     Ok(out)
 }

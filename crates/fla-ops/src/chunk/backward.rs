@@ -32,9 +32,7 @@ pub(super) fn run<F: Float + Element>(
     let kv = d.k * d.v;
     let heads = prep.map_heads(|i, h| {
         let do_rows = prep.rows_of(&d_o, i, d.v);
-        let dht = dht
-            .as_ref()
-            .map_or_else(|| vec![F::zero(); kv], |t| t[i * kv..][..kv].to_vec());
+        let dht = dht.as_ref().map_or_else(|| vec![F::zero(); kv], |t| t[i * kv..][..kv].to_vec());
         head_backward(&h, &do_rows, dht)
     });
     prep.grads(heads, x.initial_state.is_some())
@@ -93,23 +91,15 @@ pub(crate) fn head_backward<F: Float>(x: &HeadData<F>, d_o: &[F], mut ds: Vec<F>
         ds0: z(dk * dv),
         m: z(cc),
     };
-    let mut w = Intra::new(dk, dv);
+    let mut w = Intra::new(dk);
     let n_chunks = len.div_ceil(CHUNK);
     for ci in (0..n_chunks).rev() {
         let c0 = ci * CHUNK;
         let l = CHUNK.min(len - c0);
         let s0 = &states[ci * dk * dv..][..dk * dv];
         w.compute(x, c0, l);
-        new_values(&w, s0, dk, dv, &mut s.y, &mut s.u, erase);
-        chunk_backward(
-            x,
-            &w,
-            s0,
-            &d_o[c0 * dv..][..l * dv],
-            &mut ds,
-            &mut s,
-            &mut g,
-        );
+        new_values(x, &w, s0, &mut s.y, &mut s.u);
+        chunk_backward(x, &w, s0, &d_o[c0 * dv..][..l * dv], &mut ds, &mut s, &mut g);
         std::mem::swap(&mut ds, &mut s.ds0);
     }
     g.dh0 = ds;
@@ -142,47 +132,17 @@ fn chunk_backward<F: Float>(
     let dom = mat(d_o, l, dv, dv);
     let um = mat(&s.u, l, dv, dv);
     // dU = Pᵀ dO + Kt dS
-    gemm(
-        one,
-        mat(&w.p, l, l, CHUNK).t(),
-        dom,
-        zero,
-        mat_mut(&mut s.du, l, dv, dv),
-    );
-    gemm(
-        one,
-        mat(&w.kt, l, dk, dk),
-        dsm,
-        one,
-        mat_mut(&mut s.du, l, dv, dv),
-    );
+    gemm(one, mat(&w.p, l, l, CHUNK).t(), dom, zero, mat_mut(&mut s.du, l, dv, dv));
+    gemm(one, mat(&w.kt, l, dk, dk), dsm, one, mat_mut(&mut s.du, l, dv, dv));
     // dP = dO Uᵀ, dQg = dO S₀ᵀ, dKt = U dSᵀ
     gemm(one, dom, um.t(), zero, mat_mut(&mut s.dp, l, l, CHUNK));
     gemm(one, dom, s0m.t(), zero, mat_mut(&mut s.dqg, l, dk, dk));
     gemm(one, um, dsm.t(), zero, mat_mut(&mut s.dkt, l, dk, dk));
     // dY = Tᵀ dU; dA = −dY Uᵀ; dKb = −dY S₀ᵀ
     if erase {
-        gemm(
-            one,
-            mat(&w.t, l, l, CHUNK).t(),
-            mat(&s.du, l, dv, dv),
-            zero,
-            mat_mut(&mut s.dy, l, dv, dv),
-        );
-        gemm(
-            -one,
-            mat(&s.dy, l, dv, dv),
-            um.t(),
-            zero,
-            mat_mut(&mut s.da, l, l, CHUNK),
-        );
-        gemm(
-            -one,
-            mat(&s.dy, l, dv, dv),
-            s0m.t(),
-            zero,
-            mat_mut(&mut s.dkb, l, dk, dk),
-        );
+        gemm(one, mat(&w.t, l, l, CHUNK).t(), mat(&s.du, l, dv, dv), zero, mat_mut(&mut s.dy, l, dv, dv));
+        gemm(-one, mat(&s.dy, l, dv, dv), um.t(), zero, mat_mut(&mut s.da, l, l, CHUNK));
+        gemm(-one, mat(&s.dy, l, dv, dv), s0m.t(), zero, mat_mut(&mut s.dkb, l, dk, dk));
     } else {
         s.dy[..l * dv].copy_from_slice(&s.du[..l * dv]);
     }
@@ -193,21 +153,9 @@ fn chunk_backward<F: Float>(
             s.ds0[c * dv + j] = e * ds[c * dv + j];
         }
     }
-    gemm(
-        one,
-        mat(&w.qg, l, dk, dk).t(),
-        dom,
-        one,
-        mat_mut(&mut s.ds0, dk, dv, dv),
-    );
+    gemm(one, mat(&w.qg, l, dk, dk).t(), dom, one, mat_mut(&mut s.ds0, dk, dv, dv));
     if erase {
-        gemm(
-            -one,
-            mat(&w.kb, l, dk, dk).t(),
-            mat(&s.dy, l, dv, dv),
-            one,
-            mat_mut(&mut s.ds0, dk, dv, dv),
-        );
+        gemm(-one, mat(&w.kb, l, dk, dk).t(), mat(&s.dy, l, dv, dv), one, mat_mut(&mut s.ds0, dk, dv, dv));
     }
     // X = w ⊙ V
     for i in 0..l * dv {
@@ -296,13 +244,7 @@ fn head_ap_backward<F: Float>(
     }
     let km = mat(k, l, dk, dk);
     gemm(one, mat(&s.m, l, l, CHUNK), km, one, mat_mut(dq, l, dk, dk));
-    gemm(
-        one,
-        mat(&s.m, l, l, CHUNK).t(),
-        mat(q, l, dk, dk),
-        one,
-        mat_mut(dkk, l, dk, dk),
-    );
+    gemm(one, mat(&s.m, l, l, CHUNK).t(), mat(q, l, dk, dk), one, mat_mut(dkk, l, dk, dk));
     if !erase {
         return;
     }
@@ -320,20 +262,8 @@ fn head_ap_backward<F: Float>(
             }
         }
     }
-    gemm(
-        one,
-        mat(&s.m, l, l, CHUNK),
-        km,
-        one,
-        mat_mut(&mut s.dbk, l, dk, dk),
-    );
-    gemm(
-        one,
-        mat(&s.m, l, l, CHUNK).t(),
-        mat(&w.bk, l, dk, dk),
-        one,
-        mat_mut(dkk, l, dk, dk),
-    );
+    gemm(one, mat(&s.m, l, l, CHUNK), km, one, mat_mut(&mut s.dbk, l, dk, dk));
+    gemm(one, mat(&s.m, l, l, CHUNK).t(), mat(&w.bk, l, dk, dk), one, mat_mut(dkk, l, dk, dk));
 }
 
 /// Channel decay: per pair `(i, j ≤ i)` with `e = exp(G_i − G_j)` per channel,
@@ -350,24 +280,31 @@ fn channel_ap_backward<F: Float>(
     let (dk, l) = (x.dk, w.l);
     let erase = x.b.is_some();
     let (dp, da, dbk, dgc) = (&s.dp, &s.da, &mut s.dbk, &mut s.dgc);
+    let zeros = vec![F::zero(); dk];
+    let bk_all = if erase { &w.bk[..] } else { &zeros[..] };
     for_each_pair(&w.eg_step, l, dk, |i, j, run| {
         let dpij = x.scale * dp[i * CHUNK + j];
-        let daij = if erase && j < i {
-            da[i * CHUNK + j]
-        } else {
-            F::zero()
-        };
         let (qi, kj) = (&q[i * dk..][..dk], &k[j * dk..][..dk]);
-        let bki = &w.bk[i * dk..];
+        if i == j {
+            // Diagonal of P only (A is strictly lower); its gate terms cancel.
+            dq[i * dk..][..dk].iter_mut().zip(kj).for_each(|(d, &k)| *d += dpij * k);
+            dkk[j * dk..][..dk].iter_mut().zip(qi).for_each(|(d, &q)| *d += dpij * q);
+            return;
+        }
+        let daij = if erase { da[i * CHUNK + j] } else { F::zero() };
+        let bki = if erase { &bk_all[i * dk..][..dk] } else { &zeros[..] };
+        let (lo, hi) = dgc.split_at_mut(i * dk);
+        let (dgj, dgi) = (&mut lo[j * dk..][..dk], &mut hi[..dk]);
+        let (dqi, dkj, dbki) = (&mut dq[i * dk..][..dk], &mut dkk[j * dk..][..dk], &mut dbk[i * dk..][..dk]);
         for c in 0..dk {
             let kd = kj[c] * run[c];
-            let bk = if erase { bki[c] } else { F::zero() };
-            dq[i * dk + c] += dpij * kd;
-            dkk[j * dk + c] += (dpij * qi[c] + daij * bk) * run[c];
-            dbk[i * dk + c] += daij * kd;
-            let t = (dpij * qi[c] + daij * bk) * kd;
-            dgc[i * dk + c] += t;
-            dgc[j * dk + c] -= t;
+            let coef = dpij * qi[c] + daij * bki[c];
+            dqi[c] += dpij * kd;
+            dkj[c] += coef * run[c];
+            dbki[c] += daij * kd;
+            let t = coef * kd;
+            dgi[c] += t;
+            dgj[c] -= t;
         }
     });
 }

@@ -6,14 +6,14 @@
 //! ```text
 //! A  = strictly lower  (b⊙K)Kᵀ ⊙ E      T = (I + A)⁻¹          (the UT / WY transform)
 //! P  = lower incl.     scale·QKᵀ ⊙ E
-//! Kb = b ⊙ K ⊙ exp(G)   Qg = scale·Q ⊙ exp(G)   Kt = K ⊙ exp(G_L − G)   X = w ⊙ V
+//! Kb = b ⊙ K ⊙ exp(G)   Qg = scale·Q ⊙ exp(G)   Kt = K ⊙ exp(G_L − G)
 //! ```
 //!
 //! Head decay forms `A` and `P` with one GEMM each and scales by the `C×C` matrix `E`. Channel
 //! decay cannot factor `exp(G_i − G_j)` into `exp(G_i)·exp(−G_j)` without overflow under strong
 //! decay, so it forms each pair's decay vector as a running product of `exp(g)` from `i` down to
 //! `j` (always ≤ 1 for a decay), which is exact to rounding for any gate strength.
-use fla_core::cpu::{gemm, MatMut, MatRef};
+use fla_core::cpu::{dot, gemm, MatMut, MatRef};
 use fla_core::Float;
 
 use crate::prepare::HeadData;
@@ -43,8 +43,6 @@ pub(crate) struct Intra<F> {
     pub e_tail: Vec<F>,
     /// `K ⊙ exp(G_L − G)` `[l, K]`.
     pub kt: Vec<F>,
-    /// `w ⊙ V` `[l, V]`.
-    pub x: Vec<F>,
     /// `[C, C]`, row stride `C`.
     pub a: Vec<F>,
     /// `[C, C]`.
@@ -58,8 +56,8 @@ pub(crate) struct Intra<F> {
 }
 
 impl<F: Float> Intra<F> {
-    /// Workspace sized for `K`, `V` and chunk [`CHUNK`].
-    pub fn new(dk: usize, dv: usize) -> Self {
+    /// Workspace sized for `K` and chunk [`CHUNK`].
+    pub fn new(dk: usize) -> Self {
         let ck = CHUNK * dk;
         let z = |n| vec![F::zero(); n];
         Intra {
@@ -73,7 +71,6 @@ impl<F: Float> Intra<F> {
             qg: z(ck),
             e_tail: z(ck),
             kt: z(ck),
-            x: z(CHUNK * dv),
             a: z(CHUNK * CHUNK),
             p: z(CHUNK * CHUNK),
             t: z(CHUNK * CHUNK),
@@ -84,18 +81,14 @@ impl<F: Float> Intra<F> {
 
     /// Fills every chunk-local quantity for rows `c0 .. c0 + l` of `x`.
     pub fn compute(&mut self, x: &HeadData<F>, c0: usize, l: usize) {
-        let (dk, dv) = (x.dk, x.dv);
+        let dk = x.dk;
         self.l = l;
         self.c0 = c0;
         let gw = if x.channel { dk } else { 1 };
         // Cumulative gate and its exponentials.
         for i in 0..l {
             for c in 0..gw {
-                let prev = if i == 0 {
-                    F::zero()
-                } else {
-                    self.g[(i - 1) * gw + c]
-                };
+                let prev = if i == 0 { F::zero() } else { self.g[(i - 1) * gw + c] };
                 self.g[i * gw + c] = prev + x.g[(c0 + i) * gw + c];
             }
         }
@@ -104,26 +97,35 @@ impl<F: Float> Intra<F> {
             self.e_last[c] = gl(self, l - 1, c).exp();
         }
         for i in 0..l {
-            for c in 0..dk {
-                let gi = gl(self, i, c);
-                self.eg[i * dk + c] = gi.exp();
-                self.e_tail[i * dk + c] = (gl(self, l - 1, c) - gi).exp();
+            if x.channel {
+                for c in 0..dk {
+                    let gi = self.g[i * dk + c];
+                    self.eg[i * dk + c] = gi.exp();
+                    self.e_tail[i * dk + c] = (self.g[(l - 1) * dk + c] - gi).exp();
+                }
+            } else {
+                let (e, t) = (self.g[i].exp(), (self.g[l - 1] - self.g[i]).exp());
+                self.eg[i * dk..][..dk].iter_mut().for_each(|v| *v = e);
+                self.e_tail[i * dk..][..dk].iter_mut().for_each(|v| *v = t);
             }
         }
         let (q, k) = (&x.q[c0 * dk..][..l * dk], &x.k[c0 * dk..][..l * dk]);
-        for i in 0..l * dk {
-            self.qg[i] = x.scale * q[i] * self.eg[i];
-            self.kt[i] = k[i] * self.e_tail[i];
+        let n = l * dk;
+        let scale = x.scale;
+        for (((qg, kt), (&eg, &et)), (&q, &k)) in
+            self.qg[..n].iter_mut().zip(&mut self.kt[..n]).zip(self.eg[..n].iter().zip(&self.e_tail[..n])).zip(q.iter().zip(k))
+        {
+            *qg = scale * q * eg;
+            *kt = k * et;
         }
         if let Some(b) = &x.b {
-            let b = &b[c0 * dk..][..l * dk];
-            for i in 0..l * dk {
-                self.bk[i] = b[i] * k[i];
-                self.kb[i] = self.bk[i] * self.eg[i];
+            let b = &b[c0 * dk..][..n];
+            for ((bk, kb), ((&b, &k), &eg)) in
+                self.bk[..n].iter_mut().zip(&mut self.kb[..n]).zip(b.iter().zip(k).zip(&self.eg[..n]))
+            {
+                *bk = b * k;
+                *kb = b * k * eg;
             }
-        }
-        for i in 0..l * dv {
-            self.x[i] = x.w[c0 * dv + i] * x.v[c0 * dv + i];
         }
         if x.channel {
             self.channel_ap(x, q, k);
@@ -143,13 +145,7 @@ impl<F: Float> Intra<F> {
                 self.e[i * CHUNK + j] = (self.g[i] - self.g[j]).exp();
             }
         }
-        gemm(
-            x.scale,
-            MatRef::new(q, l, dk, dk, 1),
-            kr.t(),
-            F::zero(),
-            MatMut::new(&mut self.p, l, l, CHUNK, 1),
-        );
+        gemm(x.scale, MatRef::new(q, l, dk, dk, 1), kr.t(), F::zero(), MatMut::new(&mut self.p, l, l, CHUNK, 1));
         if x.b.is_some() {
             gemm(
                 F::one(),
@@ -162,16 +158,8 @@ impl<F: Float> Intra<F> {
         for i in 0..l {
             for j in 0..l {
                 let ij = i * CHUNK + j;
-                self.p[ij] = if j <= i {
-                    self.p[ij] * self.e[ij]
-                } else {
-                    F::zero()
-                };
-                self.a[ij] = if j < i && x.b.is_some() {
-                    self.a[ij] * self.e[ij]
-                } else {
-                    F::zero()
-                };
+                self.p[ij] = if j <= i { self.p[ij] * self.e[ij] } else { F::zero() };
+                self.a[ij] = if j < i && x.b.is_some() { self.a[ij] * self.e[ij] } else { F::zero() };
             }
         }
     }
@@ -185,20 +173,14 @@ impl<F: Float> Intra<F> {
         self.a[..l * CHUNK].iter_mut().for_each(|v| *v = F::zero());
         let erase = x.b.is_some();
         let (p, a, bk) = (&mut self.p, &mut self.a, &self.bk);
+        let mut kd = vec![F::zero(); dk];
         for_each_pair(&self.eg_step, l, dk, |i, j, run| {
-            let (qi, kj) = (&q[i * dk..][..dk], &k[j * dk..][..dk]);
-            let mut pq = F::zero();
-            for c in 0..dk {
-                pq += qi[c] * kj[c] * run[c];
+            for ((d, &k), &r) in kd.iter_mut().zip(&k[j * dk..][..dk]).zip(run) {
+                *d = k * r;
             }
-            p[i * CHUNK + j] = x.scale * pq;
+            p[i * CHUNK + j] = x.scale * dot(&q[i * dk..][..dk], &kd);
             if erase && j < i {
-                let bki = &bk[i * dk..][..dk];
-                let mut pa = F::zero();
-                for c in 0..dk {
-                    pa += bki[c] * kj[c] * run[c];
-                }
-                a[i * CHUNK + j] = pa;
+                a[i * CHUNK + j] = dot(&bk[i * dk..][..dk], &kd);
             }
         });
     }
@@ -207,17 +189,14 @@ impl<F: Float> Intra<F> {
     fn invert(&mut self) {
         let l = self.l;
         for i in 0..l {
-            for j in 0..l {
-                self.t[i * CHUNK + j] = if i == j { F::one() } else { F::zero() };
-            }
-            for m in 0..i {
-                let a = self.a[i * CHUNK + m];
-                if a == F::zero() {
-                    continue;
-                }
-                for j in 0..=m {
-                    let tmj = self.t[m * CHUNK + j];
-                    self.t[i * CHUNK + j] -= a * tmj;
+            let (done, rest) = self.t.split_at_mut(i * CHUNK);
+            let ti = &mut rest[..CHUNK];
+            ti.iter_mut().enumerate().for_each(|(j, v)| *v = if i == j { F::one() } else { F::zero() });
+            for (m, &a) in self.a[i * CHUNK..][..i].iter().enumerate() {
+                if a != F::zero() {
+                    for (t, &tm) in ti[..=m].iter_mut().zip(&done[m * CHUNK..][..=m]) {
+                        *t -= a * tm;
+                    }
                 }
             }
         }
@@ -227,12 +206,7 @@ impl<F: Float> Intra<F> {
 /// Channel-decay pair loop: calls `f(i, j, e)` for every `j ≤ i < l` with
 /// `e = exp(G_i − G_j) = Π_{t=j+1..i} exp(g_t)` per key channel, formed as a running product of
 /// `eg_step = exp(g)` `[l, K]`.
-pub(crate) fn for_each_pair<F: Float>(
-    eg_step: &[F],
-    l: usize,
-    dk: usize,
-    mut f: impl FnMut(usize, usize, &[F]),
-) {
+pub(crate) fn for_each_pair<F: Float>(eg_step: &[F], l: usize, dk: usize, mut f: impl FnMut(usize, usize, &[F])) {
     let mut run = vec![F::zero(); dk];
     for i in 0..l {
         run.iter_mut().for_each(|r| *r = F::one());

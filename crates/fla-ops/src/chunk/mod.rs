@@ -43,13 +43,7 @@ fn run_forward<F: Float + Element>(p: Problem, x: &Inputs<'_>, opts: &Options) -
 /// Chunk backward for `family`: gradients of `Σ o·do + Σ ht·dht` with respect to every input
 /// given (`dht [N,HV,K,V]` may be omitted: zero). Recomputes the forward internally, so nothing
 /// needs to be kept from [`forward`].
-pub fn backward(
-    family: Family,
-    x: &Inputs<'_>,
-    opts: &Options,
-    d_o: &Tensor,
-    dht: Option<&Tensor>,
-) -> Result<Grads> {
+pub fn backward(family: Family, x: &Inputs<'_>, opts: &Options, d_o: &Tensor, dht: Option<&Tensor>) -> Result<Grads> {
     let p = Problem::new("chunk::backward", family, x, opts)?;
     let d = p.dims;
     if d_o.shape() != [d.b, d.t, d.hv, d.v] {
@@ -79,14 +73,11 @@ pub fn backward(
 
 /// Forward over one head. With `states`, also records the state entering each chunk
 /// (`[n_chunks, K, V]`, for the backward).
-pub(crate) fn head_forward<F: Float>(
-    x: &HeadData<F>,
-    mut states: Option<&mut Vec<F>>,
-) -> HeadOut<F> {
+pub(crate) fn head_forward<F: Float>(x: &HeadData<F>, mut states: Option<&mut Vec<F>>) -> HeadOut<F> {
     let (dk, dv) = (x.dk, x.dv);
     let mut s = x.h0.clone();
     let mut o = vec![F::zero(); x.len * dv];
-    let mut w = Intra::new(dk, dv);
+    let mut w = Intra::new(dk);
     let mut y = vec![F::zero(); CHUNK * dv];
     let mut u = vec![F::zero(); CHUNK * dv];
     for c0 in (0..x.len).step_by(CHUNK) {
@@ -95,54 +86,31 @@ pub(crate) fn head_forward<F: Float>(
             st.extend_from_slice(&s);
         }
         w.compute(x, c0, l);
-        new_values(&w, &s, dk, dv, &mut y, &mut u, x.b.is_some());
+        new_values(x, &w, &s, &mut y, &mut u);
         let u = &u[..l * dv];
         let sm = MatRef::new(&s, dk, dv, dv, 1);
         let oc = MatMut::new(&mut o[c0 * dv..], l, dv, dv, 1);
-        gemm(
-            F::one(),
-            MatRef::new(&w.qg, l, dk, dk, 1),
-            sm,
-            F::zero(),
-            oc,
-        );
+        gemm(F::one(), MatRef::new(&w.qg, l, dk, dk, 1), sm, F::zero(), oc);
         let oc = MatMut::new(&mut o[c0 * dv..], l, dv, dv, 1);
-        gemm(
-            F::one(),
-            MatRef::new(&w.p, l, l, CHUNK, 1),
-            MatRef::new(u, l, dv, dv, 1),
-            F::one(),
-            oc,
-        );
+        gemm(F::one(), MatRef::new(&w.p, l, l, CHUNK, 1), MatRef::new(u, l, dv, dv, 1), F::one(), oc);
         advance_state(&w, &mut s, u, dk, dv);
     }
     HeadOut { o, ht: s }
 }
 
-/// `Y = X − Kb S₀` into `y`, and `U = T Y` into `u` (`U = Y` without erase).
-pub(crate) fn new_values<F: Float>(
-    w: &Intra<F>,
-    s: &[F],
-    dk: usize,
-    dv: usize,
-    y: &mut [F],
-    u: &mut [F],
-    erase: bool,
-) {
-    let l = w.l;
-    y[..l * dv].copy_from_slice(&w.x[..l * dv]);
-    if !erase {
+/// `Y = X − Kb S₀` with `X = w ⊙ V` into `y`, and `U = T Y` into `u` (`U = Y` without erase).
+pub(crate) fn new_values<F: Float>(x: &HeadData<F>, w: &Intra<F>, s: &[F], y: &mut [F], u: &mut [F]) {
+    let (l, dk, dv) = (w.l, x.dk, x.dv);
+    let rows = w.c0 * dv..(w.c0 + l) * dv;
+    for ((y, &a), &b) in y.iter_mut().zip(&x.w[rows.clone()]).zip(&x.v[rows]) {
+        *y = a * b;
+    }
+    if x.b.is_none() {
         u[..l * dv].copy_from_slice(&y[..l * dv]);
         return;
     }
     let sm = MatRef::new(s, dk, dv, dv, 1);
-    gemm(
-        -F::one(),
-        MatRef::new(&w.kb, l, dk, dk, 1),
-        sm,
-        F::one(),
-        MatMut::new(y, l, dv, dv, 1),
-    );
+    gemm(-F::one(), MatRef::new(&w.kb, l, dk, dk, 1), sm, F::one(), MatMut::new(y, l, dv, dv, 1));
     gemm(
         F::one(),
         MatRef::new(&w.t, l, l, CHUNK, 1),
