@@ -10,11 +10,11 @@
 //! (`dA` follows from `T = (I + A)⁻¹`: `dA = −Tᵀ dT Tᵀ` with `dT = dU Yᵀ`.) The chunk-local
 //! products then pass their gradients to q, k, v, b, w and the cumulative gate `G`, and
 //! `dg_t = Σ_{i ≥ t} dG_i + dG_L` undoes the in-chunk cumulative sum.
-use fla_core::cpu::{gemm, MatMut, MatRef};
+use fla_core::cpu::{dot, gemm, MatMut, MatRef};
 use fla_core::{Element, Float, Result, Tensor};
 
 use super::intra::{for_each_pair, Intra, CHUNK};
-use super::{head_forward, new_values};
+use super::{chunk_states, new_values};
 use crate::prepare::{HeadData, HeadGrads, Prepared};
 use crate::{Grads, Inputs, Options, Problem};
 
@@ -60,8 +60,7 @@ struct Scratch<F> {
 pub(crate) fn head_backward<F: Float>(x: &HeadData<F>, d_o: &[F], mut ds: Vec<F>) -> HeadGrads<F> {
     let (dk, dv, len) = (x.dk, x.dv, x.len);
     let erase = x.b.is_some();
-    let mut states = Vec::new();
-    head_forward(x, Some(&mut states));
+    let states = chunk_states(x);
     let gw = if x.channel { dk } else { 1 };
     let mut g = HeadGrads {
         dq: vec![F::zero(); len * dk],
@@ -97,7 +96,7 @@ pub(crate) fn head_backward<F: Float>(x: &HeadData<F>, d_o: &[F], mut ds: Vec<F>
         let c0 = ci * CHUNK;
         let l = CHUNK.min(len - c0);
         let s0 = &states[ci * dk * dv..][..dk * dv];
-        w.compute(x, c0, l);
+        w.compute(x, c0, l, true);
         new_values(x, &w, s0, &mut s.y, &mut s.u);
         chunk_backward(x, &w, s0, &d_o[c0 * dv..][..l * dv], &mut ds, &mut s, &mut g);
         std::mem::swap(&mut ds, &mut s.ds0);
@@ -165,22 +164,37 @@ fn chunk_backward<F: Float>(
     }
     // dG_L from the state decay and Kt; per-row dG from Kb, Qg, Kt.
     for c in 0..dk {
-        let dot: F = (0..dv).map(|j| ds[c * dv + j] * s0[c * dv + j]).sum();
-        s.dgl[c] = w.e_last[c] * dot;
+        s.dgl[c] = w.e_last[c] * dot(&ds[c * dv..][..dv], &s0[c * dv..][..dv]);
     }
     let dq = &mut g.dq[c0 * dk..][..l * dk];
     let dkk = &mut g.dk[c0 * dk..][..l * dk];
-    for i in 0..l * dk {
-        let kt = s.dkt[i] * w.kt[i];
-        s.dgl[i % dk] += kt;
-        let mut dgi = s.dqg[i] * w.qg[i] - kt;
-        dq[i] = x.scale * w.eg[i] * s.dqg[i];
-        dkk[i] = s.dkt[i] * w.e_tail[i];
-        if erase {
-            dgi += s.dkb[i] * w.kb[i];
-            s.dbk[i] = s.dkb[i] * w.eg[i];
+    let (scale, n) = (x.scale, l * dk);
+    for ((dq, dkk), ((&dqg, &dkt), (&eg, &et))) in dq
+        .iter_mut()
+        .zip(dkk.iter_mut())
+        .zip(s.dqg[..n].iter().zip(&s.dkt[..n]).zip(w.eg[..n].iter().zip(&w.e_tail[..n])))
+    {
+        *dq = scale * eg * dqg;
+        *dkk = dkt * et;
+    }
+    for i in 0..l {
+        let r = i * dk..(i + 1) * dk;
+        for (dgl, (&dkt, &kt)) in s.dgl.iter_mut().zip(s.dkt[r.clone()].iter().zip(&w.kt[r.clone()])) {
+            *dgl += dkt * kt;
         }
-        s.dgc[i] = dgi;
+    }
+    for (dg, ((&dqg, &qg), (&dkt, &kt))) in
+        s.dgc[..n].iter_mut().zip(s.dqg[..n].iter().zip(&w.qg[..n]).zip(s.dkt[..n].iter().zip(&w.kt[..n])))
+    {
+        *dg = dqg * qg - dkt * kt;
+    }
+    if erase {
+        for ((dg, dbk), (&dkb, (&kb, &eg))) in
+            s.dgc[..n].iter_mut().zip(&mut s.dbk[..n]).zip(s.dkb[..n].iter().zip(w.kb[..n].iter().zip(&w.eg[..n])))
+        {
+            *dg += dkb * kb;
+            *dbk = dkb * eg;
+        }
     }
     s.dgh[..l].iter_mut().for_each(|v| *v = zero);
     let q = &x.q[c0 * dk..][..l * dk];

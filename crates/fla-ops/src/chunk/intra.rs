@@ -79,8 +79,9 @@ impl<F: Float> Intra<F> {
         }
     }
 
-    /// Fills every chunk-local quantity for rows `c0 .. c0 + l` of `x`.
-    pub fn compute(&mut self, x: &HeadData<F>, c0: usize, l: usize) {
+    /// Fills every chunk-local quantity for rows `c0 .. c0 + l` of `x` (`P` only `with_p`: a
+    /// sweep that only advances the state does not need it).
+    pub fn compute(&mut self, x: &HeadData<F>, c0: usize, l: usize, with_p: bool) {
         let dk = x.dk;
         self.l = l;
         self.c0 = c0;
@@ -112,8 +113,11 @@ impl<F: Float> Intra<F> {
         let (q, k) = (&x.q[c0 * dk..][..l * dk], &x.k[c0 * dk..][..l * dk]);
         let n = l * dk;
         let scale = x.scale;
-        for (((qg, kt), (&eg, &et)), (&q, &k)) in
-            self.qg[..n].iter_mut().zip(&mut self.kt[..n]).zip(self.eg[..n].iter().zip(&self.e_tail[..n])).zip(q.iter().zip(k))
+        for (((qg, kt), (&eg, &et)), (&q, &k)) in self.qg[..n]
+            .iter_mut()
+            .zip(&mut self.kt[..n])
+            .zip(self.eg[..n].iter().zip(&self.e_tail[..n]))
+            .zip(q.iter().zip(k))
         {
             *qg = scale * q * eg;
             *kt = k * et;
@@ -128,16 +132,16 @@ impl<F: Float> Intra<F> {
             }
         }
         if x.channel {
-            self.channel_ap(x, q, k);
+            self.channel_ap(x, q, k, with_p);
         } else {
-            self.head_ap(x, q, k);
+            self.head_ap(x, q, k, with_p);
         }
         if x.b.is_some() {
             self.invert();
         }
     }
 
-    fn head_ap(&mut self, x: &HeadData<F>, q: &[F], k: &[F]) {
+    fn head_ap(&mut self, x: &HeadData<F>, q: &[F], k: &[F], with_p: bool) {
         let (l, dk) = (self.l, x.dk);
         let kr = MatRef::new(k, l, dk, dk, 1);
         for i in 0..l {
@@ -145,7 +149,9 @@ impl<F: Float> Intra<F> {
                 self.e[i * CHUNK + j] = (self.g[i] - self.g[j]).exp();
             }
         }
-        gemm(x.scale, MatRef::new(q, l, dk, dk, 1), kr.t(), F::zero(), MatMut::new(&mut self.p, l, l, CHUNK, 1));
+        if with_p {
+            gemm(x.scale, MatRef::new(q, l, dk, dk, 1), kr.t(), F::zero(), MatMut::new(&mut self.p, l, l, CHUNK, 1));
+        }
         if x.b.is_some() {
             gemm(
                 F::one(),
@@ -164,7 +170,7 @@ impl<F: Float> Intra<F> {
         }
     }
 
-    fn channel_ap(&mut self, x: &HeadData<F>, q: &[F], k: &[F]) {
+    fn channel_ap(&mut self, x: &HeadData<F>, q: &[F], k: &[F], with_p: bool) {
         let (l, dk) = (self.l, x.dk);
         for i in 0..l * dk {
             self.eg_step[i] = x.g[self.c0 * dk + i].exp();
@@ -178,7 +184,9 @@ impl<F: Float> Intra<F> {
             for ((d, &k), &r) in kd.iter_mut().zip(&k[j * dk..][..dk]).zip(run) {
                 *d = k * r;
             }
-            p[i * CHUNK + j] = x.scale * dot(&q[i * dk..][..dk], &kd);
+            if with_p {
+                p[i * CHUNK + j] = x.scale * dot(&q[i * dk..][..dk], &kd);
+            }
             if erase && j < i {
                 a[i * CHUNK + j] = dot(&bk[i * dk..][..dk], &kd);
             }

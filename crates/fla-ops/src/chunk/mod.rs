@@ -36,7 +36,7 @@ pub fn forward(family: Family, x: &Inputs<'_>, opts: &Options) -> Result<Output>
 
 fn run_forward<F: Float + Element>(p: Problem, x: &Inputs<'_>, opts: &Options) -> Result<Output> {
     let prep = Prepared::<F>::new(p, x, opts)?;
-    let heads = prep.map_heads(|_, h| head_forward(&h, None));
+    let heads = prep.map_heads(|_, h| head_forward(&h));
     prep.output(heads, opts.output_final_state)
 }
 
@@ -71,28 +71,41 @@ pub fn backward(family: Family, x: &Inputs<'_>, opts: &Options, d_o: &Tensor, dh
     }
 }
 
-/// Forward over one head. With `states`, also records the state entering each chunk
-/// (`[n_chunks, K, V]`, for the backward).
-pub(crate) fn head_forward<F: Float>(x: &HeadData<F>, mut states: Option<&mut Vec<F>>) -> HeadOut<F> {
+/// Forward over one head: outputs and final state.
+pub(crate) fn head_forward<F: Float>(x: &HeadData<F>) -> HeadOut<F> {
+    sweep(x, true, |_| {})
+}
+
+/// The state entering each chunk of one head, `[n_chunks, K, V]` (for the backward); skips the
+/// outputs.
+pub(crate) fn chunk_states<F: Float>(x: &HeadData<F>) -> Vec<F> {
+    let mut states = Vec::with_capacity(x.len.div_ceil(CHUNK) * x.dk * x.dv);
+    sweep(x, false, |s| states.extend_from_slice(s));
+    states
+}
+
+/// Walks the chunks of one head in order, calling `on_state` with the state entering each chunk
+/// and computing outputs when `outputs`.
+fn sweep<F: Float>(x: &HeadData<F>, outputs: bool, mut on_state: impl FnMut(&[F])) -> HeadOut<F> {
     let (dk, dv) = (x.dk, x.dv);
     let mut s = x.h0.clone();
-    let mut o = vec![F::zero(); x.len * dv];
+    let mut o = vec![F::zero(); if outputs { x.len * dv } else { 0 }];
     let mut w = Intra::new(dk);
     let mut y = vec![F::zero(); CHUNK * dv];
     let mut u = vec![F::zero(); CHUNK * dv];
     for c0 in (0..x.len).step_by(CHUNK) {
         let l = CHUNK.min(x.len - c0);
-        if let Some(st) = states.as_deref_mut() {
-            st.extend_from_slice(&s);
-        }
-        w.compute(x, c0, l);
+        on_state(&s);
+        w.compute(x, c0, l, outputs);
         new_values(x, &w, &s, &mut y, &mut u);
         let u = &u[..l * dv];
-        let sm = MatRef::new(&s, dk, dv, dv, 1);
-        let oc = MatMut::new(&mut o[c0 * dv..], l, dv, dv, 1);
-        gemm(F::one(), MatRef::new(&w.qg, l, dk, dk, 1), sm, F::zero(), oc);
-        let oc = MatMut::new(&mut o[c0 * dv..], l, dv, dv, 1);
-        gemm(F::one(), MatRef::new(&w.p, l, l, CHUNK, 1), MatRef::new(u, l, dv, dv, 1), F::one(), oc);
+        if outputs {
+            let sm = MatRef::new(&s, dk, dv, dv, 1);
+            let oc = MatMut::new(&mut o[c0 * dv..], l, dv, dv, 1);
+            gemm(F::one(), MatRef::new(&w.qg, l, dk, dk, 1), sm, F::zero(), oc);
+            let oc = MatMut::new(&mut o[c0 * dv..], l, dv, dv, 1);
+            gemm(F::one(), MatRef::new(&w.p, l, l, CHUNK, 1), MatRef::new(u, l, dv, dv, 1), F::one(), oc);
+        }
         advance_state(&w, &mut s, u, dk, dv);
     }
     HeadOut { o, ht: s }
