@@ -81,10 +81,12 @@ pub(crate) struct Prepared<'a, F: Clone> {
     h0: Option<Vec<F>>,
 }
 
-#[derive(Clone, Copy)]
+/// What the gradients need to know of inputs that are not kept: their dtypes and shapes.
 struct InDtypes {
     h0: DType,
-    gate: DType,
+    a_log: DType,
+    dt_bias: (DType, Vec<usize>),
+    has_g: bool,
 }
 
 fn sigmoid<F: Float>(x: F) -> F {
@@ -170,7 +172,9 @@ impl<'a, F: Float + Element> Prepared<'a, F> {
         let h0 = x.initial_state.map(|t| t.to_vec()).transpose()?;
         let in_dtypes = InDtypes {
             h0: x.initial_state.map_or(DType::F32, |t| t.dtype()),
-            gate: x.a_log.map_or(DType::F32, |t| t.dtype()),
+            a_log: x.a_log.map_or(DType::F32, |t| t.dtype()),
+            dt_bias: x.dt_bias.map_or((DType::F32, Vec::new()), |t| (t.dtype(), t.shape().to_vec())),
+            has_g: x.g.is_some(),
         };
         Ok(Prepared {
             out_dtype: x.q.dtype(),
@@ -351,7 +355,7 @@ impl<'a, F: Float + Element> Prepared<'a, F> {
             _ => {}
         }
         let (mut dg, mut da_log, mut ddt_bias) = (None, None, None);
-        if !self.g.is_empty() {
+        if self.in_dtypes.has_g {
             let per_head = if fam.decay() == Decay::Channel { d.k } else { 1 };
             let mut x = self.scatter_rows(heads.iter().map(|h| h.dg.clone()).enumerate(), d.hv, per_head, 1);
             if let Some((raw, e_a)) = &self.gate {
@@ -365,11 +369,11 @@ impl<'a, F: Float + Element> Prepared<'a, F> {
                     *dx = *dx * (-e_a[head]) * sigmoid(r);
                     d_dt[if dt_len == d.hv { head } else { head * d.k + i % per_head }] += *dx;
                 }
-                da_log = Some(self.tensor(d_alog, &[d.hv], self.in_dtypes.gate)?);
-                let dt_shape = if dt_len == d.hv { vec![d.hv] } else { vec![d.hv * d.k] };
-                ddt_bias = Some(self.tensor(d_dt, &dt_shape, self.in_dtypes.gate)?);
+                da_log = Some(self.tensor(d_alog, &[d.hv], self.in_dtypes.a_log)?);
+                let (dt_dtype, dt_shape) = &self.in_dtypes.dt_bias;
+                ddt_bias = Some(self.tensor(d_dt, dt_shape, *dt_dtype)?);
             }
-            let shape = if per_head == 1 { vec![d.b, d.t, d.hv] } else { vec![d.b, d.t, d.hv, d.k] };
+            let shape = if fam.decay() == Decay::Channel { vec![d.b, d.t, d.hv, d.k] } else { vec![d.b, d.t, d.hv] };
             dg = Some(self.tensor(x, &shape, dt)?);
         }
         let dh0 = has_h0

@@ -50,13 +50,8 @@ fn half_vs_f32(spec: &Spec, dtype: DType, c: &mut Checker) {
 
     // Decoding in half precision: the recurrent step against its f32 twin.
     let step = |x: &Data| {
-        let mut state = x.h0.clone().unwrap_or_else(|| {
-            Tensor::zeros(&[spec.n(), spec.hv, spec.k, spec.v], DType::F32)
-        });
-        let inputs = Inputs {
-            initial_state: None,
-            ..x.inputs()
-        };
+        let mut state = x.h0.clone().unwrap_or_else(|| Tensor::zeros(&[spec.n(), spec.hv, spec.k, spec.v], DType::F32));
+        let inputs = Inputs { initial_state: None, ..x.inputs() };
         let o = recurrent::step(family, &inputs, &opts, &mut state).unwrap();
         (o, state)
     };
@@ -91,11 +86,7 @@ fn bf16_kda() {
         let spec = Spec::new(Family::Kda, SHAPE).h0(h0).seed(7);
         half_vs_f32(&spec, DType::BF16, &mut c);
     }
-    let spec = Spec::new(Family::Kda, SHAPE)
-        .l2norm()
-        .gate_in_kernel(DtBias::Flat)
-        .h0(true)
-        .seed(8);
+    let spec = Spec::new(Family::Kda, SHAPE).l2norm().gate_in_kernel(DtBias::Flat).h0(true).seed(8);
     half_vs_f32(&spec, DType::BF16, &mut c);
     c.finish(3 * 9);
 }

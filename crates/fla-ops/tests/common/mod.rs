@@ -140,10 +140,8 @@ impl Spec {
 
     /// A short description for failure messages.
     pub fn label(&self) -> String {
-        let mut s = format!(
-            "{} B={} T={} H={} HV={} K={} V={}",
-            self.family, self.b, self.t, self.h, self.hv, self.k, self.v
-        );
+        let mut s =
+            format!("{} B={} T={} H={} HV={} K={} V={}", self.family, self.b, self.t, self.h, self.hv, self.k, self.v);
         if let Some(cu) = &self.cu_seqlens {
             s += &format!(" cu={cu:?}");
         }
@@ -214,31 +212,21 @@ impl Spec {
                 .collect();
             tensor(data, shape)
         };
-        let beta = (fam.erase() == Erase::Beta)
-            .then(|| gatelike(&mut rng, b * t * hv, &[b, t, hv]));
-        let bg = (fam.erase() == Erase::Channel)
-            .then(|| gatelike(&mut rng, b * t * hv * k, &[b, t, hv, k]));
-        let wg = (fam.write() == Write::Channel)
-            .then(|| gatelike(&mut rng, b * t * hv * v, &[b, t, hv, v]));
-        let h0 = self
-            .h0
-            .then(|| tensor(normal(&mut rng, n * hv * k * v), &[n, hv, k, v]));
+        let beta = (fam.erase() == Erase::Beta).then(|| gatelike(&mut rng, b * t * hv, &[b, t, hv]));
+        let bg = (fam.erase() == Erase::Channel).then(|| gatelike(&mut rng, b * t * hv * k, &[b, t, hv, k]));
+        let wg = (fam.write() == Write::Channel).then(|| gatelike(&mut rng, b * t * hv * v, &[b, t, hv, v]));
+        let h0 = self.h0.then(|| tensor(normal(&mut rng, n * hv * k * v), &[n, hv, k, v]));
         let (a_log, dt_bias) = match self.gate_in_kernel {
             None => (None, None),
             Some(dt) => {
-                let a_log: Vec<f64> = (0..hv)
-                    .map(|_| (1.0 + 15.0 * rng.gen::<f64>()).ln())
-                    .collect();
+                let a_log: Vec<f64> = (0..hv).map(|_| (1.0 + 15.0 * rng.gen::<f64>()).ln()).collect();
                 let shape = match dt {
                     DtBias::Head => vec![hv],
                     DtBias::Flat => vec![hv * k],
                     DtBias::Matrix => vec![hv, k],
                 };
                 let dt_len = shape.iter().product();
-                let dt_bias = normal(&mut rng, dt_len)
-                    .into_iter()
-                    .map(|x| 0.5 * x)
-                    .collect();
+                let dt_bias = normal(&mut rng, dt_len).into_iter().map(|x| 0.5 * x).collect();
                 (Some(tensor(a_log, &[hv])), Some(tensor(dt_bias, &shape)))
             }
         };
@@ -262,10 +250,7 @@ impl Spec {
         let mut rng = StdRng::seed_from_u64(self.seed ^ 0x9e37_79b9_7f4a_7c15);
         let d_o = normal(&mut rng, self.b * self.t * self.hv * self.v);
         let dht = normal(&mut rng, self.n() * self.hv * self.k * self.v);
-        (
-            tensor(d_o, &[self.b, self.t, self.hv, self.v]),
-            tensor(dht, &[self.n(), self.hv, self.k, self.v]),
-        )
+        (tensor(d_o, &[self.b, self.t, self.hv, self.v]), tensor(dht, &[self.n(), self.hv, self.k, self.v]))
     }
 }
 
@@ -305,11 +290,7 @@ impl Data {
     /// The activations (`q k v g beta b w`) in `dtype`; the state and the gate parameters in f64
     /// when `dtype` is f64, else f32.
     pub fn cast(&self, dtype: DType) -> Data {
-        let wide = if dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
+        let wide = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
         let c = |t: &Tensor, d: DType| t.to_dtype(d).unwrap();
         let co = |t: &Option<Tensor>, d: DType| t.as_ref().map(|t| c(t, d));
         Data {
@@ -448,38 +429,24 @@ impl Checker {
     pub fn close(&mut self, ctx: &str, name: &str, got: &Tensor, want: &Tensor, tol: f64) {
         self.checks += 1;
         if got.shape() != want.shape() {
-            self.failures.push(format!(
-                "{ctx}: {name}: shape {:?}, reference {:?}",
-                got.shape(),
-                want.shape()
-            ));
+            self.failures.push(format!("{ctx}: {name}: shape {:?}, reference {:?}", got.shape(), want.shape()));
             return;
         }
         let wv = want.to_vec::<f64>().unwrap();
         if wv.iter().any(|x| !x.is_finite()) {
-            self.failures
-                .push(format!("{ctx}: {name}: reference is not finite"));
+            self.failures.push(format!("{ctx}: {name}: reference is not finite"));
             return;
         }
         let norm = want.norm().unwrap();
         let e = got.rel_err(want).unwrap();
         let abs = if norm > 0.0 { e * norm } else { e };
         if e.is_nan() || abs > tol * norm.max(1e-2) {
-            self.failures.push(format!(
-                "{ctx}: {name}: rel err {e:.3e} > {tol:.0e} (‖ref‖ = {norm:.3e})"
-            ));
+            self.failures.push(format!("{ctx}: {name}: rel err {e:.3e} > {tol:.0e} (‖ref‖ = {norm:.3e})"));
         }
     }
 
     /// Same check on two optional tensors: both present (and close) or both absent.
-    pub fn close_opt(
-        &mut self,
-        ctx: &str,
-        name: &str,
-        got: Option<&Tensor>,
-        want: Option<&Tensor>,
-        tol: f64,
-    ) {
+    pub fn close_opt(&mut self, ctx: &str, name: &str, got: Option<&Tensor>, want: Option<&Tensor>, tol: f64) {
         match (got, want) {
             (Some(g), Some(w)) => self.close(ctx, name, g, w, tol),
             (None, None) => {}
@@ -518,11 +485,7 @@ impl Checker {
             self.checks,
             self.failures.join("\n")
         );
-        assert!(
-            self.checks >= min_checks,
-            "only {} checks ran, expected at least {min_checks}",
-            self.checks
-        );
+        assert!(self.checks >= min_checks, "only {} checks ran, expected at least {min_checks}", self.checks);
     }
 }
 
