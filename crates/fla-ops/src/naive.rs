@@ -35,7 +35,7 @@ fn run<F: Float + Element>(p: Problem, x: &Inputs<'_>, opts: &Options) -> Result
 /// The recurrence over one (sequence, value head).
 pub(crate) fn head_forward<F: Float>(x: &HeadData<F>) -> HeadOut<F> {
     let (dk, dv) = (x.dk, x.dv);
-    let mut s = x.h0.clone();
+    let mut s = x.initial_state();
     let mut o = vec![F::zero(); x.len * dv];
     let mut u = vec![F::zero(); dv];
     for t in 0..x.len {

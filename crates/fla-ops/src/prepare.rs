@@ -37,10 +37,21 @@ pub(crate) struct HeadData<F> {
     pub b: Option<Vec<F>>,
     /// Write gate `[len, V]`.
     pub w: Vec<F>,
-    /// Initial state `[K, V]`.
+    /// Initial state `[K, V]`; empty when none was given (zeros).
     pub h0: Vec<F>,
     /// Query scale.
     pub scale: F,
+}
+
+impl<F: Float> HeadData<F> {
+    /// The initial state `[K, V]` as an owned array (zeros when none was given).
+    pub fn initial_state(&self) -> Vec<F> {
+        if self.h0.is_empty() {
+            vec![F::zero(); self.dk * self.dv]
+        } else {
+            self.h0.clone()
+        }
+    }
 }
 
 /// Gradients of one (sequence, value head), shaped as its [`HeadData`].
@@ -237,7 +248,7 @@ impl<'a, F: Float + Element> Prepared<'a, F> {
             Write::Channel => rows(&self.wg, d.hv, hv, d.v),
         };
         let kv = d.k * d.v;
-        let h0 = self.h0.as_ref().map_or_else(|| vec![F::zero(); kv], |h| h[(n * d.hv + hv) * kv..][..kv].to_vec());
+        let h0 = self.h0.as_ref().map_or_else(Vec::new, |h| h[(n * d.hv + hv) * kv..][..kv].to_vec());
         HeadData {
             len,
             dk: d.k,

@@ -2,18 +2,15 @@
 //! updating their f32 states in place (FLA: `fused_recurrent_gated_delta_rule`,
 //! `fused_recurrent_kda`, ...).
 //!
-//! The state of one (sequence, value head) is walked in blocks of [`BLOCK_V`] value columns: the
-//! erase `e = Sᵀ(b⊙k)` of a column depends on that column alone, so each block is decayed, read
-//! for `e`, written and read for `o` while it sits in L1, and memory sees the state read once and
-//! written once per call.
+//! Each token walks the state of one (sequence, value head) twice, row by row: the first pass
+//! decays it and accumulates the erase `e = Sᵀ(b⊙k)`, the second writes `k uᵀ` and accumulates
+//! `o = Sᵀq`. A 128×128 f32 state (64 KiB) stays in L2 between the passes, so memory sees it read
+//! once and written once per call.
 use fla_core::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::prepare::{HeadData, HeadOut, Prepared};
 use crate::{Family, Inputs, Options, Problem};
-
-/// Value columns per block of the state walk (one 64-byte line of f32).
-pub const BLOCK_V: usize = 16;
 
 /// Runs the recurrence over the new tokens of `x`, reading and updating `state [N,HV,K,V]` (f32)
 /// in place, and returns `o [B,T,HV,V]` in the dtype of `q`. The state takes the place of
@@ -68,49 +65,31 @@ fn token_vecs(x: &HeadData<f32>) -> TokenVecs {
 
 /// Every token of one (sequence, value head) against its state `s [K,V]`; returns `o [len,V]`.
 fn head_step(x: &HeadData<f32>, s: &mut [f32]) -> Vec<f32> {
-    let dv = x.dv;
+    let (dk, dv) = (x.dk, x.dv);
     let tv = token_vecs(x);
     let mut o = vec![0.0f32; x.len * dv];
-    let full = dv / BLOCK_V * BLOCK_V;
-    for v0 in (0..full).step_by(BLOCK_V) {
-        block::<BLOCK_V>(x, &tv, s, &mut o, v0);
-    }
-    for v0 in full..dv {
-        block::<1>(x, &tv, s, &mut o, v0);
-    }
-    o
-}
-
-/// All tokens against the `W` state columns starting at `v0`.
-#[inline(always)]
-fn block<const W: usize>(x: &HeadData<f32>, tv: &TokenVecs, s: &mut [f32], o: &mut [f32], v0: usize) {
-    let (dk, dv) = (x.dk, x.dv);
+    let mut e = vec![0.0f32; dv];
     for t in 0..x.len {
         let (decay, bk) = (&tv.decay[t * dk..][..dk], &tv.bk[t * dk..][..dk]);
         let (k, q) = (&x.k[t * dk..][..dk], &tv.q[t * dk..][..dk]);
-        let mut e = [0.0f32; W];
-        for c in 0..dk {
-            let row: &mut [f32; W] = (&mut s[c * dv + v0..][..W]).try_into().expect("W columns");
-            let (d, b) = (decay[c], bk[c]);
-            for j in 0..W {
-                row[j] *= d;
-                e[j] += b * row[j];
+        e.iter_mut().for_each(|v| *v = 0.0);
+        for (row, (&d, &b)) in s.chunks_exact_mut(dv).zip(decay.iter().zip(bk)) {
+            for (r, e) in row.iter_mut().zip(e.iter_mut()) {
+                *r *= d;
+                *e += b * *r;
             }
         }
-        let mut u = [0.0f32; W];
-        for j in 0..W {
-            let r = t * dv + v0 + j;
-            u[j] = x.w[r] * x.v[r] - e[j];
+        let r = t * dv..(t + 1) * dv;
+        for ((u, &w), &v) in e.iter_mut().zip(&x.w[r.clone()]).zip(&x.v[r.clone()]) {
+            *u = w * v - *u;
         }
-        let mut acc = [0.0f32; W];
-        for c in 0..dk {
-            let row: &mut [f32; W] = (&mut s[c * dv + v0..][..W]).try_into().expect("W columns");
-            let (kc, qc) = (k[c], q[c]);
-            for j in 0..W {
-                row[j] += kc * u[j];
-                acc[j] += qc * row[j];
+        let ot = &mut o[r];
+        for (row, (&kc, &qc)) in s.chunks_exact_mut(dv).zip(k.iter().zip(q)) {
+            for ((r, &u), o) in row.iter_mut().zip(e.iter()).zip(ot.iter_mut()) {
+                *r += kc * u;
+                *o += qc * *r;
             }
         }
-        o[t * dv + v0..][..W].copy_from_slice(&acc);
     }
+    o
 }

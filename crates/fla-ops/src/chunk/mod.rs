@@ -88,7 +88,7 @@ pub(crate) fn chunk_states<F: Float>(x: &HeadData<F>) -> Vec<F> {
 /// and computing outputs when `outputs`.
 fn sweep<F: Float>(x: &HeadData<F>, outputs: bool, mut on_state: impl FnMut(&[F])) -> HeadOut<F> {
     let (dk, dv) = (x.dk, x.dv);
-    let mut s = x.h0.clone();
+    let mut s = x.initial_state();
     let mut o = vec![F::zero(); if outputs { x.len * dv } else { 0 }];
     let mut w = Intra::new(dk);
     let mut y = vec![F::zero(); CHUNK * dv];
