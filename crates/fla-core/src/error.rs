@@ -72,6 +72,24 @@ pub enum Error {
         /// What is unsupported.
         msg: String,
     },
+    /// A checkpoint tensor has the wrong shape.
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    TensorShape {
+        /// Full tensor name.
+        name: String,
+        /// Shape the model expects.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        got: Vec<usize>,
+    },
+    /// A configuration field is missing, malformed or unsupported.
+    #[error("config field `{field}`: {msg}")]
+    Config {
+        /// Field name as in config.json.
+        field: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// A tensor name is missing from a file or map.
     #[error("tensor `{name}` not found{context}")]
     MissingTensor {

@@ -1,0 +1,328 @@
+//! Qwen3.5 (`qwen3_5_text`, `qwen3_5`) and Qwen3-Next (`qwen3_next`): Gated DeltaNet and gated
+//! softmax attention in a 3:1 layout, zero-centred RMSNorm, dense SwiGLU (Qwen3.5) or a sparse
+//! mixture of experts (Qwen3-Next).
+use fla_core::Result;
+use fla_nn::attention::{AttentionConfig, GatedAttention, KvCache};
+use fla_nn::embedding::Embedding;
+use fla_nn::gated_deltanet::{GatedDeltaNet, GatedDeltaNetConfig, GdnCache, ProjLayout};
+use fla_nn::mlp::Mlp;
+use fla_nn::ops::rms_norm;
+use fla_nn::{Batch, Linear, VarBuilder};
+use serde_json::Value;
+
+use crate::cache::{Cache, LayerCache};
+use crate::config::{unsupported, Fields};
+
+/// Which Qwen family a config describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QwenArch {
+    /// Qwen3.5 / 3.6 text model (`qwen3_5_text`, or `qwen3_5` with `text_config`).
+    Qwen3_5,
+    /// Qwen3-Next (`qwen3_next`).
+    Qwen3Next,
+}
+
+/// Mixture-of-experts sizes (Qwen3-Next).
+#[derive(Debug, Clone)]
+pub struct QwenMoeConfig {
+    /// Routed experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Expert FFN width.
+    pub moe_intermediate: usize,
+    /// Shared expert FFN width.
+    pub shared_intermediate: usize,
+    /// Renormalise the top-k probabilities.
+    pub norm_topk_prob: bool,
+    /// Every `sparse_step`-th layer is sparse.
+    pub sparse_step: usize,
+    /// Layers that stay dense.
+    pub mlp_only_layers: Vec<usize>,
+}
+
+/// A parsed Qwen config.
+#[derive(Debug, Clone)]
+pub struct QwenConfig {
+    /// Family.
+    pub arch: QwenArch,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Model width.
+    pub hidden: usize,
+    /// Dense FFN width.
+    pub intermediate: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Per layer: true for full (softmax) attention, false for Gated DeltaNet.
+    pub full_attention: Vec<bool>,
+    /// Softmax attention sizes.
+    pub attention: AttentionConfig,
+    /// Gated DeltaNet sizes.
+    pub linear: GatedDeltaNetConfig,
+    /// Tied LM head.
+    pub tie_word_embeddings: bool,
+    /// MoE sizes (Qwen3-Next).
+    pub moe: Option<QwenMoeConfig>,
+    /// Tensor-name prefix of the decoder (`model.` or `model.language_model.`).
+    pub prefix: String,
+}
+
+impl QwenConfig {
+    /// Parses `config.json` of model_type `qwen3_5_text`, `qwen3_5` or `qwen3_next`.
+    pub fn from_json(root: &Value) -> Result<Self> {
+        let top = Fields::new(root)?;
+        let model_type = top.opt_str("model_type")?.unwrap_or("");
+        let (arch, f, prefix) = match model_type {
+            "qwen3_5_text" => (QwenArch::Qwen3_5, Fields::new(root)?, "model"),
+            "qwen3_5" => {
+                let text =
+                    top.object("text_config")?.ok_or_else(|| unsupported("text_config", "missing for qwen3_5"))?;
+                (QwenArch::Qwen3_5, text, "model.language_model")
+            }
+            "qwen3_next" => (QwenArch::Qwen3Next, Fields::new(root)?, "model"),
+            other => return Err(unsupported("model_type", format!("`{other}` is not a Qwen model type"))),
+        };
+        f.expect_str("hidden_act", &["silu"])?;
+        f.expect_false("attention_bias")?;
+        let layers = f.usize("num_hidden_layers")?;
+        let full_attention = match f.opt_strings("layer_types")? {
+            Some(types) => {
+                if types.len() != layers {
+                    return Err(unsupported("layer_types", format!("{} entries for {layers} layers", types.len())));
+                }
+                types
+                    .iter()
+                    .map(|t| match *t {
+                        "full_attention" => Ok(true),
+                        "linear_attention" => Ok(false),
+                        other => Err(unsupported("layer_types", format!("unknown layer type `{other}`"))),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => {
+                let every = f.opt_usize("full_attention_interval")?.unwrap_or(4).max(1);
+                (0..layers).map(|i| (i + 1) % every == 0).collect()
+            }
+        };
+        let rope = f.object("rope_parameters")?;
+        if let Some(r) = &rope {
+            r.expect_str("rope_type", &["default"])?;
+        }
+        f.expect_str("rope_scaling", &[])?;
+        let rope_theta = match rope.as_ref().map(|r| r.opt_f64("rope_theta")).transpose()?.flatten() {
+            Some(t) => t,
+            None => f.opt_f64("rope_theta")?.unwrap_or(10000.0),
+        };
+        let partial = match rope.as_ref().map(|r| r.opt_f64("partial_rotary_factor")).transpose()?.flatten() {
+            Some(p) => p,
+            None => f.opt_f64("partial_rotary_factor")?.unwrap_or(0.25),
+        };
+        let hidden = f.usize("hidden_size")?;
+        let heads = f.usize("num_attention_heads")?;
+        let kv_heads = f.usize("num_key_value_heads")?;
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(unsupported(
+                "num_key_value_heads",
+                format!("{kv_heads} does not divide num_attention_heads = {heads}"),
+            ));
+        }
+        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden / heads.max(1));
+        let rope_dim = ((head_dim as f64) * partial) as usize;
+        if rope_dim % 2 != 0 || rope_dim > head_dim {
+            return Err(unsupported("partial_rotary_factor", format!("gives {rope_dim} rotated dims of {head_dim}")));
+        }
+        let eps = f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32;
+        let attention = AttentionConfig {
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            rope_dim,
+            rope_theta,
+            eps,
+            output_gate: f.opt_bool("attn_output_gate")?.unwrap_or(true),
+        };
+        let linear = GatedDeltaNetConfig {
+            hidden,
+            key_heads: f.usize("linear_num_key_heads")?,
+            value_heads: f.usize("linear_num_value_heads")?,
+            key_dim: f.usize("linear_key_head_dim")?,
+            value_dim: f.usize("linear_value_head_dim")?,
+            conv_kernel: f.opt_usize("linear_conv_kernel_dim")?.unwrap_or(4),
+            eps,
+            layout: if arch == QwenArch::Qwen3Next { ProjLayout::Interleaved } else { ProjLayout::Split },
+        };
+        let moe = match (arch, f.opt_usize("num_experts")?) {
+            (QwenArch::Qwen3Next, Some(e)) if e > 0 => Some(QwenMoeConfig {
+                experts: e,
+                top_k: f.usize("num_experts_per_tok")?,
+                moe_intermediate: f.usize("moe_intermediate_size")?,
+                shared_intermediate: f.opt_usize("shared_expert_intermediate_size")?.unwrap_or(0),
+                norm_topk_prob: f.opt_bool("norm_topk_prob")?.unwrap_or(true),
+                sparse_step: f.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1),
+                mlp_only_layers: f.opt_usizes("mlp_only_layers")?.unwrap_or_default(),
+            }),
+            (QwenArch::Qwen3_5, Some(e)) if e > 0 => {
+                return Err(unsupported(
+                    "num_experts",
+                    "Qwen3.5 mixture-of-experts checkpoints (qwen3_5_moe) are not supported yet",
+                ))
+            }
+            _ => None,
+        };
+        Ok(QwenConfig {
+            arch,
+            vocab: f.usize("vocab_size")?,
+            hidden,
+            intermediate: f.opt_usize("intermediate_size")?.unwrap_or(0),
+            eps,
+            full_attention,
+            attention,
+            linear,
+            tie_word_embeddings: f
+                .opt_bool("tie_word_embeddings")?
+                .or(top.opt_bool("tie_word_embeddings")?)
+                .unwrap_or(false),
+            moe,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    fn sparse_layer(&self, i: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| !m.mlp_only_layers.contains(&i) && (i + 1) % m.sparse_step == 0)
+    }
+}
+
+enum Mixer {
+    Linear(GatedDeltaNet),
+    Attention(GatedAttention),
+}
+
+enum Ffn {
+    Dense(Mlp),
+}
+
+impl Ffn {
+    fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        match self {
+            Ffn::Dense(m) => Ok(m.forward(x)),
+        }
+    }
+}
+
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    mixer: Mixer,
+    ffn: Ffn,
+}
+
+/// A Qwen3.5 / Qwen3-Next causal language model.
+pub struct Qwen {
+    cfg: QwenConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Linear,
+}
+
+impl Qwen {
+    /// Loads the model from checkpoint tensors (names as in the HF release).
+    pub fn load(cfg: QwenConfig, vb: &VarBuilder) -> Result<Self> {
+        let m = vb.pp(&cfg.prefix);
+        let h = cfg.hidden;
+        let embed = Embedding::load(&m.pp("embed_tokens"), cfg.vocab, h)?;
+        let mut layers = Vec::with_capacity(cfg.full_attention.len());
+        for (i, &full) in cfg.full_attention.iter().enumerate() {
+            let l = m.pp("layers").pp(i);
+            let mixer = if full {
+                Mixer::Attention(GatedAttention::load(&cfg.attention, &l.pp("self_attn"))?)
+            } else {
+                Mixer::Linear(GatedDeltaNet::load(&cfg.linear, &l.pp("linear_attn"))?)
+            };
+            let ffn = Ffn::Dense(Mlp::load(&l.pp("mlp"), h, cfg.intermediate)?);
+            layers.push(Layer {
+                input_norm: l.pp("input_layernorm").get_f32("weight", &[h])?,
+                post_norm: l.pp("post_attention_layernorm").get_f32("weight", &[h])?,
+                mixer,
+                ffn,
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.as_linear()?
+        } else {
+            Linear::load(&vb.pp("lm_head"), h, cfg.vocab, false)?
+        };
+        Ok(Qwen { norm: m.pp("norm").get_f32("weight", &[h])?, embed, layers, lm_head, cfg })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &QwenConfig {
+        &self.cfg
+    }
+
+    /// An empty cache for `n` sequences.
+    pub fn new_cache(&self, n: usize) -> Cache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l.mixer {
+                Mixer::Linear(_) => LayerCache::Gdn(GdnCache::default()),
+                Mixer::Attention(_) => LayerCache::Attn(KvCache::default()),
+            })
+            .collect();
+        Cache { layers, past: vec![0; n] }
+    }
+
+    /// Final hidden states `[tokens, hidden]` of the packed `ids`, advancing `cache`.
+    pub fn forward_hidden(&self, ids: &[u32], batch: &Batch, cache: &mut Cache) -> Result<Vec<f32>> {
+        let eps = self.cfg.eps;
+        let mut x = self.embed.forward(ids)?;
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let mut h = x.clone();
+            rms_norm(&mut h, &layer.input_norm, eps, 1.0);
+            let y = match (&layer.mixer, lc) {
+                (Mixer::Linear(m), LayerCache::Gdn(c)) => m.forward(&h, batch, c)?,
+                (Mixer::Attention(m), LayerCache::Attn(c)) => m.forward(&h, batch, c)?,
+                _ => return Err(fla_core::Error::Msg("cache does not match the model's layers".into())),
+            };
+            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+            let mut h = x.clone();
+            rms_norm(&mut h, &layer.post_norm, eps, 1.0);
+            let y = layer.ffn.forward(&h)?;
+            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+        }
+        rms_norm(&mut x, &self.norm, eps, 1.0);
+        Ok(x)
+    }
+
+    /// Logits `[rows, vocab]` of final hidden states.
+    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.cfg.vocab
+    }
+
+    /// Bytes of weights read per decoded token (all layers, LM head; not the embedding table).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mixer = match &l.mixer {
+                    Mixer::Linear(m) => m.weight_bytes(),
+                    Mixer::Attention(m) => m.weight_bytes(),
+                };
+                let ffn = match &l.ffn {
+                    Ffn::Dense(m) => m.weight_bytes(),
+                };
+                mixer + ffn
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
+    }
+}

@@ -1,0 +1,543 @@
+//! Kimi Delta Attention (KDA), the linear-attention layer of Kimi Linear (`self_attn.*` of the
+//! `kda_layers`).
+//!
+//! ```text
+//! q,k,v = silu(conv_{q,k,v}(W_{q,k,v} x))                    three depthwise short convs, [.., H, dk]
+//! g     = −exp(A_log[h])·softplus(f_b(f_a(x)) + dt_bias)     per channel, computed in the op
+//! β     = sigmoid(b_proj x)                                  per head, computed in the op
+//! o     = KDA(l2norm(q)·dk^-1/2, l2norm(k), v, g, β)         chunk form (prefill) | recurrent step (decode)
+//! y     = o_proj(RMSNorm_w(o) · sigmoid(g_b(g_a(x))))        per head: norm first, then gate
+//! ```
+//!
+//! The cache of a batch ([`KdaCache`]) holds the last `conv_kernel` inputs of each convolution
+//! and the recurrent state `[N, H, dk, dv]` (f32) of each sequence.
+use fla_core::{DType, Error, Result, Tensor};
+use fla_ops::{chunk, recurrent, Family, Inputs, Options};
+
+use crate::conv::{ConvState, ShortConv};
+use crate::ops::{rms_norm_gated, GateAct};
+use crate::{Batch, Linear, VarBuilder};
+
+/// Sizes of a KDA layer. From a Kimi Linear `config.json`: `hidden = hidden_size`,
+/// `heads = linear_attn_config.num_heads`, `head_dim = linear_attn_config.head_dim`,
+/// `conv_kernel = linear_attn_config.short_conv_kernel_size`, `rms_norm_eps = rms_norm_eps`.
+#[derive(Debug, Clone)]
+pub struct KdaConfig {
+    /// Model width.
+    pub hidden: usize,
+    /// Heads (query, key and value heads alike).
+    pub heads: usize,
+    /// Head dimension (`dk = dv`).
+    pub head_dim: usize,
+    /// Kernel of the short convolutions (4).
+    pub conv_kernel: usize,
+    /// Epsilon of the gated output norm `o_norm`.
+    pub rms_norm_eps: f32,
+    /// Inner width of the low-rank projections `f_a/f_b` and `g_a/g_b`; `None` reads it from
+    /// the rows of `f_a_proj.weight` and `g_a_proj.weight` (it equals `head_dim` in Kimi Linear).
+    pub low_rank: Option<usize>,
+}
+
+/// The cache of a KDA layer for a batch of `N` sequences.
+#[derive(Debug, Clone, Default)]
+pub struct KdaCache {
+    /// Last inputs of the query convolution.
+    pub q_conv: ConvState,
+    /// Last inputs of the key convolution.
+    pub k_conv: ConvState,
+    /// Last inputs of the value convolution.
+    pub v_conv: ConvState,
+    /// Recurrent state `[N, H, dk, dv]` in f32; `None` before the first call.
+    pub state: Option<Tensor>,
+}
+
+impl KdaCache {
+    /// An empty cache; the first call sizes it for its batch.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+}
+
+/// The KDA layer (`model.layers.{i}.self_attn.*`).
+#[derive(Clone)]
+pub struct KimiDeltaAttention {
+    cfg: KdaConfig,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    q_conv: ShortConv,
+    k_conv: ShortConv,
+    v_conv: ShortConv,
+    f_a_proj: Linear,
+    f_b_proj: Linear,
+    b_proj: Linear,
+    g_a_proj: Linear,
+    g_b_proj: Linear,
+    /// `[H]` f32.
+    a_log: Tensor,
+    /// `[H·dk]` f32.
+    dt_bias: Tensor,
+    o_norm: Vec<f32>,
+    o_proj: Linear,
+}
+
+/// Checks that `x` holds `batch.tokens()` rows of `hidden` features and that the sequences of
+/// `batch` are packed back to back from row 0, with one past length each.
+pub(crate) fn check_rows(op: &'static str, x: &[f32], batch: &Batch, hidden: usize) -> Result<()> {
+    if batch.past.len() != batch.seqs.len() {
+        return Err(Error::size(
+            op,
+            format!("batch has {} sequences but {} past lengths", batch.seqs.len(), batch.past.len()),
+        ));
+    }
+    let mut end = 0;
+    for (i, r) in batch.seqs.iter().enumerate() {
+        if r.start != end || r.end < r.start {
+            return Err(Error::size(
+                op,
+                format!("batch sequence {i} covers rows {r:?}, expected to start at row {end}"),
+            ));
+        }
+        end = r.end;
+    }
+    let tokens = batch.tokens();
+    if x.len() != tokens * hidden {
+        return Err(Error::shape(
+            op,
+            "x",
+            format!("[tokens = {tokens}, hidden = {hidden}] as a flat slice"),
+            &[x.len()],
+        ));
+    }
+    Ok(())
+}
+
+fn low_rank(cfg: &KdaConfig, vb: &VarBuilder, name: &str) -> Result<usize> {
+    match cfg.low_rank {
+        Some(r) => Ok(r),
+        // `Linear::load` checks the full shape `[rank, hidden]` afterwards.
+        None => Ok(vb.pp(name).get_any("weight")?.shape().first().copied().unwrap_or(0)),
+    }
+}
+
+impl KimiDeltaAttention {
+    /// Loads the layer's tensors under `vb` (`model.layers.{i}.self_attn`). `A_log` may be stored
+    /// `[H]` or `[1,1,H,1]`; `dt_bias` `[H·dk]` or `[H, dk]`.
+    pub fn load(cfg: &KdaConfig, vb: &VarBuilder) -> Result<Self> {
+        let (h, d) = (cfg.heads, cfg.head_dim);
+        for (field, v) in [("heads", h), ("head_dim", d), ("conv_kernel", cfg.conv_kernel), ("hidden", cfg.hidden)] {
+            if v == 0 {
+                return Err(Error::Config { field: field.into(), msg: "must be positive".into() });
+            }
+        }
+        let dim = h * d;
+        let lin = |name: &str, i: usize, o: usize| Linear::load(&vb.pp(name), i, o, false);
+        let conv = |name: &str| ShortConv::load(&vb.pp(name), dim, cfg.conv_kernel);
+        let (rf, rg) = (low_rank(cfg, vb, "f_a_proj")?, low_rank(cfg, vb, "g_a_proj")?);
+        let a_log = Tensor::from_vec(vb.get_f32("A_log", &[h])?, &[h])?;
+        let dt = vb.get_any("dt_bias")?;
+        let dt_bias = if dt.shape() == [h, d] { dt.reshape(&[dim])? } else { vb.get("dt_bias", &[dim])? };
+        let dt_bias = dt_bias.to_dtype(DType::F32)?;
+        Ok(KimiDeltaAttention {
+            q_proj: lin("q_proj", cfg.hidden, dim)?,
+            k_proj: lin("k_proj", cfg.hidden, dim)?,
+            v_proj: lin("v_proj", cfg.hidden, dim)?,
+            q_conv: conv("q_conv1d")?,
+            k_conv: conv("k_conv1d")?,
+            v_conv: conv("v_conv1d")?,
+            f_a_proj: lin("f_a_proj", cfg.hidden, rf)?,
+            f_b_proj: lin("f_b_proj", rf, dim)?,
+            b_proj: lin("b_proj", cfg.hidden, h)?,
+            g_a_proj: lin("g_a_proj", cfg.hidden, rg)?,
+            g_b_proj: lin("g_b_proj", rg, dim)?,
+            a_log,
+            dt_bias,
+            o_norm: vb.pp("o_norm").get_f32("weight", &[d])?,
+            o_proj: lin("o_proj", dim, cfg.hidden)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The layer's sizes.
+    pub fn config(&self) -> &KdaConfig {
+        &self.cfg
+    }
+
+    /// Bytes of weights read per token.
+    pub fn weight_bytes(&self) -> usize {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.f_a_proj,
+            &self.f_b_proj,
+            &self.b_proj,
+            &self.g_a_proj,
+            &self.g_b_proj,
+            &self.o_proj,
+        ]
+        .iter()
+        .map(|l| l.weight_bytes())
+        .sum()
+    }
+
+    /// `x [tokens, hidden]` → `[tokens, hidden]`, continuing each sequence of `batch` from
+    /// `cache` and leaving its new conv inputs and recurrent state there.
+    ///
+    /// A sequence with `past = 0` starts from zeros (its slot in the cache is reset). A decoding
+    /// step (one token per sequence) runs the recurrent step on the cached states in place; any
+    /// other call runs the chunk form over the packed batch with the cached states as initial
+    /// states. Errors when the cache does not hold the `N` sequences of a batch that has past
+    /// tokens, or when `x` is not `[tokens, hidden]`.
+    pub fn forward(&self, x: &[f32], batch: &Batch, cache: &mut KdaCache) -> Result<Vec<f32>> {
+        const OP: &str = "KimiDeltaAttention::forward";
+        let c = &self.cfg;
+        let (h, d) = (c.heads, c.head_dim);
+        check_rows(OP, x, batch, c.hidden)?;
+        let (n, t) = (batch.len(), batch.tokens());
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        self.prepare_cache(batch, cache)?;
+        let q = self.q_conv.forward(&self.q_proj.forward(x), batch, &mut cache.q_conv);
+        let k = self.k_conv.forward(&self.k_proj.forward(x), batch, &mut cache.k_conv);
+        let v = self.v_conv.forward(&self.v_proj.forward(x), batch, &mut cache.v_conv);
+        let f = self.f_b_proj.forward(&self.f_a_proj.forward(x));
+        let b = self.b_proj.forward(x);
+        let opts = Options {
+            scale: Some(1.0 / (d as f64).sqrt()),
+            output_final_state: true,
+            use_qk_l2norm_in_kernel: true,
+            use_beta_sigmoid_in_kernel: true,
+            use_gate_in_kernel: true,
+        };
+        let state = cache
+            .state
+            .as_mut()
+            .ok_or_else(|| Error::Unsupported { op: OP, msg: "cache has no recurrent state".into() })?;
+        // Decoding: N sequences of one token, [N, 1, H, dk]; otherwise one packed row [1, T, H, dk].
+        let (bsz, len) = if batch.is_decode() { (n, 1) } else { (1, t) };
+        let qt = Tensor::from_vec(q, &[bsz, len, h, d])?;
+        let kt = Tensor::from_vec(k, &[bsz, len, h, d])?;
+        let vt = Tensor::from_vec(v, &[bsz, len, h, d])?;
+        let gt = Tensor::from_vec(f, &[bsz, len, h, d])?;
+        let bt = Tensor::from_vec(b, &[bsz, len, h])?;
+        let inputs = Inputs {
+            g: Some(&gt),
+            beta: Some(&bt),
+            a_log: Some(&self.a_log),
+            dt_bias: Some(&self.dt_bias),
+            ..Inputs::new(&qt, &kt, &vt)
+        };
+        let mut o: Vec<f32> = if batch.is_decode() {
+            recurrent::step(Family::Kda, &inputs, &opts, state)?.to_vec()?
+        } else {
+            let cu = batch.cu_seqlens();
+            let inputs = Inputs { initial_state: Some(&*state), cu_seqlens: Some(&cu), ..inputs };
+            let out = chunk::forward(Family::Kda, &inputs, &opts)?;
+            *state = out
+                .final_state
+                .ok_or_else(|| Error::Unsupported { op: OP, msg: "chunk form returned no state".into() })?;
+            out.o.to_vec()?
+        };
+        let gate = self.g_b_proj.forward(&self.g_a_proj.forward(x));
+        rms_norm_gated(&mut o, &gate, &self.o_norm, c.rms_norm_eps, GateAct::Sigmoid);
+        Ok(self.o_proj.forward(&o))
+    }
+
+    /// Sizes `cache` for `batch` and zeroes the slots of the sequences that start afresh.
+    fn prepare_cache(&self, batch: &Batch, cache: &mut KdaCache) -> Result<()> {
+        let c = &self.cfg;
+        let (n, h, d) = (batch.len(), c.heads, c.head_dim);
+        let conv = n * h * d * c.conv_kernel;
+        let shaped = cache.state.as_ref().is_some_and(|s| s.shape() == [n, h, d, d] && s.dtype() == DType::F32)
+            && [&cache.q_conv, &cache.k_conv, &cache.v_conv].iter().all(|s| s.data.len() == conv);
+        if !shaped {
+            if batch.past.iter().any(|&p| p > 0) {
+                return Err(Error::size(
+                    "KimiDeltaAttention::forward",
+                    format!(
+                        "batch.past = {:?} continues cached sequences, but the cache does not hold states for {n} \
+                         sequences of [H={h}, dk={d}, dv={d}]",
+                        batch.past
+                    ),
+                ));
+            }
+            *cache = KdaCache {
+                q_conv: self.q_conv.empty_state(n),
+                k_conv: self.k_conv.empty_state(n),
+                v_conv: self.v_conv.empty_state(n),
+                state: Some(Tensor::zeros(&[n, h, d, d], DType::F32)),
+            };
+            return Ok(());
+        }
+        let fresh: Vec<usize> = (0..n).filter(|&i| batch.past[i] == 0).collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let per_conv = h * d * c.conv_kernel;
+        for s in [&mut cache.q_conv, &mut cache.k_conv, &mut cache.v_conv] {
+            fresh.iter().for_each(|&i| s.data[i * per_conv..][..per_conv].fill(0.0));
+        }
+        if let Some(state) = cache.state.as_mut() {
+            let s = state.as_mut_slice::<f32>()?;
+            fresh.iter().for_each(|&i| s[i * h * d * d..][..h * d * d].fill(0.0));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    const HIDDEN: usize = 12;
+    const H: usize = 2;
+    const D: usize = 8;
+    const KER: usize = 4;
+    const RANK: usize = 5;
+    const EPS: f32 = 1e-5;
+
+    fn cfg() -> KdaConfig {
+        KdaConfig { hidden: HIDDEN, heads: H, head_dim: D, conv_kernel: KER, rms_norm_eps: EPS, low_rank: None }
+    }
+
+    fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * scale).collect()
+    }
+
+    /// Random weights under `self_attn.`, with A_log stored `[1,1,H,1]` as in the checkpoints.
+    fn weights(seed: u64) -> HashMap<String, Tensor> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let dim = H * D;
+        let shapes: Vec<(&str, Vec<usize>, f32)> = vec![
+            ("q_proj.weight", vec![dim, HIDDEN], 0.4),
+            ("k_proj.weight", vec![dim, HIDDEN], 0.4),
+            ("v_proj.weight", vec![dim, HIDDEN], 0.4),
+            ("q_conv1d.weight", vec![dim, 1, KER], 0.6),
+            ("k_conv1d.weight", vec![dim, 1, KER], 0.6),
+            ("v_conv1d.weight", vec![dim, 1, KER], 0.6),
+            ("f_a_proj.weight", vec![RANK, HIDDEN], 0.4),
+            ("f_b_proj.weight", vec![dim, RANK], 0.4),
+            ("b_proj.weight", vec![H, HIDDEN], 0.6),
+            ("g_a_proj.weight", vec![RANK, HIDDEN], 0.4),
+            ("g_b_proj.weight", vec![dim, RANK], 0.4),
+            ("o_norm.weight", vec![D], 1.0),
+            ("o_proj.weight", vec![HIDDEN, dim], 0.3),
+        ];
+        let mut m = HashMap::new();
+        for (name, shape, s) in shapes {
+            let n = shape.iter().product();
+            m.insert(format!("self_attn.{name}"), Tensor::from_vec(rand_vec(&mut rng, n, s), &shape).unwrap());
+        }
+        let a_log: Vec<f32> = (0..H).map(|_| rng.gen_range(-1.0f32..0.5)).collect();
+        m.insert("self_attn.A_log".into(), Tensor::from_vec(a_log, &[1, 1, H, 1]).unwrap());
+        let dt: Vec<f32> = rand_vec(&mut rng, dim, 1.0);
+        m.insert("self_attn.dt_bias".into(), Tensor::from_vec(dt, &[dim]).unwrap());
+        m
+    }
+
+    fn layer(m: &HashMap<String, Tensor>) -> KimiDeltaAttention {
+        KimiDeltaAttention::load(&cfg(), &VarBuilder::from_tensors(m.clone()).pp("self_attn")).unwrap()
+    }
+
+    fn w64(m: &HashMap<String, Tensor>, name: &str) -> Vec<f64> {
+        m[&format!("self_attn.{name}")].to_vec::<f64>().unwrap()
+    }
+
+    fn matvec(w: &[f64], x: &[f64], out: usize) -> Vec<f64> {
+        let i = x.len();
+        (0..out).map(|o| (0..i).map(|j| w[o * i + j] * x[j]).sum()).collect()
+    }
+
+    /// Token-by-token f64 reference of one sequence from scratch: `x [T, hidden]` → `[T, hidden]`.
+    fn reference(m: &HashMap<String, Tensor>, x: &[f32]) -> Vec<f64> {
+        let dim = H * D;
+        let t_len = x.len() / HIDDEN;
+        let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let (a_log, dt, onw) = (w64(m, "A_log"), w64(m, "dt_bias"), w64(m, "o_norm.weight"));
+        let proj = |name: &str, xs: &[f64], out: usize| matvec(&w64(m, name), xs, out);
+        let silu = |v: f64| v / (1.0 + (-v).exp());
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let softplus = |v: f64| if v > 20.0 { v } else { v.exp().ln_1p() };
+        // Projections and convolutions over the whole sequence.
+        let conv = |name: &str, conv_name: &str| -> Vec<Vec<f64>> {
+            let raw: Vec<Vec<f64>> = (0..t_len).map(|t| proj(name, &x[t * HIDDEN..][..HIDDEN], dim)).collect();
+            let w = w64(m, conv_name);
+            (0..t_len)
+                .map(|t| {
+                    (0..dim)
+                        .map(|c| {
+                            let acc: f64 = (0..KER)
+                                .filter(|&j| t + j + 1 >= KER)
+                                .map(|j| w[c * KER + j] * raw[t + j + 1 - KER][c])
+                                .sum();
+                            silu(acc)
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let (q, k, v) = (
+            conv("q_proj.weight", "q_conv1d.weight"),
+            conv("k_proj.weight", "k_conv1d.weight"),
+            conv("v_proj.weight", "v_conv1d.weight"),
+        );
+        let mut s = vec![0.0f64; H * D * D];
+        let mut y = Vec::new();
+        for t in 0..t_len {
+            let xt = &x[t * HIDDEN..][..HIDDEN];
+            let f = proj("f_b_proj.weight", &proj("f_a_proj.weight", xt, RANK), dim);
+            let b = proj("b_proj.weight", xt, H);
+            let gate = proj("g_b_proj.weight", &proj("g_a_proj.weight", xt, RANK), dim);
+            let mut o = vec![0.0f64; dim];
+            for hh in 0..H {
+                let l2 = |u: &[f64]| {
+                    let r = 1.0 / (u.iter().map(|a| a * a).sum::<f64>() + 1e-6).sqrt();
+                    u.iter().map(|a| a * r).collect::<Vec<f64>>()
+                };
+                let qh: Vec<f64> = l2(&q[t][hh * D..][..D]).iter().map(|a| a / (D as f64).sqrt()).collect();
+                let kh = l2(&k[t][hh * D..][..D]);
+                let vh = &v[t][hh * D..][..D];
+                let beta = sig(b[hh]);
+                let sh = &mut s[hh * D * D..][..D * D];
+                for i in 0..D {
+                    let g = -a_log[hh].exp() * softplus(f[hh * D + i] + dt[hh * D + i]);
+                    (0..D).for_each(|j| sh[i * D + j] *= g.exp());
+                }
+                for j in 0..D {
+                    let e: f64 = (0..D).map(|i| sh[i * D + j] * kh[i]).sum();
+                    let u = beta * (vh[j] - e);
+                    (0..D).for_each(|i| sh[i * D + j] += kh[i] * u);
+                }
+                let oh: Vec<f64> = (0..D).map(|j| (0..D).map(|i| sh[i * D + j] * qh[i]).sum()).collect();
+                let r = 1.0 / (oh.iter().map(|a| a * a).sum::<f64>() / D as f64 + EPS as f64).sqrt();
+                for j in 0..D {
+                    o[hh * D + j] = oh[j] * r * onw[j] * sig(gate[hh * D + j]);
+                }
+            }
+            y.extend(proj("o_proj.weight", &o, HIDDEN));
+        }
+        y
+    }
+
+    fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
+        let den: f64 = want.iter().map(|b| b * b).sum();
+        assert!(num.is_finite());
+        (num / den).sqrt()
+    }
+
+    fn rows(x: &[f32], r: std::ops::Range<usize>) -> &[f32] {
+        &x[r.start * HIDDEN..r.end * HIDDEN]
+    }
+
+    #[test]
+    fn forward_matches_f64_token_loop() {
+        let m = weights(1);
+        let layer = layer(&m);
+        let mut rng = StdRng::seed_from_u64(2);
+        let lens = [5usize, 70, 1];
+        let total: usize = lens.iter().sum();
+        let x = rand_vec(&mut rng, total * HIDDEN, 1.0);
+        let batch = Batch::new(&lens, &[0, 0, 0]);
+        let mut cache = KdaCache::empty();
+        let y = layer.forward(&x, &batch, &mut cache).unwrap();
+        for r in batch.seqs.clone() {
+            let want = reference(&m, rows(&x, r.clone()));
+            let err = rel_err(rows(&y, r.clone()), &want);
+            assert!(err < 1e-4, "rows {r:?}: rel err {err}");
+        }
+        assert_eq!(cache.state.as_ref().unwrap().shape(), [3, H, D, D]);
+    }
+
+    #[test]
+    fn decode_and_continuation_match_one_pass() {
+        let m = weights(3);
+        let layer = layer(&m);
+        let mut rng = StdRng::seed_from_u64(4);
+        // Full sequences of 13 and 9 tokens, fed as prefill [6, 2], continuation [4, 3], then decode steps.
+        let full = [13usize, 9];
+        let xs: Vec<Vec<f32>> = full.iter().map(|&l| rand_vec(&mut rng, l * HIDDEN, 1.0)).collect();
+        let want: Vec<Vec<f32>> = xs
+            .iter()
+            .map(|x| layer.forward(x, &Batch::new(&[x.len() / HIDDEN], &[0]), &mut KdaCache::empty()).unwrap())
+            .collect();
+        let mut cache = KdaCache::empty();
+        let mut pos = [0usize, 0];
+        let mut got: Vec<Vec<f32>> = vec![Vec::new(), Vec::new()];
+        let steps: Vec<[usize; 2]> = vec![[6, 2], [4, 3], [1, 1], [1, 1], [1, 1], [1, 1]];
+        for lens in steps {
+            let batch = Batch::new(&lens, &pos);
+            let x: Vec<f32> =
+                (0..2).flat_map(|i| xs[i][pos[i] * HIDDEN..(pos[i] + lens[i]) * HIDDEN].to_vec()).collect();
+            let y = layer.forward(&x, &batch, &mut cache).unwrap();
+            for i in 0..2 {
+                got[i].extend_from_slice(rows(&y, batch.seqs[i].clone()));
+                pos[i] += lens[i];
+            }
+        }
+        for i in 0..2 {
+            let n = got[i].len();
+            let want64: Vec<f64> = want[i][..n].iter().map(|&v| v as f64).collect();
+            let err = rel_err(&got[i], &want64);
+            assert!(err < 1e-5, "sequence {i}: rel err {err}");
+        }
+    }
+
+    #[test]
+    fn new_sequence_in_a_used_slot_starts_from_zeros() {
+        let m = weights(5);
+        let layer = layer(&m);
+        let mut rng = StdRng::seed_from_u64(6);
+        let x0 = rand_vec(&mut rng, 7 * HIDDEN, 1.0);
+        let mut cache = KdaCache::empty();
+        layer.forward(&x0, &Batch::new(&[3, 4], &[0, 0]), &mut cache).unwrap();
+        // Slot 0 restarts with a new sequence of 5 tokens; slot 1 continues with 2.
+        let x1 = rand_vec(&mut rng, 7 * HIDDEN, 1.0);
+        let y = layer.forward(&x1, &Batch::new(&[5, 2], &[0, 4]), &mut cache).unwrap();
+        let err = rel_err(rows(&y, 0..5), &reference(&m, rows(&x1, 0..5)));
+        assert!(err < 1e-4, "restarted slot: rel err {err}");
+        let mut seq1 = rows(&x0, 3..7).to_vec();
+        seq1.extend_from_slice(rows(&x1, 5..7));
+        let want = reference(&m, &seq1);
+        let err = rel_err(rows(&y, 5..7), &want[4 * HIDDEN..]);
+        assert!(err < 1e-4, "continued slot: rel err {err}");
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let m = weights(7);
+        let layer = layer(&m);
+        let x = vec![0.1f32; 3 * HIDDEN];
+        // Wrong row count.
+        assert!(layer.forward(&x[..HIDDEN * 2], &Batch::new(&[3], &[0]), &mut KdaCache::empty()).is_err());
+        // Past tokens but an empty cache.
+        assert!(layer.forward(&x, &Batch::new(&[3], &[5]), &mut KdaCache::empty()).is_err());
+        // Cache of another batch size.
+        let mut cache = KdaCache::empty();
+        layer.forward(&x, &Batch::new(&[1, 2], &[0, 0]), &mut cache).unwrap();
+        assert!(layer.forward(&x, &Batch::new(&[3], &[2]), &mut cache).is_err());
+        // Missing and misshapen tensors.
+        let mut m2 = m.clone();
+        m2.remove("self_attn.b_proj.weight");
+        assert!(matches!(
+            KimiDeltaAttention::load(&cfg(), &VarBuilder::from_tensors(m2).pp("self_attn")),
+            Err(Error::MissingTensor { .. })
+        ));
+        let mut m3 = m.clone();
+        m3.insert("self_attn.o_norm.weight".into(), Tensor::zeros(&[D + 1], DType::F32));
+        assert!(matches!(
+            KimiDeltaAttention::load(&cfg(), &VarBuilder::from_tensors(m3).pp("self_attn")),
+            Err(Error::TensorShape { .. })
+        ));
+        let bad_rank = KdaConfig { low_rank: Some(RANK + 1), ..cfg() };
+        assert!(KimiDeltaAttention::load(&bad_rank, &VarBuilder::from_tensors(m).pp("self_attn")).is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! `y = x Wᵀ (+ b)` with the weight kept in its checkpoint dtype (f32, bf16 or f16).
+//!
+//! Activations are f32. Few rows (decoding) take a GEMV that widens each weight row to f32 in L1
+//! as it streams it, so memory sees the weight once in its own dtype; many rows (prefill) widen
+//! blocks of rows and run an f32 GEMM on them. Both split the output features over the cores.
+use fla_core::cpu::{dot, gemm, MatMut, MatRef};
+use fla_core::{DType, Error, Result, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::VarBuilder;
+
+/// Rows up to which the GEMV path is used.
+const GEMV_ROWS: usize = 4;
+/// Output features per parallel block.
+const BLOCK: usize = 64;
+
+/// A linear layer `[out, in]`.
+#[derive(Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Vec<f32>>,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Linear {
+    /// A layer over `weight [out, in]` (f32, bf16 or f16) and an optional bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Vec<f32>>) -> Result<Self> {
+        let &[out_dim, in_dim] = weight.shape() else {
+            return Err(Error::shape("Linear::new", "weight", "[out, in]", weight.shape()));
+        };
+        if weight.dtype() == DType::F64 {
+            return Err(Error::DType {
+                op: "Linear::new",
+                arg: "weight",
+                expected: "f32, bf16 or f16".into(),
+                got: DType::F64,
+            });
+        }
+        if bias.as_ref().is_some_and(|b| b.len() != out_dim) {
+            return Err(Error::shape("Linear::new", "bias", format!("[{out_dim}]"), &[bias.map_or(0, |b| b.len())]));
+        }
+        Ok(Linear { weight: weight.contiguous()?, bias, in_dim, out_dim })
+    }
+
+    /// Loads `weight` (and `bias` when `with_bias`) under `vb`.
+    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
+        let w = vb.get("weight", &[out_dim, in_dim])?;
+        let b = if with_bias { Some(vb.get_f32("bias", &[out_dim])?) } else { None };
+        Linear::new(w, b)
+    }
+
+    /// Input features.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+    /// Output features.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+    /// Bytes of the weight as stored (what one decoding step reads).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.elem_count() * self.weight.dtype().size_in_bytes()
+    }
+
+    /// `x [rows, in]` → `[rows, out]`.
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        assert_eq!(x.len() % self.in_dim.max(1), 0, "Linear::forward: input is not [rows, {}]", self.in_dim);
+        let rows = x.len() / self.in_dim.max(1);
+        let mut y = vec![0.0f32; rows * self.out_dim];
+        if rows == 0 || self.out_dim == 0 {
+            return y;
+        }
+        let (o, i) = (self.out_dim, self.in_dim);
+        // Each task computes the output columns [c0, c0 + BLOCK) for every row into its own buffer.
+        let blocks: Vec<(usize, Vec<f32>)> = (0..o)
+            .step_by(BLOCK)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|c0| {
+                let n = BLOCK.min(o - c0);
+                let mut out = vec![0.0f32; rows * n];
+                let mut wbuf = Vec::new();
+                let w = self.rows_f32(c0, n, &mut wbuf);
+                if rows <= GEMV_ROWS {
+                    for r in 0..rows {
+                        let xr = &x[r * i..][..i];
+                        for c in 0..n {
+                            out[r * n + c] = dot(xr, &w[c * i..][..i]);
+                        }
+                    }
+                } else {
+                    gemm(
+                        1.0,
+                        MatRef::new(x, rows, i, i, 1),
+                        MatRef::new(w, n, i, i, 1).t(),
+                        0.0,
+                        MatMut::new(&mut out, rows, n, n, 1),
+                    );
+                }
+                (c0, out)
+            })
+            .collect();
+        for (c0, out) in blocks {
+            let n = BLOCK.min(o - c0);
+            for r in 0..rows {
+                y[r * o + c0..][..n].copy_from_slice(&out[r * n..][..n]);
+            }
+        }
+        if let Some(b) = &self.bias {
+            y.chunks_mut(o).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &b)| *v += b));
+        }
+        y
+    }
+
+    /// Weight rows `[c0, c0 + n)` as f32: borrowed when stored in f32, widened into `buf` otherwise.
+    fn rows_f32<'a>(&'a self, c0: usize, n: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let i = self.in_dim;
+        let range = c0 * i..(c0 + n) * i;
+        match self.weight.dtype() {
+            DType::F32 => &self.weight.as_slice::<f32>().expect("f32 weight")[range],
+            DType::BF16 => {
+                let w = &self.weight.as_slice::<bf16>().expect("bf16 weight")[range];
+                buf.clear();
+                buf.extend(w.iter().map(|v| f32::from_bits((v.to_bits() as u32) << 16)));
+                buf
+            }
+            DType::F16 => {
+                let w = &self.weight.as_slice::<f16>().expect("f16 weight")[range];
+                buf.clear();
+                buf.extend(w.iter().map(|v| v.to_f32()));
+                buf
+            }
+            DType::F64 => unreachable!("rejected in Linear::new"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(w: &[f32], x: &[f32], o: usize, i: usize) -> Vec<f32> {
+        let rows = x.len() / i;
+        let mut y = vec![0.0; rows * o];
+        for r in 0..rows {
+            for c in 0..o {
+                y[r * o + c] = (0..i).map(|k| x[r * i + k] * w[c * i + k]).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_dtype_and_path_matches_reference() {
+        let (o, i) = (150, 37);
+        let w: Vec<f32> = (0..o * i).map(|v| ((v * 7919) % 113) as f32 / 113.0 - 0.5).collect();
+        for rows in [1, 3, 9] {
+            let x: Vec<f32> = (0..rows * i).map(|v| ((v * 31) % 17) as f32 / 17.0 - 0.5).collect();
+            for dt in [DType::F32, DType::BF16, DType::F16] {
+                let wt = Tensor::from_vec(w.clone(), &[o, i]).unwrap().to_dtype(dt).unwrap();
+                let rounded: Vec<f32> = wt.to_vec().unwrap();
+                let lin = Linear::new(wt, Some(vec![0.25; o])).unwrap();
+                let want: Vec<f32> = reference(&rounded, &x, o, i).iter().map(|v| v + 0.25).collect();
+                let got = lin.forward(&x);
+                let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(err < 1e-4, "rows {rows} {dt}: max err {err}");
+            }
+        }
+        assert!(Linear::new(Tensor::zeros(&[3], DType::F32), None).is_err());
+    }
+}
