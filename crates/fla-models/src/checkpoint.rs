@@ -41,3 +41,25 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn var_builder(dir: &Path) -> Result<VarBuilder> {
     VarBuilder::from_files(&weight_files(dir)?)
 }
+
+/// End-of-sequence token ids of the checkpoint: `eos_token_id` (an id or a list) of
+/// `generation_config.json`, else of `config.json`; empty when neither names one.
+pub fn eos_token_ids(dir: &Path) -> Result<Vec<u32>> {
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        match v.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let gen = dir.join("generation_config.json");
+    if let Ok(text) = std::fs::read_to_string(&gen) {
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", gen.display())))?;
+        let found = ids(&json);
+        if !found.is_empty() {
+            return Ok(found);
+        }
+    }
+    Ok(ids(&read_config(dir)?))
+}

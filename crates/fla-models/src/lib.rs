@@ -21,6 +21,8 @@ pub mod config;
 pub mod generate;
 mod model;
 pub mod qwen;
+pub mod tokenizer;
 
 pub use cache::Cache;
 pub use model::Model;
+pub use tokenizer::Tokenizer;

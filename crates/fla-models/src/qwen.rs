@@ -6,6 +6,7 @@ use fla_nn::attention::{AttentionConfig, GatedAttention, KvCache};
 use fla_nn::embedding::Embedding;
 use fla_nn::gated_deltanet::{GatedDeltaNet, GatedDeltaNetConfig, GdnCache, ProjLayout};
 use fla_nn::mlp::Mlp;
+use fla_nn::moe::{QwenMoe, QwenMoeConfig as MoeLayerConfig};
 use fla_nn::ops::rms_norm;
 use fla_nn::{Batch, Linear, VarBuilder};
 use serde_json::Value;
@@ -201,12 +202,14 @@ enum Mixer {
 
 enum Ffn {
     Dense(Mlp),
+    Moe(QwenMoe),
 }
 
 impl Ffn {
     fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
         match self {
             Ffn::Dense(m) => Ok(m.forward(x)),
+            Ffn::Moe(m) => m.forward(x),
         }
     }
 }
@@ -241,7 +244,20 @@ impl Qwen {
             } else {
                 Mixer::Linear(GatedDeltaNet::load(&cfg.linear, &l.pp("linear_attn"))?)
             };
-            let ffn = Ffn::Dense(Mlp::load(&l.pp("mlp"), h, cfg.intermediate)?);
+            let ffn = match &cfg.moe {
+                Some(moe) if cfg.sparse_layer(i) => {
+                    let mc = MoeLayerConfig {
+                        hidden: h,
+                        num_experts: moe.experts,
+                        top_k: moe.top_k,
+                        intermediate: moe.moe_intermediate,
+                        shared_intermediate: moe.shared_intermediate,
+                        norm_topk_prob: moe.norm_topk_prob,
+                    };
+                    Ffn::Moe(QwenMoe::load(&mc, &l.pp("mlp"))?)
+                }
+                _ => Ffn::Dense(Mlp::load(&l.pp("mlp"), h, cfg.intermediate)?),
+            };
             layers.push(Layer {
                 input_norm: l.pp("input_layernorm").get_f32("weight", &[h])?,
                 post_norm: l.pp("post_attention_layernorm").get_f32("weight", &[h])?,
@@ -319,6 +335,7 @@ impl Qwen {
                 };
                 let ffn = match &l.ffn {
                     Ffn::Dense(m) => m.weight_bytes(),
+                    Ffn::Moe(m) => m.weight_bytes(),
                 };
                 mixer + ffn
             })

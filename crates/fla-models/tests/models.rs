@@ -69,3 +69,13 @@ fn qwen3_5_logits() {
 fn qwen3_5_greedy() {
     check_greedy("qwen3_5_tiny");
 }
+
+#[test]
+fn qwen3_next_logits() {
+    check_logits("qwen3_next_tiny");
+}
+
+#[test]
+fn qwen3_next_greedy() {
+    check_greedy("qwen3_next_tiny");
+}

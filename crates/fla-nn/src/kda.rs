@@ -462,8 +462,8 @@ mod tests {
         let m = weights(3);
         let layer = layer(&m);
         let mut rng = StdRng::seed_from_u64(4);
-        // Full sequences of 13 and 9 tokens, fed as prefill [6, 2], continuation [4, 3], then decode steps.
-        let full = [13usize, 9];
+        // Full sequences of 14 and 9 tokens, fed as prefill [6, 2], continuation [4, 3], then decode steps.
+        let full = [14usize, 9];
         let xs: Vec<Vec<f32>> = full.iter().map(|&l| rand_vec(&mut rng, l * HIDDEN, 1.0)).collect();
         let want: Vec<Vec<f32>> = xs
             .iter()
@@ -539,5 +539,23 @@ mod tests {
         ));
         let bad_rank = KdaConfig { low_rank: Some(RANK + 1), ..cfg() };
         assert!(KimiDeltaAttention::load(&bad_rank, &VarBuilder::from_tensors(m).pp("self_attn")).is_err());
+    }
+
+    #[test]
+    fn loads_the_tiny_kimi_checkpoint() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/fixtures/models/kimi_linear_tiny/model.safetensors");
+        if !path.exists() {
+            eprintln!("skipped: {} not found", path.display());
+            return;
+        }
+        let vb = VarBuilder::from_files(&[path]).unwrap();
+        let cfg = KdaConfig { hidden: 64, heads: 4, head_dim: 16, conv_kernel: 4, rms_norm_eps: 1e-5, low_rank: None };
+        let x: Vec<f32> = (0..3 * 64).map(|i| ((i * 37 % 23) as f32 / 23.0 - 0.5) * 2.0).collect();
+        for i in 0..3 {
+            let layer = KimiDeltaAttention::load(&cfg, &vb.pp(format!("model.layers.{i}.self_attn"))).unwrap();
+            let y = layer.forward(&x, &Batch::new(&[3], &[0]), &mut KdaCache::empty()).unwrap();
+            assert!(y.len() == 3 * 64 && y.iter().all(|v| v.is_finite()));
+        }
     }
 }
