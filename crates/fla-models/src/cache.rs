@@ -2,6 +2,8 @@
 //! its keys and values (or MLA latents), and how many tokens each sequence holds.
 use fla_nn::attention::KvCache;
 use fla_nn::gated_deltanet::GdnCache;
+use fla_nn::kda::KdaCache;
+use fla_nn::mla::MlaCache;
 
 /// The cache of one layer.
 #[derive(Debug, Clone)]
@@ -10,6 +12,10 @@ pub enum LayerCache {
     Gdn(GdnCache),
     /// Softmax attention: keys and values.
     Attn(KvCache),
+    /// Kimi Delta Attention: three conv caches + recurrent state.
+    Kda(KdaCache),
+    /// Multi-head latent attention: the latent cache.
+    Mla(MlaCache),
 }
 
 /// The cache of a model for a batch of sequences.

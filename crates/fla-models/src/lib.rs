@@ -18,11 +18,14 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+mod decoder;
 pub mod generate;
+pub mod kimi;
 mod model;
 pub mod qwen;
 pub mod tokenizer;
 
 pub use cache::Cache;
+pub use decoder::Decoder;
 pub use model::Model;
 pub use tokenizer::Tokenizer;

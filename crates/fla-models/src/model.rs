@@ -6,50 +6,65 @@ use fla_nn::Batch;
 
 use crate::cache::Cache;
 use crate::checkpoint::{read_config, var_builder};
+use crate::decoder::Decoder;
+use crate::kimi::{Kimi, KimiConfig};
 use crate::qwen::{Qwen, QwenConfig};
 
 /// A loaded causal language model of any supported family.
-pub enum Model {
-    /// Qwen3.5 / Qwen3-Next.
-    Qwen(Qwen),
+pub struct Model {
+    decoder: Decoder,
+    model_type: String,
 }
 
 impl Model {
     /// Loads `dir` (config.json + safetensors), dispatching on `model_type`.
     pub fn load(dir: &Path) -> Result<Self> {
         let json = read_config(dir)?;
-        let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-        match model_type {
+        let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let decoder = match model_type.as_str() {
             "qwen3_5_text" | "qwen3_5" | "qwen3_next" => {
                 let cfg = QwenConfig::from_json(&json)?;
-                Ok(Model::Qwen(Qwen::load(cfg, &var_builder(dir)?)?))
+                Qwen::load(&cfg, &var_builder(dir)?)?
             }
-            other => Err(Error::Config {
-                field: "model_type".into(),
-                msg: format!("`{other}` is not supported (supported: qwen3_5_text, qwen3_5, qwen3_next, kimi_linear)"),
-            }),
-        }
+            "kimi_linear" => {
+                let cfg = KimiConfig::from_json(&json)?;
+                Kimi::load(&cfg, &var_builder(dir)?)?
+            }
+            other => {
+                return Err(Error::Config {
+                    field: "model_type".into(),
+                    msg: format!(
+                        "`{other}` is not supported (supported: qwen3_5_text, qwen3_5, qwen3_next, kimi_linear)"
+                    ),
+                })
+            }
+        };
+        Ok(Model { decoder, model_type })
+    }
+
+    /// A model around an already built decoder (random-weight benchmarks, tests).
+    pub fn from_decoder(decoder: Decoder, model_type: &str) -> Self {
+        Model { decoder, model_type: model_type.to_string() }
+    }
+
+    /// The config's `model_type`.
+    pub fn model_type(&self) -> &str {
+        &self.model_type
     }
 
     /// An empty cache for `n` sequences.
     pub fn new_cache(&self, n: usize) -> Cache {
-        match self {
-            Model::Qwen(m) => m.new_cache(n),
-        }
+        self.decoder.new_cache(n)
     }
 
     /// Vocabulary size.
     pub fn vocab(&self) -> usize {
-        match self {
-            Model::Qwen(m) => m.vocab(),
-        }
+        self.decoder.vocab()
     }
 
     /// Bytes of weights one decoding step reads.
     pub fn weight_bytes_per_token(&self) -> usize {
-        match self {
-            Model::Qwen(m) => m.weight_bytes_per_token(),
-        }
+        self.decoder.weight_bytes_per_token()
     }
 
     /// Runs `seqs[i]` (new tokens of sequence `i`, continuing its cache) and returns the final
@@ -61,18 +76,14 @@ impl Model {
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         let batch = Batch::new(&lens, &cache.past);
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
-        let hidden = match self {
-            Model::Qwen(m) => m.forward_hidden(&ids, &batch, cache)?,
-        };
+        let hidden = self.decoder.forward_hidden(&ids, &batch, cache)?;
         cache.past.iter_mut().zip(&lens).for_each(|(p, l)| *p += l);
         Ok((hidden, batch))
     }
 
     /// Logits `[rows, vocab]` of final hidden states.
     pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
-        match self {
-            Model::Qwen(m) => m.logits(hidden),
-        }
+        self.decoder.logits(hidden)
     }
 
     /// Logits of every token of each sequence (one pass, fresh cache): `[Σ len, vocab]`.

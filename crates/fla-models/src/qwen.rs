@@ -2,17 +2,16 @@
 //! softmax attention in a 3:1 layout, zero-centred RMSNorm, dense SwiGLU (Qwen3.5) or a sparse
 //! mixture of experts (Qwen3-Next).
 use fla_core::Result;
-use fla_nn::attention::{AttentionConfig, GatedAttention, KvCache};
+use fla_nn::attention::{AttentionConfig, GatedAttention};
 use fla_nn::embedding::Embedding;
-use fla_nn::gated_deltanet::{GatedDeltaNet, GatedDeltaNetConfig, GdnCache, ProjLayout};
+use fla_nn::gated_deltanet::{GatedDeltaNet, GatedDeltaNetConfig, ProjLayout};
 use fla_nn::mlp::Mlp;
 use fla_nn::moe::{QwenMoe, QwenMoeConfig as MoeLayerConfig};
-use fla_nn::ops::rms_norm;
-use fla_nn::{Batch, Linear, VarBuilder};
+use fla_nn::{Linear, VarBuilder};
 use serde_json::Value;
 
-use crate::cache::{Cache, LayerCache};
 use crate::config::{unsupported, Fields};
+use crate::decoder::{Block, Decoder, Ffn, Mixer};
 
 /// Which Qwen family a config describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,44 +194,12 @@ impl QwenConfig {
     }
 }
 
-enum Mixer {
-    Linear(GatedDeltaNet),
-    Attention(GatedAttention),
-}
-
-enum Ffn {
-    Dense(Mlp),
-    Moe(QwenMoe),
-}
-
-impl Ffn {
-    fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        match self {
-            Ffn::Dense(m) => Ok(m.forward(x)),
-            Ffn::Moe(m) => m.forward(x),
-        }
-    }
-}
-
-struct Layer {
-    input_norm: Vec<f32>,
-    post_norm: Vec<f32>,
-    mixer: Mixer,
-    ffn: Ffn,
-}
-
-/// A Qwen3.5 / Qwen3-Next causal language model.
-pub struct Qwen {
-    cfg: QwenConfig,
-    embed: Embedding,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    lm_head: Linear,
-}
+/// Builds the decoder of a Qwen3.5 / Qwen3-Next checkpoint.
+pub struct Qwen;
 
 impl Qwen {
     /// Loads the model from checkpoint tensors (names as in the HF release).
-    pub fn load(cfg: QwenConfig, vb: &VarBuilder) -> Result<Self> {
+    pub fn load(cfg: &QwenConfig, vb: &VarBuilder) -> Result<Decoder> {
         let m = vb.pp(&cfg.prefix);
         let h = cfg.hidden;
         let embed = Embedding::load(&m.pp("embed_tokens"), cfg.vocab, h)?;
@@ -242,7 +209,7 @@ impl Qwen {
             let mixer = if full {
                 Mixer::Attention(GatedAttention::load(&cfg.attention, &l.pp("self_attn"))?)
             } else {
-                Mixer::Linear(GatedDeltaNet::load(&cfg.linear, &l.pp("linear_attn"))?)
+                Mixer::Gdn(GatedDeltaNet::load(&cfg.linear, &l.pp("linear_attn"))?)
             };
             let ffn = match &cfg.moe {
                 Some(moe) if cfg.sparse_layer(i) => {
@@ -254,11 +221,11 @@ impl Qwen {
                         shared_intermediate: moe.shared_intermediate,
                         norm_topk_prob: moe.norm_topk_prob,
                     };
-                    Ffn::Moe(QwenMoe::load(&mc, &l.pp("mlp"))?)
+                    Ffn::QwenMoe(QwenMoe::load(&mc, &l.pp("mlp"))?)
                 }
                 _ => Ffn::Dense(Mlp::load(&l.pp("mlp"), h, cfg.intermediate)?),
             };
-            layers.push(Layer {
+            layers.push(Block {
                 input_norm: l.pp("input_layernorm").get_f32("weight", &[h])?,
                 post_norm: l.pp("post_attention_layernorm").get_f32("weight", &[h])?,
                 mixer,
@@ -270,76 +237,14 @@ impl Qwen {
         } else {
             Linear::load(&vb.pp("lm_head"), h, cfg.vocab, false)?
         };
-        Ok(Qwen { norm: m.pp("norm").get_f32("weight", &[h])?, embed, layers, lm_head, cfg })
-    }
-
-    /// The config.
-    pub fn config(&self) -> &QwenConfig {
-        &self.cfg
-    }
-
-    /// An empty cache for `n` sequences.
-    pub fn new_cache(&self, n: usize) -> Cache {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| match l.mixer {
-                Mixer::Linear(_) => LayerCache::Gdn(GdnCache::default()),
-                Mixer::Attention(_) => LayerCache::Attn(KvCache::default()),
-            })
-            .collect();
-        Cache { layers, past: vec![0; n] }
-    }
-
-    /// Final hidden states `[tokens, hidden]` of the packed `ids`, advancing `cache`.
-    pub fn forward_hidden(&self, ids: &[u32], batch: &Batch, cache: &mut Cache) -> Result<Vec<f32>> {
-        let eps = self.cfg.eps;
-        let mut x = self.embed.forward(ids)?;
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let mut h = x.clone();
-            rms_norm(&mut h, &layer.input_norm, eps, 1.0);
-            let y = match (&layer.mixer, lc) {
-                (Mixer::Linear(m), LayerCache::Gdn(c)) => m.forward(&h, batch, c)?,
-                (Mixer::Attention(m), LayerCache::Attn(c)) => m.forward(&h, batch, c)?,
-                _ => return Err(fla_core::Error::Msg("cache does not match the model's layers".into())),
-            };
-            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
-            let mut h = x.clone();
-            rms_norm(&mut h, &layer.post_norm, eps, 1.0);
-            let y = layer.ffn.forward(&h)?;
-            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
-        }
-        rms_norm(&mut x, &self.norm, eps, 1.0);
-        Ok(x)
-    }
-
-    /// Logits `[rows, vocab]` of final hidden states.
-    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
-        self.lm_head.forward(hidden)
-    }
-
-    /// Vocabulary size.
-    pub fn vocab(&self) -> usize {
-        self.cfg.vocab
-    }
-
-    /// Bytes of weights read per decoded token (all layers, LM head; not the embedding table).
-    pub fn weight_bytes_per_token(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let mixer = match &l.mixer {
-                    Mixer::Linear(m) => m.weight_bytes(),
-                    Mixer::Attention(m) => m.weight_bytes(),
-                };
-                let ffn = match &l.ffn {
-                    Ffn::Dense(m) => m.weight_bytes(),
-                    Ffn::Moe(m) => m.weight_bytes(),
-                };
-                mixer + ffn
-            })
-            .sum();
-        layers + self.lm_head.weight_bytes()
+        Ok(Decoder {
+            norm: m.pp("norm").get_f32("weight", &[h])?,
+            embed,
+            layers,
+            lm_head,
+            eps: cfg.eps,
+            norm_offset: 1.0,
+            vocab: cfg.vocab,
+        })
     }
 }

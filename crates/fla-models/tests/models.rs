@@ -79,3 +79,13 @@ fn qwen3_next_logits() {
 fn qwen3_next_greedy() {
     check_greedy("qwen3_next_tiny");
 }
+
+#[test]
+fn kimi_linear_logits() {
+    check_logits("kimi_linear_tiny");
+}
+
+#[test]
+fn kimi_linear_greedy() {
+    check_greedy("kimi_linear_tiny");
+}

@@ -512,6 +512,22 @@ mod tests {
     }
 
     #[test]
+    fn sequence_without_new_tokens_keeps_its_state() {
+        let m = weights(9);
+        let layer = layer(&m);
+        let mut rng = StdRng::seed_from_u64(10);
+        let x = rand_vec(&mut rng, 8 * HIDDEN, 1.0);
+        let mut cache = KdaCache::empty();
+        layer.forward(&x[..5 * HIDDEN], &Batch::new(&[2, 3], &[0, 0]), &mut cache).unwrap();
+        let before = cache.state.as_ref().unwrap().to_vec::<f32>().unwrap();
+        layer.forward(&x[5 * HIDDEN..], &Batch::new(&[3, 0], &[2, 3]), &mut cache).unwrap();
+        let after = cache.state.as_ref().unwrap().to_vec::<f32>().unwrap();
+        let per = H * D * D;
+        assert_eq!(before[per..], after[per..]);
+        assert_ne!(before[..per], after[..per]);
+    }
+
+    #[test]
     fn bad_inputs_are_errors() {
         let m = weights(7);
         let layer = layer(&m);

@@ -3,16 +3,59 @@
 //! Activations are f32. Few rows (decoding) take a GEMV that widens each weight row to f32 in L1
 //! as it streams it, so memory sees the weight once in its own dtype; many rows (prefill) widen
 //! blocks of rows and run an f32 GEMM on them. Both split the output features over the cores.
-use fla_core::cpu::{dot, gemm, MatMut, MatRef};
+use fla_core::cpu::{gemm, MatMut, MatRef};
 use fla_core::{DType, Error, Result, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::VarBuilder;
 
+thread_local! {
+    /// Per-thread buffer for weight rows widened to f32 (reused: fresh large allocations fault
+    /// in zeroed pages on every call).
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Weight element types widened to f32 on the fly.
+trait Widen: Copy {
+    fn widen(self) -> f32;
+}
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+impl Widen for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+impl Widen for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// `Σ x·widen(w)` with eight partial sums (vectorises).
+#[inline(always)]
+fn dot_widen<W: Widen>(x: &[f32], w: &[W]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (xc, wc) = (x.chunks_exact(8), w.chunks_exact(8));
+    let tail: f32 = xc.remainder().iter().zip(wc.remainder()).map(|(&a, &b)| a * b.widen()).sum();
+    for (a, b) in xc.zip(wc) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l].widen();
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Rows up to which the GEMV path is used.
 const GEMV_ROWS: usize = 4;
-/// Output features per parallel block.
+/// Output features per parallel block of the GEMV path.
 const BLOCK: usize = 64;
 
 /// A linear layer `[out, in]`.
@@ -74,36 +117,45 @@ impl Linear {
         }
         let (o, i) = (self.out_dim, self.in_dim);
         // Each task computes the output columns [c0, c0 + BLOCK) for every row into its own buffer.
+        // GEMV: small blocks balance the cores; GEMM: one block per core and a half, so that the
+        // activations are packed few times.
+        let block = if rows <= GEMV_ROWS {
+            BLOCK
+        } else {
+            o.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(BLOCK)
+        };
         let blocks: Vec<(usize, Vec<f32>)> = (0..o)
-            .step_by(BLOCK)
+            .step_by(block)
             .collect::<Vec<_>>()
             .into_par_iter()
             .map(|c0| {
-                let n = BLOCK.min(o - c0);
+                let n = block.min(o - c0);
                 let mut out = vec![0.0f32; rows * n];
-                let mut wbuf = Vec::new();
-                let w = self.rows_f32(c0, n, &mut wbuf);
                 if rows <= GEMV_ROWS {
-                    for r in 0..rows {
-                        let xr = &x[r * i..][..i];
-                        for c in 0..n {
-                            out[r * n + c] = dot(xr, &w[c * i..][..i]);
-                        }
+                    match self.weight.dtype() {
+                        DType::F32 => self.gemv::<f32>(x, rows, c0, n, &mut out),
+                        DType::BF16 => self.gemv::<bf16>(x, rows, c0, n, &mut out),
+                        DType::F16 => self.gemv::<f16>(x, rows, c0, n, &mut out),
+                        DType::F64 => unreachable!("rejected in Linear::new"),
                     }
                 } else {
-                    gemm(
-                        1.0,
-                        MatRef::new(x, rows, i, i, 1),
-                        MatRef::new(w, n, i, i, 1).t(),
-                        0.0,
-                        MatMut::new(&mut out, rows, n, n, 1),
-                    );
+                    WIDE.with(|buf| {
+                        let mut buf = buf.borrow_mut();
+                        let w = self.rows_f32(c0, n, &mut buf);
+                        gemm(
+                            1.0,
+                            MatRef::new(x, rows, i, i, 1),
+                            MatRef::new(w, n, i, i, 1).t(),
+                            0.0,
+                            MatMut::new(&mut out, rows, n, n, 1),
+                        );
+                    });
                 }
                 (c0, out)
             })
             .collect();
         for (c0, out) in blocks {
-            let n = BLOCK.min(o - c0);
+            let n = block.min(o - c0);
             for r in 0..rows {
                 y[r * o + c0..][..n].copy_from_slice(&out[r * n..][..n]);
             }
@@ -114,6 +166,20 @@ impl Linear {
         y
     }
 
+    /// `out[r, c] = x[r] · w[c0 + c]` for few rows, widening the weight as it streams.
+    fn gemv<W: Widen>(&self, x: &[f32], rows: usize, c0: usize, n: usize, out: &mut [f32])
+    where
+        W: fla_core::Element,
+    {
+        let i = self.in_dim;
+        let w = &self.weight.as_slice::<W>().expect("dtype matched")[c0 * i..(c0 + n) * i];
+        for (c, wr) in w.chunks_exact(i).enumerate() {
+            for r in 0..rows {
+                out[r * n + c] = dot_widen(&x[r * i..][..i], wr);
+            }
+        }
+    }
+
     /// Weight rows `[c0, c0 + n)` as f32: borrowed when stored in f32, widened into `buf` otherwise.
     fn rows_f32<'a>(&'a self, c0: usize, n: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
         let i = self.in_dim;
@@ -121,15 +187,13 @@ impl Linear {
         match self.weight.dtype() {
             DType::F32 => &self.weight.as_slice::<f32>().expect("f32 weight")[range],
             DType::BF16 => {
-                let w = &self.weight.as_slice::<bf16>().expect("bf16 weight")[range];
                 buf.clear();
-                buf.extend(w.iter().map(|v| f32::from_bits((v.to_bits() as u32) << 16)));
+                buf.extend(self.weight.as_slice::<bf16>().expect("bf16 weight")[range].iter().map(|v| v.widen()));
                 buf
             }
             DType::F16 => {
-                let w = &self.weight.as_slice::<f16>().expect("f16 weight")[range];
                 buf.clear();
-                buf.extend(w.iter().map(|v| v.to_f32()));
+                buf.extend(self.weight.as_slice::<f16>().expect("f16 weight")[range].iter().map(|v| v.widen()));
                 buf
             }
             DType::F64 => unreachable!("rejected in Linear::new"),

@@ -203,7 +203,7 @@ impl MultiLatentAttention {
         let mut cn: Vec<f32> = kva.chunks(lat).flat_map(|row| row[..r].iter().copied()).collect();
         rms_norm(&mut cn, &self.kv_a_norm, c.norm_eps, 0.0);
         kva.chunks_mut(lat).zip(cn.chunks(r)).for_each(|(row, cr)| row[..r].copy_from_slice(cr));
-        if cache.latent.len() != batch.len() {
+        if cache.latent.len() < batch.len() {
             cache.latent.resize(batch.len(), Vec::new());
         }
         for (n, rows) in batch.seqs.iter().enumerate() {

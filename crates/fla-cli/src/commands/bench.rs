@@ -1,4 +1,5 @@
-//! `fla bench ops [--json]`: CPU throughput of the op forms next to two ceilings measured in the
+//! `fla bench ops|model [--json]`: CPU throughput of the op forms (and of a whole model, in
+//! `bench_model.rs`) next to two ceilings measured in the
 //! same run — the f32 GEMM rate of the GEMM crate in use (`matrixmultiply`) and a large memory
 //! copy — both on every core rayon uses.
 use std::time::Instant;
@@ -11,7 +12,8 @@ use rayon::prelude::*;
 /// Arguments of `fla bench`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// What to measure: `ops`.
+    /// What to measure: `ops` (the op forms) or `model` (a Qwen3.5-0.8B-shaped model with random
+    /// bf16 weights: prefill and decode).
     what: String,
     /// One JSON object per line instead of a table.
     #[arg(long)]
@@ -22,6 +24,12 @@ pub struct Args {
     /// Run only these op rows, comma-separated (`chunk_fwd,decode`); the ceilings always run.
     #[arg(long)]
     only: Option<String>,
+    /// `model`: prompt tokens of the prefill row.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// `model`: tokens decoded (one at a time) in the decode row.
+    #[arg(long, default_value_t = 16)]
+    decode_tokens: usize,
 }
 
 /// FLOPs per token-head of the chunk forward at K = V = 128, chunk 64 (FLA's count).
@@ -29,18 +37,18 @@ const CHUNK_FWD_FLOP: f64 = 182e3;
 /// FLOPs per token-head of the chunk forward + backward at K = V = 128, chunk 64.
 const CHUNK_FWD_BWD_FLOP: f64 = 640e3;
 
-struct Row {
-    name: String,
-    shape: String,
-    ms: f64,
-    rate: f64,
-    unit: &'static str,
-    fraction: Option<f64>,
-    note: String,
+pub(crate) struct Row {
+    pub(crate) name: String,
+    pub(crate) shape: String,
+    pub(crate) ms: f64,
+    pub(crate) rate: f64,
+    pub(crate) unit: &'static str,
+    pub(crate) fraction: Option<f64>,
+    pub(crate) note: String,
 }
 
 /// Median milliseconds of `f` over at least `seconds` (and at least 3 runs), after one warm-up.
-fn time_ms(seconds: f64, mut f: impl FnMut()) -> f64 {
+pub(crate) fn time_ms(seconds: f64, mut f: impl FnMut()) -> f64 {
     f();
     let start = Instant::now();
     let mut samples = Vec::new();
@@ -106,7 +114,7 @@ fn gemm_ceiling(seconds: f64) -> Row {
     }
 }
 
-fn copy_ceiling(seconds: f64) -> Row {
+pub(crate) fn copy_ceiling(seconds: f64) -> Row {
     let bytes = 256usize << 20;
     let src = vec![1.0f32; bytes / 4];
     let mut dst = vec![0.0f32; bytes / 4];
@@ -264,10 +272,11 @@ fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
 
 /// Runs the benchmarks and prints a table (or JSON lines).
 pub fn run(args: Args) -> Result<i32> {
-    if args.what != "ops" {
-        bail!("unknown benchmark `{}` (expected `ops`)", args.what);
-    }
-    let rows = rows(args.seconds, args.only.as_deref())?;
+    let rows = match args.what.as_str() {
+        "ops" => rows(args.seconds, args.only.as_deref())?,
+        "model" => super::bench_model::rows(args.seconds, args.prompt_tokens, args.decode_tokens)?,
+        other => bail!("unknown benchmark `{other}` (expected `ops` or `model`)"),
+    };
     if args.json {
         for r in &rows {
             let mut j =
