@@ -45,8 +45,10 @@ impl Default for Params {
 /// Picks the next token from `logits` given the tokens `seen` so far.
 pub fn sample(logits: &mut [f32], seen: &[u32], p: &Params, rng: &mut StdRng) -> u32 {
     if p.repetition_penalty != 1.0 {
+        // Once per distinct token, as transformers does.
+        let mut done = std::collections::HashSet::new();
         for &t in seen {
-            if let Some(l) = logits.get_mut(t as usize) {
+            if let (true, Some(l)) = (done.insert(t), logits.get_mut(t as usize)) {
                 *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
             }
         }

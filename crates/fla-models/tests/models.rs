@@ -89,3 +89,16 @@ fn kimi_linear_logits() {
 fn kimi_linear_greedy() {
     check_greedy("kimi_linear_tiny");
 }
+
+/// The tokenizer reproduces HF's prompt ids and generated text (metadata of the reference).
+#[test]
+fn tokenizer_matches_reference() {
+    for name in ["qwen3_5_tiny", "qwen3_next_tiny", "kimi_linear_tiny"] {
+        let tok = fla_models::Tokenizer::load(&model_dir(name)).unwrap();
+        let r = reference(name);
+        let meta = SafeTensorsFile::open(model_dir(name).join("reference.safetensors")).unwrap().metadata().unwrap();
+        assert_eq!(tok.encode(&meta["prompt"]).unwrap(), r.gen_ids[..r.prompt_len].to_vec(), "{name}: prompt ids");
+        assert_eq!(tok.decode(&r.gen_ids).unwrap(), meta["generated_text"], "{name}: generated text");
+        assert_eq!(tok.decode(&r.gen_ids[..r.prompt_len]).unwrap(), meta["prompt"], "{name}: prompt round trip");
+    }
+}
