@@ -63,6 +63,19 @@ pub enum Error {
         msg: String,
     },
 
+    // === CUDA ===
+    /// A CUDA driver call failed, or no usable CUDA device is present.
+    #[error("cuda: {0}")]
+    Cuda(String),
+    /// A GPU kernel is missing from this build (compiled without `nvcc`) or from its module.
+    #[error("CUDA kernel `{kernel}` unavailable: {msg}")]
+    NoCudaKernel {
+        /// Kernel (or module) name.
+        kernel: String,
+        /// Why it is unavailable and what to do.
+        msg: String,
+    },
+
     // === Everything else ===
     /// A valid request the operation does not support (yet).
     #[error("{op}: unsupported: {msg}")]
@@ -112,6 +125,12 @@ pub enum Error {
     /// safetensors parse or write error.
     #[error("safetensors: {0}")]
     SafeTensors(#[from] safetensors::SafeTensorError),
+}
+
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Error::Cuda(e.to_string())
+    }
 }
 
 /// Result with [`Error`].

@@ -5,6 +5,9 @@
 //! `matrixmultiply`, elementwise maps and reductions, all generic over the [`Float`] compute type —
 //! and [`safetensors`](crate::io) reading (memory-mapped) and writing. Every fallible call returns
 //! the one error type, [`Error`], whose variants name the operation and the argument at fault.
+//! [`cuda`] holds the CUDA device (loaded at run time, so nothing here needs CUDA to build or to
+//! run on a machine without a GPU) and [`CudaTensor`](cuda::CudaTensor), a tensor in device
+//! memory with host↔device copies.
 //!
 //! ```
 //! use fla_core::{DType, Tensor};
@@ -17,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod cpu;
+pub mod cuda;
 mod dtype;
 mod error;
 pub mod io;
@@ -25,4 +29,4 @@ mod tensor;
 pub use cpu::Float;
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
-pub use tensor::{Device, Element, Tensor};
+pub use tensor::{Device, Element, Tensor, TensorMeta};

@@ -5,16 +5,54 @@ use half::{bf16, f16};
 
 use crate::{cpu, DType, Error, Float, Result, WithDType};
 
-/// Where a tensor's memory lives. Only the CPU exists today; CUDA joins with the GPU backend.
+/// Where a tensor's memory lives: host memory ([`Tensor`]) or a CUDA device by ordinal
+/// ([`CudaTensor`](crate::cuda::CudaTensor)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     /// Host memory.
     Cpu,
+    /// Memory of the CUDA device with this ordinal.
+    Cuda(usize),
 }
 
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("cpu")
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// What every tensor type says about itself — shape, dtype and device — so that argument checks
+/// are written once for host ([`Tensor`]) and device
+/// ([`CudaTensor`](crate::cuda::CudaTensor)) tensors.
+pub trait TensorMeta {
+    /// Sizes of the dimensions.
+    fn shape(&self) -> &[usize];
+    /// Element type.
+    fn dtype(&self) -> DType;
+    /// Where the elements live.
+    fn device(&self) -> Device;
+    /// Number of dimensions.
+    fn rank(&self) -> usize {
+        self.shape().len()
+    }
+    /// Number of elements.
+    fn elem_count(&self) -> usize {
+        self.shape().iter().product()
+    }
+}
+
+impl TensorMeta for Tensor {
+    fn shape(&self) -> &[usize] {
+        Tensor::shape(self)
+    }
+    fn dtype(&self) -> DType {
+        Tensor::dtype(self)
+    }
+    fn device(&self) -> Device {
+        Tensor::device(self)
     }
 }
 
