@@ -40,20 +40,37 @@ impl ShortConv {
         if state.data.len() != batch.len() * c * w {
             *state = self.empty_state(batch.len());
         }
+        // Taps as [kernel, channels] so that every loop below runs along the channels.
+        let mut taps = vec![0.0f32; w * c];
+        for ch in 0..c {
+            for j in 0..w {
+                taps[j * c + ch] = self.weight[ch * w + j];
+            }
+        }
         let mut y = vec![0.0f32; x.len()];
         for (n, rows) in batch.seqs.iter().enumerate() {
             let st = &mut state.data[n * c * w..][..c * w];
+            // The cached inputs, oldest first, followed by the new rows: [kernel + len, channels].
+            let mut ext = vec![0.0f32; (w + rows.len()) * c];
             for ch in 0..c {
-                // Window of the last w inputs of this channel, oldest first.
-                let mut win: Vec<f32> = st[ch * w..][..w].to_vec();
-                let wt = &self.weight[ch * w..][..w];
-                for t in rows.clone() {
-                    win.rotate_left(1);
-                    win[w - 1] = x[t * c + ch];
-                    let acc: f32 = win.iter().zip(wt).map(|(a, b)| a * b).sum();
-                    y[t * c + ch] = silu(acc);
+                for j in 0..w {
+                    ext[j * c + ch] = st[ch * w + j];
                 }
-                st[ch * w..][..w].copy_from_slice(&win);
+            }
+            ext[w * c..].copy_from_slice(&x[rows.start * c..rows.end * c]);
+            for (i, t) in rows.clone().enumerate() {
+                let out = &mut y[t * c..][..c];
+                for j in 0..w {
+                    let (tap, inp) = (&taps[j * c..][..c], &ext[(i + 1 + j) * c..][..c]);
+                    out.iter_mut().zip(tap.iter().zip(inp)).for_each(|(o, (&a, &b))| *o += a * b);
+                }
+                out.iter_mut().for_each(|v| *v = silu(*v));
+            }
+            let last = &ext[rows.len() * c..];
+            for ch in 0..c {
+                for j in 0..w {
+                    st[ch * w + j] = last[j * c + ch];
+                }
             }
         }
         y
