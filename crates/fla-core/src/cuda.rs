@@ -244,6 +244,32 @@ impl CudaTensor {
         Ok(CudaTensor { storage, shape: shape.to_vec(), dev: dev.clone() })
     }
 
+    /// A tensor on `dev` whose elements are not initialised (no memset), for kernel outputs.
+    ///
+    /// # Safety
+    /// The contents are undefined until written: the caller must write every element (through
+    /// a kernel on the device's stream) before anything reads it.
+    pub unsafe fn uninit(shape: &[usize], dtype: DType, dev: &Arc<CudaDevice>) -> Result<Self> {
+        let (s, n) = (dev.stream(), shape.iter().product::<usize>());
+        // SAFETY: forwarded to the caller (see above).
+        let storage = unsafe {
+            match dtype {
+                DType::F32 => CudaStorage::F32(s.alloc(n)?),
+                DType::BF16 => CudaStorage::BF16(s.alloc(n)?),
+                DType::F16 => CudaStorage::F16(s.alloc(n)?),
+                dt => {
+                    return Err(Error::DType {
+                        op: "CudaTensor::uninit",
+                        arg: "dtype",
+                        expected: "f32, bf16 or f16".into(),
+                        got: dt,
+                    })
+                }
+            }
+        };
+        Ok(CudaTensor { storage, shape: shape.to_vec(), dev: dev.clone() })
+    }
+
     /// Copies the elements back into a host tensor (waits for the stream).
     pub fn to_host(&self) -> Result<Tensor> {
         let s = self.dev.stream();
