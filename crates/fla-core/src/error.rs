@@ -115,12 +115,12 @@ pub enum Error {
     #[error("{0}")]
     Msg(String),
     /// I/O error, with the path involved.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// File involved.
         path: String,
         /// Underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// safetensors parse or write error.
     #[error("safetensors: {0}")]

@@ -15,7 +15,7 @@ pub struct SafeTensorsFile {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io { path: path.display().to_string(), source }
+    Error::Io { path: path.display().to_string(), error: source }
 }
 
 impl SafeTensorsFile {

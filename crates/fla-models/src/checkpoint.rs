@@ -7,7 +7,7 @@ use fla_core::{Error, Result};
 use fla_nn::VarBuilder;
 
 fn io(path: &Path, e: std::io::Error) -> Error {
-    Error::Io { path: path.display().to_string(), source: e }
+    Error::Io { path: path.display().to_string(), error: e }
 }
 
 /// Reads and parses `dir/config.json`.
