@@ -1,43 +1,52 @@
 //! Arguments of every form (FLA's names), their validation, and what the forms return.
 use std::ops::Range;
 
-use fla_core::{DType, Error, Result, Tensor};
+use fla_core::{DType, Error, Result, Tensor, TensorMeta};
 
 use crate::{Decay, Erase, Family, Write};
 
 /// Tensors of one call. Which of `g`, `beta`, `b`, `w` are required depends on the [`Family`];
 /// passing one the family does not take is an error, not silently ignored.
-#[derive(Clone, Copy)]
-pub struct Inputs<'a> {
+///
+/// `T` is the tensor type: host [`Tensor`]s for the CPU forms, or
+/// [`CudaTensor`](fla_core::cuda::CudaTensor)s for the GPU forms; all must live on one device.
+pub struct Inputs<'a, T = Tensor> {
     /// Queries `[B,T,H,K]`.
-    pub q: &'a Tensor,
+    pub q: &'a T,
     /// Keys `[B,T,H,K]`.
-    pub k: &'a Tensor,
+    pub k: &'a T,
     /// Values `[B,T,HV,V]`, `HV` a multiple of `H`.
-    pub v: &'a Tensor,
+    pub v: &'a T,
     /// Natural-log decay `[B,T,HV]` (head decay) or `[B,T,HV,K]` (channel decay); with
     /// `use_gate_in_kernel` it is the raw gate input `a` of `g = −exp(A_log)·softplus(a + dt_bias)`.
-    pub g: Option<&'a Tensor>,
+    pub g: Option<&'a T>,
     /// `[B,T,HV]`: erase and write strength of DeltaNet, Gated DeltaNet and KDA (post-sigmoid unless
     /// `use_beta_sigmoid_in_kernel`).
-    pub beta: Option<&'a Tensor>,
+    pub beta: Option<&'a T>,
     /// GDN-2 erase gate `[B,T,HV,K]`.
-    pub b: Option<&'a Tensor>,
+    pub b: Option<&'a T>,
     /// GDN-2 write gate `[B,T,HV,V]`.
-    pub w: Option<&'a Tensor>,
+    pub w: Option<&'a T>,
     /// Initial state `[N,HV,K,V]`, one per sequence.
-    pub initial_state: Option<&'a Tensor>,
+    pub initial_state: Option<&'a T>,
     /// `A_log [HV]` of the in-op gate.
-    pub a_log: Option<&'a Tensor>,
+    pub a_log: Option<&'a T>,
     /// `dt_bias` of the in-op gate: `[HV]` (head decay) or `[HV·K]` / `[HV,K]` (channel decay).
-    pub dt_bias: Option<&'a Tensor>,
+    pub dt_bias: Option<&'a T>,
     /// Packed variable-length batch: `[N+1]` offsets into `T`, `B` must be 1.
     pub cu_seqlens: Option<&'a [usize]>,
 }
 
-impl<'a> Inputs<'a> {
+impl<T> Clone for Inputs<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Inputs<'_, T> {}
+
+impl<'a, T> Inputs<'a, T> {
     /// Inputs with only `q`, `k`, `v` set; fill the rest with struct update syntax.
-    pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+    pub fn new(q: &'a T, k: &'a T, v: &'a T) -> Self {
         Inputs {
             q,
             k,
@@ -146,25 +155,25 @@ pub struct Problem {
     pub scale: f64,
 }
 
-fn rank4(op: &'static str, arg: &'static str, t: &Tensor, what: &str) -> Result<[usize; 4]> {
+fn rank4<T: TensorMeta>(op: &'static str, arg: &'static str, t: &T, what: &str) -> Result<[usize; 4]> {
     t.shape().try_into().map_err(|_| Error::shape(op, arg, format!("rank 4 {what}"), t.shape()))
 }
 
-fn expect_shape(op: &'static str, arg: &'static str, t: &Tensor, want: &[usize], name: &str) -> Result<()> {
+fn expect_shape<T: TensorMeta>(op: &'static str, arg: &'static str, t: &T, want: &[usize], name: &str) -> Result<()> {
     if t.shape() != want {
         return Err(Error::shape(op, arg, format!("{name} = {want:?}"), t.shape()));
     }
     Ok(())
 }
 
-fn float_dtype(op: &'static str, arg: &'static str, t: &Tensor, want: DType) -> Result<()> {
+fn float_dtype<T: TensorMeta>(op: &'static str, arg: &'static str, t: &T, want: DType) -> Result<()> {
     if t.dtype() != want {
         return Err(Error::DType { op, arg, expected: format!("{want} (the dtype of q)"), got: t.dtype() });
     }
     Ok(())
 }
 
-fn presence(op: &'static str, arg: &'static str, t: Option<&Tensor>, needed: bool, family: Family) -> Result<()> {
+fn presence<T>(op: &'static str, arg: &'static str, t: Option<&T>, needed: bool, family: Family) -> Result<()> {
     match (t.is_some(), needed) {
         (false, true) => Err(Error::Unsupported { op, msg: format!("argument `{arg}` is required by {family}") }),
         (true, false) => Err(Error::Unsupported { op, msg: format!("argument `{arg}` is not taken by {family}") }),
@@ -196,8 +205,9 @@ pub fn check_cu_seqlens(op: &'static str, cu: &[usize], t: usize) -> Result<Vec<
 }
 
 impl Problem {
-    /// Validates `inputs` for `family` under `opts`; `op` names the caller in errors.
-    pub fn new(op: &'static str, family: Family, x: &Inputs<'_>, opts: &Options) -> Result<Problem> {
+    /// Validates `inputs` for `family` under `opts`; `op` names the caller in errors. Every
+    /// tensor must be on the device of `q`.
+    pub fn new<T: TensorMeta>(op: &'static str, family: Family, x: &Inputs<'_, T>, opts: &Options) -> Result<Problem> {
         let [b, t, h, k] = rank4(op, "q", x.q, "[B,T,H,K]")?;
         expect_shape(op, "k", x.k, &[b, t, h, k], "q.shape")?;
         let [bv, tv, hv, v] = rank4(op, "v", x.v, "[B,T,HV,V]")?;
@@ -212,6 +222,28 @@ impl Problem {
         }
         if hv % h != 0 {
             return Err(Error::size(op, format!("HV ({hv}) must be a multiple of H ({h})")));
+        }
+        let device = x.q.device();
+        let all = [
+            ("k", Some(x.k)),
+            ("v", Some(x.v)),
+            ("g", x.g),
+            ("beta", x.beta),
+            ("b", x.b),
+            ("w", x.w),
+            ("initial_state", x.initial_state),
+            ("A_log", x.a_log),
+            ("dt_bias", x.dt_bias),
+        ];
+        for (arg, t) in all {
+            if let Some(t) = t.filter(|t| t.device() != device) {
+                return Err(Error::Device {
+                    op,
+                    arg,
+                    expected: format!("{device} (the device of q)"),
+                    got: t.device().to_string(),
+                });
+            }
         }
         let dtype = x.q.dtype();
         for (arg, t) in [("k", Some(x.k)), ("v", Some(x.v)), ("g", x.g), ("beta", x.beta), ("b", x.b), ("w", x.w)] {

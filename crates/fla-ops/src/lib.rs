@@ -1,4 +1,4 @@
-//! fla-ops: the linear-attention op family on CPU.
+//! fla-ops: the linear-attention op family, on the CPU and (the decode step so far) on CUDA.
 //!
 //! One generic recurrence serves every variant (see [`naive`] for its definition): a decay
 //! ([`Decay`]), an erase ([`Erase`]) and a write ([`Write`]) knob, named by [`Family`] after FLA's
@@ -6,7 +6,9 @@
 //!
 //! - [`naive`]: the token-by-token reference, in f32 or f64;
 //! - [`chunk`]: the chunkwise WY / UT form (chunk 64), forward and backward;
-//! - [`recurrent`]: the fused decode step, updating states in place.
+//! - [`recurrent`]: the fused decode step, updating states in place; on the CPU
+//!   ([`recurrent::step`]) or on a CUDA device ([`recurrent::step_cuda`], kernels from
+//!   `fla-kernels`).
 //!
 //! Every form takes the same [`Inputs`] and [`Options`] (FLA's argument names) and checks them
 //! first: a bad shape, dtype or `cu_seqlens` is a typed [`fla_core::Error`] naming the argument.
@@ -29,6 +31,7 @@
 #![deny(missing_docs)]
 
 pub mod chunk;
+mod cuda;
 mod inputs;
 pub mod naive;
 mod prepare;

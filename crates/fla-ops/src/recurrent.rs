@@ -5,7 +5,9 @@
 //! Each token walks the state of one (sequence, value head) twice, row by row: the first pass
 //! decays it and accumulates the erase `e = Sᵀ(b⊙k)`, the second writes `k uᵀ` and accumulates
 //! `o = Sᵀq`. A 128×128 f32 state (64 KiB) stays in L2 between the passes, so memory sees it read
-//! once and written once per call.
+//! once and written once per call. [`step_cuda`] runs the same step on a CUDA device, with an
+//! optional pool of states indexed per sequence.
+use fla_core::cuda::CudaTensor;
 use fla_core::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
@@ -42,6 +44,29 @@ pub fn step(family: Family, x: &Inputs<'_>, opts: &Options, state: &mut Tensor) 
         .map(|(i, s)| HeadOut { o: head_step(&prep.head(i / d.hv, i % d.hv), s), ht: Vec::new() })
         .collect();
     Ok(prep.output(heads, false)?.o)
+}
+
+/// The same step on a CUDA device, with an optional state pool (continuous batching).
+///
+/// `x` holds [`CudaTensor`]s on one device (inputs f32, bf16 or f16; `A_log` / `dt_bias` in any of
+/// them); `state` is f32 `[N,HV,K,V]`, or with `state_indices` a pool `[P,HV,K,V]` of which
+/// sequence `n` reads and updates row `state_indices[n]` (distinct rows, each `< P`). Returns
+/// `o [B,T,HV,V]` in the dtype of `q`. The work is queued on the device's stream: the call
+/// returns before the GPU has finished (reading `o` or the state back waits for it).
+///
+/// Every family is served by one kernel (`fla-kernels/cuda/recurrent.cu`): K ≤ 256, any V.
+/// Errors: everything [`step`] checks, plus the device of every tensor, the pool indices, and
+/// [`Error::NoCudaKernel`] in a build made without `nvcc`.
+///
+/// FLA: `fused_recurrent_gated_delta_rule(..., ssm_state_indices=...)`, `fused_recurrent_kda`.
+pub fn step_cuda(
+    family: Family,
+    x: &Inputs<'_, CudaTensor>,
+    opts: &Options,
+    state: &mut CudaTensor,
+    state_indices: Option<&[usize]>,
+) -> Result<CudaTensor> {
+    crate::cuda::recurrent_step(family, x, opts, state, state_indices)
 }
 
 /// Per-token vectors shared by every column block: decay `exp(g)`, `b⊙k` and `scale·q`, each `[K]`.
