@@ -24,6 +24,9 @@ pub struct Args {
     /// Run only these op rows, comma-separated (`chunk_fwd,decode`); the ceilings always run.
     #[arg(long)]
     only: Option<String>,
+    /// `ops`: the device to measure (`cuda`: the GPU decode step next to the HBM copy ceiling).
+    #[arg(long, value_enum, default_value_t = super::bench_cuda::BenchDevice::Cpu)]
+    device: super::bench_cuda::BenchDevice,
     /// `model`: prompt tokens of the prefill row.
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
@@ -200,7 +203,7 @@ fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
         rate: fwd_rate,
         unit: "GFLOP/s",
         fraction: Some(fwd_rate / gemm.rate),
-        note: format!("{:.1}x naive", naive_ms / fwd_ms),
+        note: if naive_ms.is_finite() { format!("{:.1}x naive", naive_ms / fwd_ms) } else { String::new() },
     });
     let fb_rate = gflops(CHUNK_FWD_BWD_FLOP, fwd_bwd_ms);
     out.push(Row {
@@ -273,6 +276,9 @@ fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
 /// Runs the benchmarks and prints a table (or JSON lines).
 pub fn run(args: Args) -> Result<i32> {
     let rows = match args.what.as_str() {
+        "ops" if args.device == super::bench_cuda::BenchDevice::Cuda => {
+            super::bench_cuda::rows(args.seconds, args.only.as_deref())?
+        }
         "ops" => rows(args.seconds, args.only.as_deref())?,
         "model" => super::bench_model::rows(args.seconds, args.prompt_tokens, args.decode_tokens)?,
         other => bail!("unknown benchmark `{other}` (expected `ops` or `model`)"),

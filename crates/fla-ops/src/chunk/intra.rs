@@ -101,14 +101,18 @@ impl<F: Float> Intra<F> {
             if x.channel {
                 for c in 0..dk {
                     let gi = self.g[i * dk + c];
-                    self.eg[i * dk + c] = gi.exp();
-                    self.e_tail[i * dk + c] = (self.g[(l - 1) * dk + c] - gi).exp();
+                    self.eg[i * dk + c] = gi;
+                    self.e_tail[i * dk + c] = self.g[(l - 1) * dk + c] - gi;
                 }
             } else {
                 let (e, t) = (self.g[i].exp(), (self.g[l - 1] - self.g[i]).exp());
                 self.eg[i * dk..][..dk].iter_mut().for_each(|v| *v = e);
                 self.e_tail[i * dk..][..dk].iter_mut().for_each(|v| *v = t);
             }
+        }
+        if x.channel {
+            F::exp_in_place(&mut self.eg[..l * dk]);
+            F::exp_in_place(&mut self.e_tail[..l * dk]);
         }
         let (q, k) = (&x.q[c0 * dk..][..l * dk], &x.k[c0 * dk..][..l * dk]);
         let n = l * dk;
@@ -172,9 +176,8 @@ impl<F: Float> Intra<F> {
 
     fn channel_ap(&mut self, x: &HeadData<F>, q: &[F], k: &[F], with_p: bool) {
         let (l, dk) = (self.l, x.dk);
-        for i in 0..l * dk {
-            self.eg_step[i] = x.g[self.c0 * dk + i].exp();
-        }
+        self.eg_step[..l * dk].copy_from_slice(&x.g[self.c0 * dk..][..l * dk]);
+        F::exp_in_place(&mut self.eg_step[..l * dk]);
         self.p[..l * CHUNK].iter_mut().for_each(|v| *v = F::zero());
         self.a[..l * CHUNK].iter_mut().for_each(|v| *v = F::zero());
         let erase = x.b.is_some();
