@@ -71,6 +71,23 @@ impl<'a> Fields<'a> {
             })
             .transpose()
     }
+    /// An optional per-layer list of two names (`layer_types`: `full_attention` /
+    /// `linear_attention`) as flags: true where the entry is `yes`. It must hold `layers` entries.
+    pub fn layer_flags(&self, field: &str, layers: usize, yes: &str, no: &str) -> Result<Option<Vec<bool>>> {
+        let Some(types) = self.opt_strings(field)? else { return Ok(None) };
+        if types.len() != layers {
+            return Err(bad(field, format!("{} entries for {layers} layers", types.len())));
+        }
+        types
+            .iter()
+            .map(|&t| match t {
+                t if t == yes => Ok(true),
+                t if t == no => Ok(false),
+                other => Err(bad(field, format!("unknown entry `{other}` (expected `{yes}` or `{no}`)"))),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
     /// A nested object.
     pub fn object(&self, field: &str) -> Result<Option<Fields<'a>>> {
         self.get(field).map(Fields::new).transpose()

@@ -17,7 +17,7 @@ use fla_nn::mla::{MlaCache, MultiLatentAttention};
 use fla_nn::mlp::Mlp;
 use fla_nn::moe::{KimiMoe, QwenMoe};
 use fla_nn::ops::rms_norm;
-use fla_nn::{Batch, Linear};
+use fla_nn::{Batch, Linear, VarBuilder};
 
 use crate::cache::{Cache, LayerCache};
 
@@ -61,6 +61,33 @@ pub(crate) struct Block {
     pub ffn: Ffn,
 }
 
+impl Block {
+    /// A layer of `mixer` and `ffn` with its two norms (`input_layernorm`,
+    /// `post_attention_layernorm`) read under `vb` (`model.layers.{i}`).
+    pub fn load(vb: &VarBuilder, hidden: usize, mixer: Mixer, ffn: Ffn) -> Result<Self> {
+        Ok(Block {
+            input_norm: vb.pp("input_layernorm").get_f32("weight", &[hidden])?,
+            post_norm: vb.pp("post_attention_layernorm").get_f32("weight", &[hidden])?,
+            mixer,
+            ffn,
+        })
+    }
+}
+
+/// What every family's decoder shares beyond its layers.
+pub(crate) struct Head {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Model width.
+    pub hidden: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// 1 for zero-centred norm weights (Qwen), 0 for plain ones (Kimi).
+    pub norm_offset: f32,
+    /// LM head tied to the embedding table.
+    pub tied: bool,
+}
+
 /// A decoder-only language model.
 pub struct Decoder {
     pub(crate) embed: Embedding,
@@ -73,6 +100,31 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// Completes a decoder from its layers: the final `norm` under `model`, and `lm_head` at the
+    /// root `vb` (or the embedding table when tied).
+    pub(crate) fn assemble(
+        vb: &VarBuilder,
+        model: &VarBuilder,
+        embed: Embedding,
+        layers: Vec<Block>,
+        head: Head,
+    ) -> Result<Self> {
+        let lm_head = if head.tied {
+            embed.as_linear()?
+        } else {
+            Linear::load(&vb.pp("lm_head"), head.hidden, head.vocab, false)?
+        };
+        Ok(Decoder {
+            norm: model.pp("norm").get_f32("weight", &[head.hidden])?,
+            embed,
+            layers,
+            lm_head,
+            eps: head.eps,
+            norm_offset: head.norm_offset,
+            vocab: head.vocab,
+        })
+    }
+
     /// An empty cache for `n` sequences.
     pub fn new_cache(&self, n: usize) -> Cache {
         let layers = self

@@ -6,11 +6,11 @@ use fla_nn::kda::{KdaConfig, KimiDeltaAttention};
 use fla_nn::mla::{MlaConfig, MultiLatentAttention};
 use fla_nn::mlp::Mlp;
 use fla_nn::moe::{KimiMoe, KimiMoeConfig};
-use fla_nn::{Linear, VarBuilder};
+use fla_nn::VarBuilder;
 use serde_json::Value;
 
 use crate::config::{unsupported, Fields};
-use crate::decoder::{Block, Decoder, Ffn, Mixer};
+use crate::decoder::{Block, Decoder, Ffn, Head, Mixer};
 
 /// A parsed Kimi Linear config.
 #[derive(Debug, Clone)]
@@ -56,20 +56,8 @@ impl KimiConfig {
                 None => f.usize(flat),
             }
         };
-        let full_attention = match f.opt_strings("layer_types")? {
-            Some(types) => {
-                if types.len() != layers {
-                    return Err(unsupported("layer_types", format!("{} entries for {layers} layers", types.len())));
-                }
-                types
-                    .iter()
-                    .map(|t| match *t {
-                        "full_attention" => Ok(true),
-                        "linear_attention" => Ok(false),
-                        other => Err(unsupported("layer_types", format!("unknown layer type `{other}`"))),
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
+        let full_attention = match f.layer_flags("layer_types", layers, "full_attention", "linear_attention")? {
+            Some(flags) => flags,
             None => {
                 let full =
                     lin.as_ref().map(|l| l.opt_usizes("full_attn_layers")).transpose()?.flatten().ok_or_else(|| {
@@ -79,20 +67,8 @@ impl KimiConfig {
                 (0..layers).map(|i| full.contains(&(i + 1))).collect()
             }
         };
-        let sparse = match f.opt_strings("mlp_layer_types")? {
-            Some(types) => {
-                if types.len() != layers {
-                    return Err(unsupported("mlp_layer_types", format!("{} entries for {layers} layers", types.len())));
-                }
-                types
-                    .iter()
-                    .map(|t| match *t {
-                        "sparse" => Ok(true),
-                        "dense" => Ok(false),
-                        other => Err(unsupported("mlp_layer_types", format!("unknown FFN type `{other}`"))),
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
+        let sparse = match f.layer_flags("mlp_layer_types", layers, "sparse", "dense")? {
+            Some(flags) => flags,
             None => {
                 let first_dense = f.opt_usize("first_k_dense_replace")?.unwrap_or(0);
                 let freq = f.opt_usize("moe_layer_freq")?.unwrap_or(1).max(1);
@@ -188,26 +164,9 @@ impl Kimi {
                     Ffn::Dense(Mlp::load(&dense, h, cfg.intermediate)?)
                 }
             };
-            layers.push(Block {
-                input_norm: l.pp("input_layernorm").get_f32("weight", &[h])?,
-                post_norm: l.pp("post_attention_layernorm").get_f32("weight", &[h])?,
-                mixer,
-                ffn,
-            });
+            layers.push(Block::load(&l, h, mixer, ffn)?);
         }
-        let lm_head = if cfg.tie_word_embeddings {
-            embed.as_linear()?
-        } else {
-            Linear::load(&vb.pp("lm_head"), h, cfg.vocab, false)?
-        };
-        Ok(Decoder {
-            norm: m.pp("norm").get_f32("weight", &[h])?,
-            embed,
-            layers,
-            lm_head,
-            eps: cfg.eps,
-            norm_offset: 0.0,
-            vocab: cfg.vocab,
-        })
+        let head = Head { vocab: cfg.vocab, hidden: h, eps: cfg.eps, norm_offset: 0.0, tied: cfg.tie_word_embeddings };
+        Decoder::assemble(vb, &m, embed, layers, head)
     }
 }

@@ -7,11 +7,11 @@ use fla_nn::embedding::Embedding;
 use fla_nn::gated_deltanet::{GatedDeltaNet, GatedDeltaNetConfig, ProjLayout};
 use fla_nn::mlp::Mlp;
 use fla_nn::moe::{QwenMoe, QwenMoeConfig as MoeLayerConfig};
-use fla_nn::{Linear, VarBuilder};
+use fla_nn::VarBuilder;
 use serde_json::Value;
 
 use crate::config::{unsupported, Fields};
-use crate::decoder::{Block, Decoder, Ffn, Mixer};
+use crate::decoder::{Block, Decoder, Ffn, Head, Mixer};
 
 /// Which Qwen family a config describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,20 +86,8 @@ impl QwenConfig {
         f.expect_str("hidden_act", &["silu"])?;
         f.expect_false("attention_bias")?;
         let layers = f.usize("num_hidden_layers")?;
-        let full_attention = match f.opt_strings("layer_types")? {
-            Some(types) => {
-                if types.len() != layers {
-                    return Err(unsupported("layer_types", format!("{} entries for {layers} layers", types.len())));
-                }
-                types
-                    .iter()
-                    .map(|t| match *t {
-                        "full_attention" => Ok(true),
-                        "linear_attention" => Ok(false),
-                        other => Err(unsupported("layer_types", format!("unknown layer type `{other}`"))),
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
+        let full_attention = match f.layer_flags("layer_types", layers, "full_attention", "linear_attention")? {
+            Some(flags) => flags,
             None => {
                 let every = f.opt_usize("full_attention_interval")?.unwrap_or(4).max(1);
                 (0..layers).map(|i| (i + 1) % every == 0).collect()
@@ -225,26 +213,9 @@ impl Qwen {
                 }
                 _ => Ffn::Dense(Mlp::load(&l.pp("mlp"), h, cfg.intermediate)?),
             };
-            layers.push(Block {
-                input_norm: l.pp("input_layernorm").get_f32("weight", &[h])?,
-                post_norm: l.pp("post_attention_layernorm").get_f32("weight", &[h])?,
-                mixer,
-                ffn,
-            });
+            layers.push(Block::load(&l, h, mixer, ffn)?);
         }
-        let lm_head = if cfg.tie_word_embeddings {
-            embed.as_linear()?
-        } else {
-            Linear::load(&vb.pp("lm_head"), h, cfg.vocab, false)?
-        };
-        Ok(Decoder {
-            norm: m.pp("norm").get_f32("weight", &[h])?,
-            embed,
-            layers,
-            lm_head,
-            eps: cfg.eps,
-            norm_offset: 1.0,
-            vocab: cfg.vocab,
-        })
+        let head = Head { vocab: cfg.vocab, hidden: h, eps: cfg.eps, norm_offset: 1.0, tied: cfg.tie_word_embeddings };
+        Decoder::assemble(vb, &m, embed, layers, head)
     }
 }
