@@ -1,0 +1,149 @@
+//! `fla bench ops --device cuda`: the GPU decode step next to the HBM ceiling measured in the same
+//! run (a device-to-device copy, bytes read + written).
+//!
+//! Timing: CUDA events around a batch of back-to-back calls (so a launch-bound step shows its
+//! launch rate), many batches, median per call, after a warm-up. State buffers rotate so that
+//! the bytes they hold exceed the L2 cache several times: every call streams its state from HBM.
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use fla_core::cuda::{self, CudaDevice, CudaTensor};
+use fla_core::{DType, Tensor};
+use fla_ops::{recurrent, Family, Inputs, Options};
+
+use super::bench::Row;
+
+/// Which device `fla bench ops` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchDevice {
+    /// The op forms on every CPU core.
+    Cpu,
+    /// The GPU forms on CUDA device 0.
+    Cuda,
+}
+
+/// Bytes the rotating buffers of one row must span (several times the 50–60 MB L2 of Hopper).
+const ROTATE_BYTES: usize = 512 << 20;
+
+/// Median milliseconds per call of `f(i)` (`i` counts calls), timed with CUDA events.
+fn time_gpu_ms(dev: &CudaDevice, seconds: f64, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    let mut i = 0;
+    for _ in 0..3 {
+        f(i)?;
+        i += 1;
+    }
+    dev.synchronize()?;
+    // Calibrate: batches of about 1 ms of GPU time.
+    let probe = 10;
+    let a = dev.record_event()?;
+    for _ in 0..probe {
+        f(i)?;
+        i += 1;
+    }
+    let b = dev.record_event()?;
+    b.synchronize()?;
+    let per = (a.elapsed_ms(&b)? as f64 / probe as f64).max(1e-4);
+    let reps = ((1.0 / per) as usize).clamp(1, 1000);
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < 7 || (start.elapsed().as_secs_f64() < seconds && samples.len() < 500) {
+        let a = dev.record_event()?;
+        for _ in 0..reps {
+            f(i)?;
+            i += 1;
+        }
+        let b = dev.record_event()?;
+        b.synchronize()?;
+        samples.push(a.elapsed_ms(&b)? as f64 / reps as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+fn random(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect();
+    Tensor::from_vec(data, shape).expect("shape matches")
+}
+
+fn hbm_ceiling(dev: &Arc<CudaDevice>, seconds: f64) -> Result<Row> {
+    let bytes = 1usize << 30;
+    let src = CudaTensor::from_host(&random(&[bytes / 4], 11, -1.0, 1.0), dev)?;
+    let mut dst = CudaTensor::zeros(&[bytes / 4], DType::F32, dev)?;
+    let ms = time_gpu_ms(dev, seconds, |_| Ok(dst.copy_from(&src)?))?;
+    Ok(Row {
+        name: "hbm_ceiling".into(),
+        shape: "1 GiB".into(),
+        ms,
+        rate: 2.0 * bytes as f64 / ms / 1e6,
+        unit: "GB/s",
+        fraction: None,
+        note: "device-to-device copy, bytes read + written".into(),
+    })
+}
+
+/// One decode row: `T = 1` for each of `n` sequences, bf16 inputs, f32 state, in-op L2 norm.
+fn decode_row(dev: &Arc<CudaDevice>, seconds: f64, family: Family, n: usize, hbm: f64) -> Result<Row> {
+    let (h, hv, d) = (32, 32, 128);
+    let up = |t: Tensor| -> Result<CudaTensor> { Ok(CudaTensor::from_host(&t.to_dtype(DType::BF16)?, dev)?) };
+    let q = up(random(&[n, 1, h, d], 1, -1.0, 1.0))?;
+    let k = up(random(&[n, 1, h, d], 2, -1.0, 1.0))?;
+    let v = up(random(&[n, 1, hv, d], 3, -1.0, 1.0))?;
+    let g = match family {
+        Family::Kda => up(random(&[n, 1, hv, d], 4, -0.2, -0.01))?,
+        _ => up(random(&[n, 1, hv], 4, -0.2, -0.01))?,
+    };
+    let beta = up(random(&[n, 1, hv], 5, 0.1, 0.9))?;
+    let state_bytes = n * hv * d * d * 4;
+    let copies = ROTATE_BYTES.div_ceil(state_bytes).clamp(2, 256);
+    let mut states = (0..copies)
+        .map(|i| Ok(CudaTensor::from_host(&random(&[n, hv, d, d], 10 + i as u64, -0.1, 0.1), dev)?))
+        .collect::<Result<Vec<_>>>()?;
+    let x = Inputs { g: Some(&g), beta: Some(&beta), ..Inputs::new(&q, &k, &v) };
+    let opts = Options { use_qk_l2norm_in_kernel: true, ..Options::default() };
+    let ms = time_gpu_ms(dev, seconds, |i| {
+        recurrent::step_cuda(family, &x, &opts, &mut states[i % copies], None)?;
+        Ok(())
+    })?;
+    let in_out = n * (2 * h * d + 2 * hv * d + hv * if family == Family::Kda { d + 1 } else { 2 }) * 2;
+    let bytes = (2 * state_bytes + in_out) as f64;
+    let rate = bytes / ms / 1e6;
+    Ok(Row {
+        name: if family == Family::Kda { "kda_decode".into() } else { "decode".into() },
+        shape: format!("N={n} H=HV={hv} K=V={d} T=1 bf16 in, f32 state {family}"),
+        ms,
+        rate,
+        unit: "GB/s",
+        fraction: Some(rate / hbm),
+        note: format!("{:.1} µs/step; state r+w + inputs", ms * 1e3),
+    })
+}
+
+/// The CUDA rows of `fla bench ops --device cuda`.
+pub(crate) fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
+    if !cuda::is_available() {
+        bail!("--device cuda: no CUDA device (libcuda not found, or no GPU)");
+    }
+    let dev = CudaDevice::get(0)?;
+    eprintln!("device: {} (cuda:0)", dev.name());
+    let want = |name: &str| only.is_none_or(|o| o.split(',').any(|n| n == name));
+    let hbm = hbm_ceiling(&dev, seconds)?;
+    let mut out = Vec::new();
+    if want("decode") {
+        for n in [1, 64, 256] {
+            out.push(decode_row(&dev, seconds, Family::GatedDeltaRule, n, hbm.rate).context("decode row")?);
+        }
+    }
+    if want("kda_decode") {
+        out.push(decode_row(&dev, seconds, Family::Kda, 64, hbm.rate).context("kda_decode row")?);
+    }
+    out.push(hbm);
+    Ok(out)
+}

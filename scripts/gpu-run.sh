@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds the GPU tests and the `fla` binary here and runs them on a GPU machine that has no
+# Rust: `scripts/gpu-run.sh prepare` (here: build, copy into .device/, which git ignores), then
+# on the GPU machine, from the repository root, `scripts/gpu-run.sh run [OUTDIR]`: the CUDA
+# tests, a compute-sanitizer pass, `fla bench ops --device cuda`, one profiled decode launch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+prepare)
+  [ -x .cuda/nvidia/cu13/bin/nvcc ] || [ -n "${FLA_NVCC:-}" ] || scripts/install-nvcc.sh
+  mkdir -p .device
+  bin() { cargo test --release "$@" --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -n 1; }
+  cp "$(bin -p fla-ops --test cuda)" .device/cuda-tests
+  cp "$(bin -p fla-core --lib)" .device/fla-core-tests
+  cargo build --release -p fla-cli
+  cp target/release/fla .device/fla
+  strip .device/cuda-tests .device/fla-core-tests .device/fla
+  ls -la .device
+  ;;
+run)
+  out="${2:-${OUT:-/tmp}}"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+  .device/fla-core-tests cuda --nocapture 2>&1 | tee "$out/core-tests.log"
+  .device/cuda-tests --nocapture --test-threads=1 2>&1 | tee "$out/tests.log"
+  timeout 120 compute-sanitizer --tool memcheck --print-limit 10 .device/cuda-tests kda --test-threads=1 \
+    > "$out/memcheck.log" 2>&1 && echo "memcheck: $(tail -n 2 "$out/memcheck.log" | head -n 1)" \
+    || { echo "memcheck failed or timed out:"; tail -n 20 "$out/memcheck.log"; }
+  .device/fla bench ops --device cuda --seconds 1 2>&1 | tee "$out/bench.txt"
+  timeout 120 ncu --clock-control none -k regex:recurrent_step --launch-skip 20 --launch-count 1 \
+    --section SpeedOfLight .device/fla bench ops --device cuda --seconds 0.01 --only decode \
+    > "$out/ncu.txt" 2>&1 || echo "ncu failed or timed out"
+  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)" "$out/ncu.txt" || tail -n 20 "$out/ncu.txt"
+  ;;
+*)
+  echo "usage: $0 prepare | run [OUTDIR]" >&2
+  exit 2
+  ;;
+esac
