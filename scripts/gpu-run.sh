@@ -3,10 +3,11 @@
 # Rust: `scripts/gpu-run.sh prepare` (here: build, copy into .device/, which git ignores), then
 # on the GPU machine, from the repository root, `scripts/gpu-run.sh run [OUTDIR]`: the CUDA
 # tests, a compute-sanitizer pass, `fla bench ops --device cuda`, one profiled decode launch.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 prepare)
+  set -e
   [ -x .cuda/nvidia/cu13/bin/nvcc ] || [ -n "${FLA_NVCC:-}" ] || scripts/install-nvcc.sh
   mkdir -p .device
   bin() { cargo test --release "$@" --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -n 1; }
@@ -26,10 +27,22 @@ run)
     > "$out/memcheck.log" 2>&1 && echo "memcheck: $(tail -n 2 "$out/memcheck.log" | head -n 1)" \
     || { echo "memcheck failed or timed out:"; tail -n 20 "$out/memcheck.log"; }
   .device/fla bench ops --device cuda --seconds 1 2>&1 | tee "$out/bench.txt"
-  timeout 120 ncu --clock-control none -k regex:recurrent_step --launch-skip 20 --launch-count 1 \
-    --section SpeedOfLight .device/fla bench ops --device cuda --seconds 0.01 --only decode \
-    > "$out/ncu.txt" 2>&1 || echo "ncu failed or timed out"
-  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)" "$out/ncu.txt" || tail -n 20 "$out/ncu.txt"
+  for v in ${FLA_VARIANTS:-}; do
+    echo "== variant $v"
+    FLA_RECURRENT_VARIANT=$v .device/cuda-tests --test-threads=1 > "$out/tests-$v.log" 2>&1 \
+      && echo "tests: ok" || { echo "tests: FAILED"; grep -E "rel err|unavailable|failed" "$out/tests-$v.log" | head -n 5; }
+    FLA_RECURRENT_VARIANT=$v .device/fla bench ops --device cuda --seconds 0.5 --only decode 2>&1 \
+      | grep -E "^decode|error" | sed "s/^/$v /" | tee -a "$out/variants.txt" || true
+  done
+  for v in "" ${FLA_NCU_VARIANTS:-}; do
+    FLA_RECURRENT_VARIANT=$v timeout 100 ncu --clock-control none -k regex:recurrent_step --launch-skip 5 \
+      --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+      .device/fla bench ops --device cuda --seconds 0.01 --only decode64 > "$out/ncu$v.txt" 2>&1 \
+      || echo "ncu failed or timed out"
+    echo "== ncu N=64 variant '$v'"
+    grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit Reg" \
+      "$out/ncu$v.txt" || tail -n 20 "$out/ncu$v.txt"
+  done
   ;;
 *)
   echo "usage: $0 prepare | run [OUTDIR]" >&2

@@ -74,6 +74,7 @@ pub fn is_available() -> bool {
 pub struct CudaDevice {
     ordinal: usize,
     name: String,
+    sm_count: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
@@ -110,9 +111,12 @@ impl CudaDevice {
             unsafe { ctx.disable_event_tracking() };
             let stream = ctx.new_stream()?;
             let name = ctx.name()?;
+            let sm =
+                ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
             Ok(Arc::new(CudaDevice {
                 ordinal,
                 name,
+                sm_count: sm.max(1) as usize,
                 ctx,
                 stream,
                 modules: Mutex::new(HashMap::new()),
@@ -134,6 +138,10 @@ impl CudaDevice {
     /// Marketing name of the card (`NVIDIA H200`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+    /// Number of streaming multiprocessors (132 on an H100 / H200 SXM).
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
     }
     /// The cudarc context.
     pub fn context(&self) -> &Arc<CudaContext> {

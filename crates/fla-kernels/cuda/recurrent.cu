@@ -37,232 +37,413 @@ struct RecurrentParams {
     float scale;
 };
 
-constexpr int NT = 128;  // threads per CTA
-constexpr int BV = 32;   // value columns per CTA
-constexpr int NWARPS = NT / 32;
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ float softplusf_(float x) { return x > 20.0f ? x : logf(1.0f + expf(x)); }
 
-// Log decay of (token row, hv[, channel c]) after the optional in-op gate.
-__device__ __forceinline__ float log_decay(const RecurrentParams& p, long long gi, int hv, int c) {
-    float a = fla_load(p.g, p.dtype, gi);
-    if (!p.use_gate) return a;
-    float dt = fla_load(p.dt_bias, p.dt_bias_dtype, p.dt_per_channel ? (long long)hv * p.dk + c : hv);
-    return -expf(fla_load(p.a_log, p.a_log_dtype, hv)) * softplusf_(a + dt);
-}
+// Where one CTA tile (sequence n, value head hv, column block vb) lives.
+struct Tile {
+    int n, hv, vb;
+    long long bos, len;  // token range of the sequence
+    float* S;            // its [K, V] state in the pool
+};
 
-template <int KMAX, int VW>
-__device__ __forceinline__ void recurrent_step(const RecurrentParams& p) {
-    constexpr int CT = BV / VW;   // column threads
-    constexpr int KS = NT / CT;   // row groups
-    constexpr int R = KMAX / KS;  // rows per thread
+// KMAX: largest K served; VW: adjacent columns per thread (4: 16-byte accesses); BV: value
+// columns per CTA; NT: threads per CTA.
+template <int KMAX, int VW, int BV, int NT>
+struct Step {
+    static constexpr int NWARPS = NT / 32;
+    static constexpr int CT = BV / VW;   // column threads
+    static constexpr int KS = NT / CT;   // row groups
+    static constexpr int R = KMAX / KS;  // rows per thread
     static_assert(KMAX % KS == 0, "rows split evenly");
+    static_assert(CT <= 32 && 32 % CT == 0, "a warp holds whole column groups");
 
-    __shared__ float sq[KMAX], sk[KMAX], sdec[KMAX], sb[KMAX];
-    __shared__ float red_e[NWARPS][BV], red_o[NWARPS][BV], red_n[NWARPS][2];
+    struct Smem {
+        float sq[KMAX], sk[KMAX], sdec[KMAX], sb[KMAX];
+        float red_e[NWARPS][BV], red_o[NWARPS][BV], red_n[NWARPS][2];
+    };
 
-    const int nvb = (p.dv + BV - 1) / BV;
-    const int vb = blockIdx.x % nvb;
-    const int hv = (blockIdx.x / nvb) % p.hv;
-    const int n = blockIdx.x / (nvb * p.hv);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int col = tid % CT, ks = tid / CT;
-    const int j0 = vb * BV + col * VW;
-    const bool jok = j0 < p.dv;  // the host checks V % VW == 0
-    const int hk = hv / (p.hv / p.h);
-
-    long long bos, len;
-    if (p.cu_seqlens) {
-        bos = p.cu_seqlens[n];
-        len = p.cu_seqlens[n + 1] - bos;
-    } else {
-        bos = (long long)n * p.t;
-        len = p.t;
+    static __device__ __forceinline__ int num_tiles(const RecurrentParams& p) {
+        return p.n * p.hv * ((p.dv + BV - 1) / BV);
     }
-    if (len <= 0) return;  // the state is left as it is
-    const long long slot = p.state_indices ? p.state_indices[n] : n;
-    float* S = p.state + (slot * p.hv + hv) * (long long)p.dk * p.dv;
 
-    float s[R][VW];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int c = r * KS + ks;
-        if (c < p.dk && jok) {
-            const float* src = S + (long long)c * p.dv + j0;
-            if constexpr (VW == 4) {
-                float4 x = __ldcs(reinterpret_cast<const float4*>(src));
-                s[r][0] = x.x; s[r][1] = x.y; s[r][2] = x.z; s[r][3] = x.w;
-            } else {
-#pragma unroll
-                for (int i = 0; i < VW; ++i) s[r][i] = __ldcs(src + i);
-            }
+    static __device__ __forceinline__ Tile tile(const RecurrentParams& p, int idx) {
+        Tile t;
+        const int nvb = (p.dv + BV - 1) / BV;
+        t.vb = idx % nvb;
+        t.hv = (idx / nvb) % p.hv;
+        t.n = idx / (nvb * p.hv);
+        if (p.cu_seqlens) {
+            t.bos = p.cu_seqlens[t.n];
+            t.len = p.cu_seqlens[t.n + 1] - t.bos;
         } else {
-#pragma unroll
-            for (int i = 0; i < VW; ++i) s[r][i] = 0.0f;
+            t.bos = (long long)t.n * p.t;
+            t.len = p.t;
         }
+        const long long slot = p.state_indices ? p.state_indices[t.n] : t.n;
+        t.S = p.state + (slot * p.hv + t.hv) * (long long)p.dk * p.dv;
+        return t;
     }
 
-    for (long long i = 0; i < len; ++i) {
-        const long long tok = bos + i;
-        const long long head_row = tok * p.hv + hv;  // index of (tok, hv) in [tokens, HV]
-        // Per-token vectors over K into shared memory, and the squares for the L2 norms.
-        float ssq = 0.0f, ssk = 0.0f;
-        for (int c = tid; c < KMAX; c += NT) {
-            float qv = 0.0f, kv = 0.0f, dec = 1.0f, bv = 0.0f;
-            if (c < p.dk) {
-                const long long qi = (tok * p.h + hk) * p.dk + c;
-                qv = fla_load(p.q, p.dtype, qi);
-                kv = fla_load(p.k, p.dtype, qi);
-                if (p.decay == 2) dec = expf(log_decay(p, head_row * p.dk + c, hv, c));
-                if (p.erase == 2) {
-                    bv = fla_load(p.b, p.dtype, head_row * p.dk + c);
-                    if (p.beta_sigmoid) bv = sigmoidf_(bv);
-                }
-            }
-            sq[c] = qv;
-            sk[c] = kv;
-            sdec[c] = dec;
-            sb[c] = bv;
-            ssq += qv * qv;
-            ssk += kv * kv;
-        }
-        // Per-token scalars, the same in every thread.
-        float dech = 1.0f, beta = 0.0f;
-        if (p.decay == 1) dech = expf(log_decay(p, head_row, hv, 0));
-        if (p.erase == 1 || p.write == 1) {
-            beta = fla_load(p.beta, p.dtype, head_row);
-            if (p.beta_sigmoid) beta = sigmoidf_(beta);
-        }
-        float vv[VW], ww[VW];
-#pragma unroll
-        for (int x = 0; x < VW; ++x) {
-            const long long vi = head_row * p.dv + j0 + x;
-            vv[x] = jok ? fla_load(p.v, p.dtype, vi) : 0.0f;
-            float wx = p.write == 0 ? 1.0f : beta;
-            if (p.write == 2 && jok) {
-                wx = fla_load(p.w, p.dtype, vi);
-                if (p.beta_sigmoid) wx = sigmoidf_(wx);
-            }
-            ww[x] = wx;
-        }
-        float rq = 1.0f, rk = 1.0f;
-        if (p.l2norm) {
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-                ssq += __shfl_xor_sync(0xffffffffu, ssq, off);
-                ssk += __shfl_xor_sync(0xffffffffu, ssk, off);
-            }
-            if (lane == 0) {
-                red_n[warp][0] = ssq;
-                red_n[warp][1] = ssk;
-            }
-        }
-        __syncthreads();
-        if (p.l2norm) {
-            float a = 0.0f, b = 0.0f;
-#pragma unroll
-            for (int w = 0; w < NWARPS; ++w) {
-                a += red_n[w][0];
-                b += red_n[w][1];
-            }
-            rq = rsqrtf(a + 1e-6f);
-            rk = rsqrtf(b + 1e-6f);
-        }
-        const float qs = rq * p.scale;
+    // Offset of this thread's first column, and whether it is inside V.
+    static __device__ __forceinline__ int col0(const Tile& t) { return t.vb * BV + (threadIdx.x % CT) * VW; }
+    static __device__ __forceinline__ int row(int r) { return r * KS + (int)threadIdx.x / CT; }
 
-        // Decay, then the erase e = S^T (b . k).
-        float e[VW];
-#pragma unroll
-        for (int x = 0; x < VW; ++x) e[x] = 0.0f;
+    static __device__ __forceinline__ void load(const RecurrentParams& p, const Tile& t, float (&s)[R][VW]) {
+        const int j0 = col0(t);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            const int c = r * KS + ks;
-            const float d = p.decay == 2 ? sdec[c] : dech;
-            const float bk = (p.erase == 1 ? beta : sb[c]) * sk[c] * rk;
+            const int c = row(r);
+            if (c < p.dk && j0 < p.dv) {
+                const float* src = t.S + (long long)c * p.dv + j0;
+                if constexpr (VW == 4) {
+                    float4 x = __ldcs(reinterpret_cast<const float4*>(src));
+                    s[r][0] = x.x; s[r][1] = x.y; s[r][2] = x.z; s[r][3] = x.w;
+                } else {
 #pragma unroll
-            for (int x = 0; x < VW; ++x) {
-                s[r][x] *= d;
-                e[x] += bk * s[r][x];
+                    for (int i = 0; i < VW; ++i) s[r][i] = __ldcs(src + i);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < VW; ++i) s[r][i] = 0.0f;
             }
         }
-        if (p.erase != 0) {
+    }
+
+    static __device__ __forceinline__ void store(const RecurrentParams& p, const Tile& t, const float (&s)[R][VW]) {
+        const int j0 = col0(t);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int c = row(r);
+            if (c < p.dk && j0 < p.dv) {
+                float* dst = t.S + (long long)c * p.dv + j0;
+                if constexpr (VW == 4) {
+                    __stcs(reinterpret_cast<float4*>(dst), make_float4(s[r][0], s[r][1], s[r][2], s[r][3]));
+                } else {
+#pragma unroll
+                    for (int x = 0; x < VW; ++x) __stcs(dst + x, s[r][x]);
+                }
+            }
+        }
+    }
+
+    // Every token of the tile's sequence against the state tile in registers. All global loads
+    // of a token are issued together (no data-dependent branch between them), so a token costs
+    // one memory round trip, overlapped with the state loads for the first token.
+    template <int DT>
+    static __device__ __forceinline__ void tokens(const RecurrentParams& p, const Tile& t, float (&s)[R][VW], Smem& sm) {
+        constexpr int M = (KMAX + NT - 1) / NT;  // K slots per thread for the per-token vectors
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+        const int col = tid % CT, ks = tid / CT;
+        const int hv = t.hv;
+        const int j0 = col0(t);
+        const bool jok = j0 < p.dv;  // the host checks V % VW == 0
+        const int hk = hv / (p.hv / p.h);
+        // Per-head constants of the in-op gate, once per tile.
+        float neg_ea = 0.0f, dth = 0.0f, dtc[M];
+        if (p.use_gate) {
+            neg_ea = -expf(fla_load(p.a_log, p.a_log_dtype, hv));
+            if (!p.dt_per_channel) dth = fla_load(p.dt_bias, p.dt_bias_dtype, hv);
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const int c = tid + m * NT;
+            dtc[m] = p.use_gate && p.dt_per_channel && c < p.dk
+                         ? fla_load(p.dt_bias, p.dt_bias_dtype, (long long)hv * p.dk + c)
+                         : 0.0f;
+        }
+        for (long long i = 0; i < t.len; ++i) {
+            const long long tok = t.bos + i;
+            const long long head_row = tok * p.hv + hv;  // index of (tok, hv) in [tokens, HV]
+            // Issue every load of the token.
+            float qv[M], kv[M], gv[M], bv[M];
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const int c = tid + m * NT;
+                const bool ok = c < p.dk;
+                const long long qi = (tok * p.h + hk) * p.dk + c;
+                qv[m] = ok ? fla_ld<DT>(p.q, qi) : 0.0f;
+                kv[m] = ok ? fla_ld<DT>(p.k, qi) : 0.0f;
+                gv[m] = ok && p.decay == 2 ? fla_ld<DT>(p.g, head_row * p.dk + c) : 0.0f;
+                bv[m] = ok && p.erase == 2 ? fla_ld<DT>(p.b, head_row * p.dk + c) : 0.0f;
+            }
+            const float gh = p.decay == 1 ? fla_ld<DT>(p.g, head_row) : 0.0f;
+            const float beta_raw = p.erase == 1 || p.write == 1 ? fla_ld<DT>(p.beta, head_row) : 0.0f;
+            float vv[VW], ww[VW];
+#pragma unroll
+            for (int x = 0; x < VW; ++x) {
+                const long long vi = head_row * p.dv + j0 + x;
+                vv[x] = jok ? fla_ld<DT>(p.v, vi) : 0.0f;
+                ww[x] = jok && p.write == 2 ? fla_ld<DT>(p.w, vi) : 0.0f;
+            }
+            // Then transform: gates, sigmoids, L2 norms.
+            float ssq = 0.0f, ssk = 0.0f;
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const int c = tid + m * NT;
+                if (c < KMAX) {
+                    float dec = 1.0f;
+                    if (p.decay == 2 && c < p.dk) {
+                        const float g = p.use_gate ? neg_ea * softplusf_(gv[m] + dtc[m]) : gv[m];
+                        dec = expf(g);
+                    }
+                    sm.sq[c] = qv[m];
+                    sm.sk[c] = kv[m];
+                    sm.sdec[c] = dec;
+                    sm.sb[c] = p.beta_sigmoid && c < p.dk ? sigmoidf_(bv[m]) : bv[m];
+                }
+                ssq += qv[m] * qv[m];
+                ssk += kv[m] * kv[m];
+            }
+            float dech = 1.0f;
+            if (p.decay == 1) dech = expf(p.use_gate ? neg_ea * softplusf_(gh + dth) : gh);
+            const float beta = p.beta_sigmoid ? sigmoidf_(beta_raw) : beta_raw;
+#pragma unroll
+            for (int x = 0; x < VW; ++x) {
+                if (p.write == 0) ww[x] = 1.0f;
+                else if (p.write == 1) ww[x] = beta;
+                else if (p.beta_sigmoid) ww[x] = sigmoidf_(ww[x]);
+            }
+            float rq = 1.0f, rk = 1.0f;
+            if (p.l2norm) {
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) {
+                    ssq += __shfl_xor_sync(0xffffffffu, ssq, off);
+                    ssk += __shfl_xor_sync(0xffffffffu, ssk, off);
+                }
+                if (lane == 0) {
+                    sm.red_n[warp][0] = ssq;
+                    sm.red_n[warp][1] = ssk;
+                }
+            }
+            __syncthreads();
+            if (p.l2norm) {
+                float a = 0.0f, b = 0.0f;
+#pragma unroll
+                for (int w = 0; w < NWARPS; ++w) {
+                    a += sm.red_n[w][0];
+                    b += sm.red_n[w][1];
+                }
+                rq = rsqrtf(a + 1e-6f);
+                rk = rsqrtf(b + 1e-6f);
+            }
+            const float qs = rq * p.scale;
+
+            // Decay, then the erase e = S^T (b . k).
+            float e[VW];
+#pragma unroll
+            for (int x = 0; x < VW; ++x) e[x] = 0.0f;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int c = r * KS + ks;
+                const float d = p.decay == 2 ? sm.sdec[c] : dech;
+                const float bk = (p.erase == 1 ? beta : sm.sb[c]) * sm.sk[c] * rk;
+#pragma unroll
+                for (int x = 0; x < VW; ++x) {
+                    s[r][x] *= d;
+                    e[x] += bk * s[r][x];
+                }
+            }
+            if (p.erase != 0) {
+#pragma unroll
+                for (int off = CT; off < 32; off <<= 1)
+#pragma unroll
+                    for (int x = 0; x < VW; ++x) e[x] += __shfl_xor_sync(0xffffffffu, e[x], off);
+                if (lane < CT)
+#pragma unroll
+                    for (int x = 0; x < VW; ++x) sm.red_e[warp][col * VW + x] = e[x];
+                __syncthreads();
+#pragma unroll
+                for (int x = 0; x < VW; ++x) {
+                    float acc = 0.0f;
+#pragma unroll
+                    for (int w = 0; w < NWARPS; ++w) acc += sm.red_e[w][col * VW + x];
+                    e[x] = acc;
+                }
+            }
+            // Write k (w . v - e)^T, then o = S^T (scale . q).
+            float u[VW], o[VW];
+#pragma unroll
+            for (int x = 0; x < VW; ++x) {
+                u[x] = ww[x] * vv[x] - e[x];
+                o[x] = 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const int c = r * KS + ks;
+                const float kc = sm.sk[c] * rk, qc = sm.sq[c] * qs;
+#pragma unroll
+                for (int x = 0; x < VW; ++x) {
+                    s[r][x] += kc * u[x];
+                    o[x] += qc * s[r][x];
+                }
+            }
 #pragma unroll
             for (int off = CT; off < 32; off <<= 1)
 #pragma unroll
-                for (int x = 0; x < VW; ++x) e[x] += __shfl_xor_sync(0xffffffffu, e[x], off);
+                for (int x = 0; x < VW; ++x) o[x] += __shfl_xor_sync(0xffffffffu, o[x], off);
             if (lane < CT)
 #pragma unroll
-                for (int x = 0; x < VW; ++x) red_e[warp][col * VW + x] = e[x];
+                for (int x = 0; x < VW; ++x) sm.red_o[warp][col * VW + x] = o[x];
             __syncthreads();
+            if (ks == 0 && jok) {
 #pragma unroll
-            for (int x = 0; x < VW; ++x) {
-                float t = 0.0f;
+                for (int x = 0; x < VW; ++x) {
+                    float acc = 0.0f;
 #pragma unroll
-                for (int w = 0; w < NWARPS; ++w) t += red_e[w][col * VW + x];
-                e[x] = t;
-            }
-        }
-        // Write k (w . v - e)^T, then o = S^T (scale . q).
-        float u[VW], o[VW];
-#pragma unroll
-        for (int x = 0; x < VW; ++x) {
-            u[x] = ww[x] * vv[x] - e[x];
-            o[x] = 0.0f;
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int c = r * KS + ks;
-            const float kc = sk[c] * rk, qc = sq[c] * qs;
-#pragma unroll
-            for (int x = 0; x < VW; ++x) {
-                s[r][x] += kc * u[x];
-                o[x] += qc * s[r][x];
-            }
-        }
-#pragma unroll
-        for (int off = CT; off < 32; off <<= 1)
-#pragma unroll
-            for (int x = 0; x < VW; ++x) o[x] += __shfl_xor_sync(0xffffffffu, o[x], off);
-        if (lane < CT)
-#pragma unroll
-            for (int x = 0; x < VW; ++x) red_o[warp][col * VW + x] = o[x];
-        __syncthreads();
-        if (ks == 0 && jok) {
-#pragma unroll
-            for (int x = 0; x < VW; ++x) {
-                float t = 0.0f;
-#pragma unroll
-                for (int w = 0; w < NWARPS; ++w) t += red_o[w][col * VW + x];
-                fla_store(p.o, p.dtype, head_row * p.dv + j0 + x, t);
+                    for (int w = 0; w < NWARPS; ++w) acc += sm.red_o[w][col * VW + x];
+                    fla_st<DT>(p.o, head_row * p.dv + j0 + x, acc);
+                }
             }
         }
     }
+};
 
+// One tile per CTA: read the state tile, run the tokens, write it back.
+template <int DT, int KMAX, int VW, int BV, int NT>
+__device__ __forceinline__ void recurrent_step(const RecurrentParams& p) {
+    using St = Step<KMAX, VW, BV, NT>;
+    __shared__ typename St::Smem sm;
+    const Tile t = St::tile(p, blockIdx.x);
+    if (t.len <= 0) return;  // the state is left as it is
+    float s[St::R][VW];
+    St::load(p, t, s);
+    St::template tokens<DT>(p, t, s, sm);
+    St::store(p, t, s);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// Persistent CTAs walking tiles with a grid stride; the next tile's state streams into shared
+// memory (cp.async, private to each thread: it reads back only what it copied) while the
+// current one is computed, so loads stay in flight all the time. VW = 4 only.
+template <int DT, int KMAX, int BV, int NT>
+__device__ __forceinline__ void recurrent_step_pipelined(const RecurrentParams& p) {
+    using St = Step<KMAX, 4, BV, NT>;
+    constexpr int R = St::R;
+    __shared__ typename St::Smem sm;
+    __shared__ float4 buf[2][R][NT];
+    const int tiles = St::num_tiles(p);
+    auto prefetch = [&](int idx, int stage) {
+        const Tile t = St::tile(p, idx);
+        const int j0 = St::col0(t);
+        if (t.len <= 0 || j0 >= p.dv) return;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int c = r * KS + ks;
-        if (c < p.dk && jok) {
-            float* dst = S + (long long)c * p.dv + j0;
-            if constexpr (VW == 4) {
-                __stcs(reinterpret_cast<float4*>(dst), make_float4(s[r][0], s[r][1], s[r][2], s[r][3]));
-            } else {
-#pragma unroll
-                for (int x = 0; x < VW; ++x) __stcs(dst + x, s[r][x]);
-            }
+        for (int r = 0; r < R; ++r) {
+            const int c = St::row(r);
+            if (c < p.dk) cp_async16(&buf[stage][r][threadIdx.x], t.S + (long long)c * p.dv + j0);
         }
+    };
+    if ((int)blockIdx.x < tiles) prefetch(blockIdx.x, 0);
+    cp_async_commit();
+    int it = 0;
+    for (int idx = blockIdx.x; idx < tiles; idx += gridDim.x, ++it) {
+        const int next = idx + gridDim.x;
+        if (next < tiles) prefetch(next, (it + 1) & 1);
+        cp_async_commit();
+        cp_async_wait_1();
+        const Tile t = St::tile(p, idx);
+        if (t.len <= 0) continue;
+        const int j0 = St::col0(t);
+        float s[R][4];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const bool ok = St::row(r) < p.dk && j0 < p.dv;
+            const float4 x = ok ? buf[it & 1][r][threadIdx.x] : make_float4(0.f, 0.f, 0.f, 0.f);
+            s[r][0] = x.x; s[r][1] = x.y; s[r][2] = x.z; s[r][3] = x.w;
+        }
+        St::template tokens<DT>(p, t, s, sm);
+        St::store(p, t, s);
     }
 }
 
-// Entry points: recurrent_step_k{KMAX}_v{VW}; the host picks the smallest KMAX >= K and VW = 4
-// when V % 4 == 0.
-#define FLA_RECURRENT_STEP(KMAX, VW)                                                        \
-    extern "C" __global__ void __launch_bounds__(NT) recurrent_step_k##KMAX##_v##VW(const RecurrentParams p) { \
-        recurrent_step<KMAX, VW>(p);                                                        \
+__device__ __forceinline__ void prefetch_l2(const void* gmem) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(gmem)));
+}
+
+// Persistent CTAs walking tiles with a grid stride; at the start of each tile, the CTA asks
+// L2 for the state rows of its next tile, so that memory stays busy while it computes and its
+// next loads hit L2. Costs no registers or shared memory.
+template <int DT, int KMAX, int VW, int BV, int NT>
+__device__ __forceinline__ void recurrent_step_prefetch(const RecurrentParams& p) {
+    using St = Step<KMAX, VW, BV, NT>;
+    __shared__ typename St::Smem sm;
+    const int tiles = St::num_tiles(p);
+    for (int idx = blockIdx.x; idx < tiles; idx += gridDim.x) {
+        const int next = idx + gridDim.x;
+        if (next < tiles) {
+            const Tile t2 = St::tile(p, next);
+            const int j0 = St::col0(t2);
+            if (t2.len > 0 && j0 < p.dv) {
+#pragma unroll
+                for (int r = 0; r < St::R; ++r) {
+                    const int c = St::row(r);
+                    if (c < p.dk) prefetch_l2(t2.S + (long long)c * p.dv + j0);
+                }
+            }
+        }
+        const Tile t = St::tile(p, idx);
+        if (t.len <= 0) continue;
+        float s[St::R][VW];
+        St::load(p, t, s);
+        St::template tokens<DT>(p, t, s, sm);
+        St::store(p, t, s);
+        __syncthreads();  // the next tile reuses the shared vectors
     }
-FLA_RECURRENT_STEP(64, 4)
-FLA_RECURRENT_STEP(128, 4)
-FLA_RECURRENT_STEP(256, 4)
-FLA_RECURRENT_STEP(64, 1)
-FLA_RECURRENT_STEP(128, 1)
-FLA_RECURRENT_STEP(256, 1)
+}
+
+// Entry points: recurrent_step_{f32,bf16,f16}_k{KMAX}_v{VW}{SUFFIX}, by input dtype; the host
+// picks the smallest KMAX >= K, VW = 4 when V % 4 == 0, and the tiling (BV, NT) of the suffix
+// (none: 32 columns, 128 threads).
+#define FLA_RECURRENT_STEP_DT(DT, NAME, KMAX, VW, BV, NT, MINB, SUFFIX)                         \
+    extern "C" __global__ void __launch_bounds__(NT, MINB)                                       \
+        recurrent_step_##NAME##_k##KMAX##_v##VW##SUFFIX(const RecurrentParams p) {              \
+        recurrent_step<DT, KMAX, VW, BV, NT>(p);                                                \
+    }
+#define FLA_RECURRENT_STEP(KMAX, VW, BV, NT, MINB, SUFFIX)                 \
+    FLA_RECURRENT_STEP_DT(FLA_F32, f32, KMAX, VW, BV, NT, MINB, SUFFIX)    \
+    FLA_RECURRENT_STEP_DT(FLA_BF16, bf16, KMAX, VW, BV, NT, MINB, SUFFIX)  \
+    FLA_RECURRENT_STEP_DT(FLA_F16, f16, KMAX, VW, BV, NT, MINB, SUFFIX)
+FLA_RECURRENT_STEP(64, 4, 32, 128, 1, )
+FLA_RECURRENT_STEP(128, 4, 32, 128, 1, )
+FLA_RECURRENT_STEP(256, 4, 32, 128, 1, )
+FLA_RECURRENT_STEP(64, 1, 32, 128, 1, )
+FLA_RECURRENT_STEP(128, 1, 32, 128, 1, )
+FLA_RECURRENT_STEP(256, 1, 32, 128, 1, )
+// Tiling variants at K <= 128, V % 4 == 0, for benchmarking (FLA_RECURRENT_VARIANT).
+FLA_RECURRENT_STEP(128, 4, 32, 128, 8, _o8)
+FLA_RECURRENT_STEP(128, 4, 16, 64, 16, _bv16)
+FLA_RECURRENT_STEP(128, 4, 64, 128, 4, _bv64)
+FLA_RECURRENT_STEP(128, 4, 128, 256, 2, _bv128)
+FLA_RECURRENT_STEP(128, 4, 32, 256, 4, _ks32)
+#define FLA_RECURRENT_STEP_PIPELINED_DT(DT, NAME, KMAX, BV, NT, MINB, SUFFIX)                   \
+    extern "C" __global__ void __launch_bounds__(NT, MINB)                                       \
+        recurrent_step_##NAME##_k##KMAX##_v4##SUFFIX(const RecurrentParams p) {                 \
+        recurrent_step_pipelined<DT, KMAX, BV, NT>(p);                                          \
+    }
+#define FLA_RECURRENT_STEP_PIPELINED(KMAX, BV, NT, MINB, SUFFIX)                 \
+    FLA_RECURRENT_STEP_PIPELINED_DT(FLA_F32, f32, KMAX, BV, NT, MINB, SUFFIX)    \
+    FLA_RECURRENT_STEP_PIPELINED_DT(FLA_BF16, bf16, KMAX, BV, NT, MINB, SUFFIX)  \
+    FLA_RECURRENT_STEP_PIPELINED_DT(FLA_F16, f16, KMAX, BV, NT, MINB, SUFFIX)
+FLA_RECURRENT_STEP_PIPELINED(128, 32, 128, 1, _pipe)
+FLA_RECURRENT_STEP_PIPELINED(128, 32, 128, 6, _pipe6)
+#define FLA_RECURRENT_STEP_PREFETCH_DT(DT, NAME, KMAX, BV, NT, MINB, SUFFIX)                    \
+    extern "C" __global__ void __launch_bounds__(NT, MINB)                                       \
+        recurrent_step_##NAME##_k##KMAX##_v4##SUFFIX(const RecurrentParams p) {                 \
+        recurrent_step_prefetch<DT, KMAX, 4, BV, NT>(p);                                        \
+    }
+#define FLA_RECURRENT_STEP_PREFETCH(KMAX, BV, NT, MINB, SUFFIX)                 \
+    FLA_RECURRENT_STEP_PREFETCH_DT(FLA_F32, f32, KMAX, BV, NT, MINB, SUFFIX)    \
+    FLA_RECURRENT_STEP_PREFETCH_DT(FLA_BF16, bf16, KMAX, BV, NT, MINB, SUFFIX)  \
+    FLA_RECURRENT_STEP_PREFETCH_DT(FLA_F16, f16, KMAX, BV, NT, MINB, SUFFIX)
+FLA_RECURRENT_STEP_PREFETCH(128, 32, 128, 1, _pf32)
+FLA_RECURRENT_STEP_PREFETCH(128, 64, 128, 1, _pf64)
+FLA_RECURRENT_STEP_PREFETCH(128, 128, 256, 1, _pf128)
+FLA_RECURRENT_STEP_PREFETCH(128, 64, 128, 4, _pf64b)
+FLA_RECURRENT_STEP_PREFETCH(128, 128, 256, 2, _pf128b)

@@ -93,9 +93,42 @@ struct RecurrentParams {
 // SAFETY: plain old data with the C layout the kernel reads (u64 addresses, i32 and f32 fields).
 unsafe impl DeviceRepr for RecurrentParams {}
 
-/// Threads per CTA and value columns per CTA of `recurrent.cu`.
-const RECURRENT_THREADS: u32 = 128;
-const RECURRENT_BV: usize = 32;
+/// A tiling of `recurrent.cu`: kernel-name suffix, value columns per CTA, threads per CTA, and
+/// whether CTAs are persistent (a grid of at most one wave walking the tiles).
+#[derive(Debug, Clone, Copy)]
+struct Tiling {
+    suffix: &'static str,
+    bv: usize,
+    threads: u32,
+    persistent: bool,
+}
+
+/// The default tiling (every K ≤ 256, every V).
+const DEFAULT_TILING: Tiling = Tiling { suffix: "", bv: 32, threads: 128, persistent: false };
+
+/// Benchmark-only tilings for 64 < K ≤ 128 and V % 4 == 0, picked by `FLA_RECURRENT_VARIANT`.
+const VARIANTS: [Tiling; 12] = [
+    Tiling { suffix: "_o8", bv: 32, threads: 128, persistent: false },
+    Tiling { suffix: "_bv16", bv: 16, threads: 64, persistent: false },
+    Tiling { suffix: "_bv64", bv: 64, threads: 128, persistent: false },
+    Tiling { suffix: "_bv128", bv: 128, threads: 256, persistent: false },
+    Tiling { suffix: "_ks32", bv: 32, threads: 256, persistent: false },
+    Tiling { suffix: "_pipe", bv: 32, threads: 128, persistent: true },
+    Tiling { suffix: "_pipe6", bv: 32, threads: 128, persistent: true },
+    Tiling { suffix: "_pf32", bv: 32, threads: 128, persistent: true },
+    Tiling { suffix: "_pf64", bv: 64, threads: 128, persistent: true },
+    Tiling { suffix: "_pf128", bv: 128, threads: 256, persistent: true },
+    Tiling { suffix: "_pf64b", bv: 64, threads: 128, persistent: true },
+    Tiling { suffix: "_pf128b", bv: 128, threads: 256, persistent: true },
+];
+
+fn tiling(k: usize, v: usize) -> Tiling {
+    if !(65..=128).contains(&k) || v % 4 != 0 {
+        return DEFAULT_TILING;
+    }
+    let want = std::env::var("FLA_RECURRENT_VARIANT").unwrap_or_default();
+    VARIANTS.iter().find(|t| t.suffix.trim_start_matches('_') == want).copied().unwrap_or(DEFAULT_TILING)
+}
 
 /// The recurrent step on the GPU; see [`crate::recurrent::step_cuda`] for the contract.
 pub(crate) fn recurrent_step(
@@ -177,18 +210,29 @@ pub(crate) fn recurrent_step(
         }
         None => None,
     };
-    let blocks = d.n * d.hv * d.v.div_ceil(RECURRENT_BV);
-    let blocks = u32::try_from(blocks)
+    let tl = tiling(d.k, d.v);
+    let tiles = d.n * d.hv * d.v.div_ceil(tl.bv);
+    let tiles = u32::try_from(tiles)
         .ok()
         .filter(|&b| b < i32::MAX as u32)
-        .ok_or_else(|| Error::size(OP, format!("N·HV·⌈V/32⌉ = {blocks} CTAs is more than one launch takes")))?;
+        .ok_or_else(|| Error::size(OP, format!("N·HV·⌈V/{}⌉ = {tiles} CTAs is more than one launch takes", tl.bv)))?;
     to_i32(OP, "tokens·HV·max(K,V)", tokens * d.hv * d.k.max(d.v))?;
     let dt_code = dtype_code(OP, "q", x.q.dtype())?;
     let (a_log_dtype, dt_bias_dtype) = match (x.a_log, x.dt_bias) {
         (Some(a), Some(b)) => (dtype_code(OP, "A_log", a.dtype())?, dtype_code(OP, "dt_bias", b.dtype())?),
         _ => (0, 0),
     };
-    let func = dev.function("recurrent", cubin("recurrent")?, &format!("recurrent_step_k{kmax}_v{vw}"))?;
+    let func = dev.function(
+        "recurrent",
+        cubin("recurrent")?,
+        &format!("recurrent_step_{}_k{kmax}_v{vw}{}", x.q.dtype(), tl.suffix),
+    )?;
+    let blocks = if tl.persistent {
+        let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(tl.threads, 0, None)?.max(1);
+        tiles.min(per_sm.saturating_mul(dev.sm_count() as u32))
+    } else {
+        tiles
+    };
 
     // SAFETY: every element of `o` is written by the kernel before it is read: each token
     // belongs to exactly one sequence (Problem checked cu_seqlens), and each (token, value head,
@@ -241,7 +285,7 @@ pub(crate) fn recurrent_step(
         dt_per_channel: x.dt_bias.is_some_and(|t| t.elem_count() != d.hv) as i32,
         scale: p.scale as f32,
     };
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (RECURRENT_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (tl.threads, 1, 1), shared_mem_bytes: 0 };
     let mut launch = stream.launch_builder(&func);
     launch.arg(&params);
     // SAFETY: the kernel's signature is `(RecurrentParams)` by value, mirrored above. Problem::new

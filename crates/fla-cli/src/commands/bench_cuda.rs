@@ -26,8 +26,10 @@ pub enum BenchDevice {
 /// Bytes the rotating buffers of one row must span (several times the 50–60 MB L2 of Hopper).
 const ROTATE_BYTES: usize = 512 << 20;
 
-/// Median milliseconds per call of `f(i)` (`i` counts calls), timed with CUDA events.
-fn time_gpu_ms(dev: &CudaDevice, seconds: f64, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+/// Median milliseconds per call of `f(i)` (`i` counts calls), timed with CUDA events, and the
+/// median host milliseconds per call spent submitting (when it reaches the GPU time, the row
+/// measures the launch path rather than the kernel).
+fn time_gpu_ms(dev: &CudaDevice, seconds: f64, mut f: impl FnMut(usize) -> Result<()>) -> Result<(f64, f64)> {
     let mut i = 0;
     for _ in 0..3 {
         f(i)?;
@@ -46,19 +48,22 @@ fn time_gpu_ms(dev: &CudaDevice, seconds: f64, mut f: impl FnMut(usize) -> Resul
     let per = (a.elapsed_ms(&b)? as f64 / probe as f64).max(1e-4);
     let reps = ((1.0 / per) as usize).clamp(1, 1000);
     let start = Instant::now();
-    let mut samples = Vec::new();
+    let (mut samples, mut host) = (Vec::new(), Vec::new());
     while samples.len() < 7 || (start.elapsed().as_secs_f64() < seconds && samples.len() < 500) {
         let a = dev.record_event()?;
+        let h = Instant::now();
         for _ in 0..reps {
             f(i)?;
             i += 1;
         }
+        host.push(h.elapsed().as_secs_f64() * 1e3 / reps as f64);
         let b = dev.record_event()?;
         b.synchronize()?;
         samples.push(a.elapsed_ms(&b)? as f64 / reps as f64);
     }
     samples.sort_by(f64::total_cmp);
-    Ok(samples[samples.len() / 2])
+    host.sort_by(f64::total_cmp);
+    Ok((samples[samples.len() / 2], host[host.len() / 2]))
 }
 
 fn random(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor {
@@ -77,7 +82,7 @@ fn hbm_ceiling(dev: &Arc<CudaDevice>, seconds: f64) -> Result<Row> {
     let bytes = 1usize << 30;
     let src = CudaTensor::from_host(&random(&[bytes / 4], 11, -1.0, 1.0), dev)?;
     let mut dst = CudaTensor::zeros(&[bytes / 4], DType::F32, dev)?;
-    let ms = time_gpu_ms(dev, seconds, |_| Ok(dst.copy_from(&src)?))?;
+    let (ms, _) = time_gpu_ms(dev, seconds, |_| Ok(dst.copy_from(&src)?))?;
     Ok(Row {
         name: "hbm_ceiling".into(),
         shape: "1 GiB".into(),
@@ -108,7 +113,7 @@ fn decode_row(dev: &Arc<CudaDevice>, seconds: f64, family: Family, n: usize, hbm
         .collect::<Result<Vec<_>>>()?;
     let x = Inputs { g: Some(&g), beta: Some(&beta), ..Inputs::new(&q, &k, &v) };
     let opts = Options { use_qk_l2norm_in_kernel: true, ..Options::default() };
-    let ms = time_gpu_ms(dev, seconds, |i| {
+    let (ms, host_ms) = time_gpu_ms(dev, seconds, |i| {
         recurrent::step_cuda(family, &x, &opts, &mut states[i % copies], None)?;
         Ok(())
     })?;
@@ -122,7 +127,7 @@ fn decode_row(dev: &Arc<CudaDevice>, seconds: f64, family: Family, n: usize, hbm
         rate,
         unit: "GB/s",
         fraction: Some(rate / hbm),
-        note: format!("{:.1} µs/step; state r+w + inputs", ms * 1e3),
+        note: format!("{:.1} µs/step (host {:.1} µs/call); state r+w + inputs", ms * 1e3, host_ms * 1e3),
     })
 }
 
@@ -132,12 +137,13 @@ pub(crate) fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
         bail!("--device cuda: no CUDA device (libcuda not found, or no GPU)");
     }
     let dev = CudaDevice::get(0)?;
-    eprintln!("device: {} (cuda:0)", dev.name());
+    let variant = std::env::var("FLA_RECURRENT_VARIANT").unwrap_or_default();
+    eprintln!("device: {} (cuda:0, {} SMs); FLA_RECURRENT_VARIANT={variant:?}", dev.name(), dev.sm_count());
     let want = |name: &str| only.is_none_or(|o| o.split(',').any(|n| n == name));
     let hbm = hbm_ceiling(&dev, seconds)?;
     let mut out = Vec::new();
-    if want("decode") {
-        for n in [1, 64, 256] {
+    for n in [1, 64, 256] {
+        if want("decode") || want(&format!("decode{n}")) {
             out.push(decode_row(&dev, seconds, Family::GatedDeltaRule, n, hbm.rate).context("decode row")?);
         }
     }

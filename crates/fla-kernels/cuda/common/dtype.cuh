@@ -44,3 +44,23 @@ __device__ __forceinline__ void fla_store(void* p, int dt, long long i, float x)
         static_cast<unsigned short*>(p)[i] = dt == FLA_BF16 ? fla_f32_to_bf16(x) : fla_f32_to_f16(x);
     }
 }
+
+// Element `i` of `p`, of compile-time dtype `DT`, as f32 (branch-free, so loads batch up).
+template <int DT>
+__device__ __forceinline__ float fla_ld(const void* p, long long i) {
+    if constexpr (DT == FLA_F32) {
+        return static_cast<const float*>(p)[i];
+    } else {
+        const unsigned short h = static_cast<const unsigned short*>(p)[i];
+        if constexpr (DT == FLA_BF16) return fla_bf16_to_f32(h);
+        else return fla_f16_to_f32(h);
+    }
+}
+
+// Stores `x` as element `i` of `p`, of compile-time dtype `DT`.
+template <int DT>
+__device__ __forceinline__ void fla_st(void* p, long long i, float x) {
+    if constexpr (DT == FLA_F32) static_cast<float*>(p)[i] = x;
+    else if constexpr (DT == FLA_BF16) static_cast<unsigned short*>(p)[i] = fla_f32_to_bf16(x);
+    else static_cast<unsigned short*>(p)[i] = fla_f32_to_f16(x);
+}
