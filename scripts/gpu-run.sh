@@ -24,7 +24,7 @@ run)
   .device/fla-core-tests cuda --nocapture 2>&1 | tee "$out/core-tests.log"
   .device/cuda-tests --nocapture --test-threads=1 2>&1 | tee "$out/tests.log"
   timeout 120 compute-sanitizer --tool memcheck --print-limit 10 .device/cuda-tests kda --test-threads=1 \
-    > "$out/memcheck.log" 2>&1 && echo "memcheck: $(tail -n 2 "$out/memcheck.log" | head -n 1)" \
+    > "$out/memcheck.log" 2>&1 && echo "memcheck: $(grep "ERROR SUMMARY" "$out/memcheck.log")" \
     || { echo "memcheck failed or timed out:"; tail -n 20 "$out/memcheck.log"; }
   .device/fla bench ops --device cuda --seconds 1 2>&1 | tee "$out/bench.txt"
   for v in ${FLA_VARIANTS:-}; do

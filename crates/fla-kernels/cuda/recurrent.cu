@@ -6,7 +6,7 @@
 //   S <- S + k_t (w_t . v_t - e)^T     (write; w = beta, a per-channel gate, or 1)
 //   o_t = S^T (scale . q_t)
 //
-// One CTA of 128 threads per (sequence, value head, block of 32 value columns). Thread
+// One CTA per (sequence, value head, block of BV value columns). Thread
 // (ks, col) owns VW adjacent columns of rows c = r*KS + ks of the f32 state tile, in registers,
 // for every token of the sequence: the state is read from memory once and written once per
 // call, which is what bounds the decode step (it is memory-bound). Reductions over K (e and o)
@@ -313,91 +313,6 @@ __device__ __forceinline__ void recurrent_step(const RecurrentParams& p) {
     St::store(p, t, s);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-
-// Persistent CTAs walking tiles with a grid stride; the next tile's state streams into shared
-// memory (cp.async, private to each thread: it reads back only what it copied) while the
-// current one is computed, so loads stay in flight all the time. VW = 4 only.
-template <int DT, int KMAX, int BV, int NT>
-__device__ __forceinline__ void recurrent_step_pipelined(const RecurrentParams& p) {
-    using St = Step<KMAX, 4, BV, NT>;
-    constexpr int R = St::R;
-    __shared__ typename St::Smem sm;
-    __shared__ float4 buf[2][R][NT];
-    const int tiles = St::num_tiles(p);
-    auto prefetch = [&](int idx, int stage) {
-        const Tile t = St::tile(p, idx);
-        const int j0 = St::col0(t);
-        if (t.len <= 0 || j0 >= p.dv) return;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int c = St::row(r);
-            if (c < p.dk) cp_async16(&buf[stage][r][threadIdx.x], t.S + (long long)c * p.dv + j0);
-        }
-    };
-    if ((int)blockIdx.x < tiles) prefetch(blockIdx.x, 0);
-    cp_async_commit();
-    int it = 0;
-    for (int idx = blockIdx.x; idx < tiles; idx += gridDim.x, ++it) {
-        const int next = idx + gridDim.x;
-        if (next < tiles) prefetch(next, (it + 1) & 1);
-        cp_async_commit();
-        cp_async_wait_1();
-        const Tile t = St::tile(p, idx);
-        if (t.len <= 0) continue;
-        const int j0 = St::col0(t);
-        float s[R][4];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const bool ok = St::row(r) < p.dk && j0 < p.dv;
-            const float4 x = ok ? buf[it & 1][r][threadIdx.x] : make_float4(0.f, 0.f, 0.f, 0.f);
-            s[r][0] = x.x; s[r][1] = x.y; s[r][2] = x.z; s[r][3] = x.w;
-        }
-        St::template tokens<DT>(p, t, s, sm);
-        St::store(p, t, s);
-    }
-}
-
-__device__ __forceinline__ void prefetch_l2(const void* gmem) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(gmem)));
-}
-
-// Persistent CTAs walking tiles with a grid stride; at the start of each tile, the CTA asks
-// L2 for the state rows of its next tile, so that memory stays busy while it computes and its
-// next loads hit L2. Costs no registers or shared memory.
-template <int DT, int KMAX, int VW, int BV, int NT>
-__device__ __forceinline__ void recurrent_step_prefetch(const RecurrentParams& p) {
-    using St = Step<KMAX, VW, BV, NT>;
-    __shared__ typename St::Smem sm;
-    const int tiles = St::num_tiles(p);
-    for (int idx = blockIdx.x; idx < tiles; idx += gridDim.x) {
-        const int next = idx + gridDim.x;
-        if (next < tiles) {
-            const Tile t2 = St::tile(p, next);
-            const int j0 = St::col0(t2);
-            if (t2.len > 0 && j0 < p.dv) {
-#pragma unroll
-                for (int r = 0; r < St::R; ++r) {
-                    const int c = St::row(r);
-                    if (c < p.dk) prefetch_l2(t2.S + (long long)c * p.dv + j0);
-                }
-            }
-        }
-        const Tile t = St::tile(p, idx);
-        if (t.len <= 0) continue;
-        float s[St::R][VW];
-        St::load(p, t, s);
-        St::template tokens<DT>(p, t, s, sm);
-        St::store(p, t, s);
-        __syncthreads();  // the next tile reuses the shared vectors
-    }
-}
-
 // Entry points: recurrent_step_{f32,bf16,f16}_k{KMAX}_v{VW}{SUFFIX}, by input dtype; the host
 // picks the smallest KMAX >= K, VW = 4 when V % 4 == 0, and the tiling (BV, NT) of the suffix
 // (none: 32 columns, 128 threads).
@@ -416,34 +331,9 @@ FLA_RECURRENT_STEP(256, 4, 32, 128, 1, )
 FLA_RECURRENT_STEP(64, 1, 32, 128, 1, )
 FLA_RECURRENT_STEP(128, 1, 32, 128, 1, )
 FLA_RECURRENT_STEP(256, 1, 32, 128, 1, )
-// Tiling variants at K <= 128, V % 4 == 0, for benchmarking (FLA_RECURRENT_VARIANT).
-FLA_RECURRENT_STEP(128, 4, 32, 128, 8, _o8)
-FLA_RECURRENT_STEP(128, 4, 16, 64, 16, _bv16)
+// K in (64, 128], V % 4 == 0: 64 columns per CTA (4 CTAs per SM), the default there; it
+// reached 90-94% of the copy bandwidth on an H200 where the 32-column tiling above reached 72%
+// (BENCHMARKS.md). The others are kept for FLA_RECURRENT_VARIANT comparisons.
 FLA_RECURRENT_STEP(128, 4, 64, 128, 4, _bv64)
+FLA_RECURRENT_STEP(128, 4, 32, 128, 8, _o8)
 FLA_RECURRENT_STEP(128, 4, 128, 256, 2, _bv128)
-FLA_RECURRENT_STEP(128, 4, 32, 256, 4, _ks32)
-#define FLA_RECURRENT_STEP_PIPELINED_DT(DT, NAME, KMAX, BV, NT, MINB, SUFFIX)                   \
-    extern "C" __global__ void __launch_bounds__(NT, MINB)                                       \
-        recurrent_step_##NAME##_k##KMAX##_v4##SUFFIX(const RecurrentParams p) {                 \
-        recurrent_step_pipelined<DT, KMAX, BV, NT>(p);                                          \
-    }
-#define FLA_RECURRENT_STEP_PIPELINED(KMAX, BV, NT, MINB, SUFFIX)                 \
-    FLA_RECURRENT_STEP_PIPELINED_DT(FLA_F32, f32, KMAX, BV, NT, MINB, SUFFIX)    \
-    FLA_RECURRENT_STEP_PIPELINED_DT(FLA_BF16, bf16, KMAX, BV, NT, MINB, SUFFIX)  \
-    FLA_RECURRENT_STEP_PIPELINED_DT(FLA_F16, f16, KMAX, BV, NT, MINB, SUFFIX)
-FLA_RECURRENT_STEP_PIPELINED(128, 32, 128, 1, _pipe)
-FLA_RECURRENT_STEP_PIPELINED(128, 32, 128, 6, _pipe6)
-#define FLA_RECURRENT_STEP_PREFETCH_DT(DT, NAME, KMAX, BV, NT, MINB, SUFFIX)                    \
-    extern "C" __global__ void __launch_bounds__(NT, MINB)                                       \
-        recurrent_step_##NAME##_k##KMAX##_v4##SUFFIX(const RecurrentParams p) {                 \
-        recurrent_step_prefetch<DT, KMAX, 4, BV, NT>(p);                                        \
-    }
-#define FLA_RECURRENT_STEP_PREFETCH(KMAX, BV, NT, MINB, SUFFIX)                 \
-    FLA_RECURRENT_STEP_PREFETCH_DT(FLA_F32, f32, KMAX, BV, NT, MINB, SUFFIX)    \
-    FLA_RECURRENT_STEP_PREFETCH_DT(FLA_BF16, bf16, KMAX, BV, NT, MINB, SUFFIX)  \
-    FLA_RECURRENT_STEP_PREFETCH_DT(FLA_F16, f16, KMAX, BV, NT, MINB, SUFFIX)
-FLA_RECURRENT_STEP_PREFETCH(128, 32, 128, 1, _pf32)
-FLA_RECURRENT_STEP_PREFETCH(128, 64, 128, 1, _pf64)
-FLA_RECURRENT_STEP_PREFETCH(128, 128, 256, 1, _pf128)
-FLA_RECURRENT_STEP_PREFETCH(128, 64, 128, 4, _pf64b)
-FLA_RECURRENT_STEP_PREFETCH(128, 128, 256, 2, _pf128b)
