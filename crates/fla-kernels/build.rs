@@ -23,7 +23,11 @@ fn cu_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("FLA_NVCC") {
         let p = PathBuf::from(p);
-        return p.is_file().then_some(p);
+        if !p.is_file() {
+            println!("cargo:warning=fla-kernels: FLA_NVCC={} is not a file", p.display());
+            return None;
+        }
+        return Some(p);
     }
     let p = manifest.join("../../.cuda/nvidia/cu13/bin/nvcc");
     p.is_file().then_some(p)

@@ -94,7 +94,7 @@ struct RecurrentParams {
 unsafe impl DeviceRepr for RecurrentParams {}
 
 /// A tiling of `recurrent.cu`: kernel-name suffix, value columns per CTA, threads per CTA.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Tiling {
     suffix: &'static str,
     bv: usize,
@@ -121,10 +121,11 @@ fn tiling(k: usize, v: usize) -> Tiling {
     if !(65..=128).contains(&k) || v % 4 != 0 {
         return BV32;
     }
-    match std::env::var("FLA_RECURRENT_VARIANT") {
+    static CHOSEN: std::sync::OnceLock<Tiling> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| match std::env::var("FLA_RECURRENT_VARIANT") {
         Ok(want) => VARIANTS.iter().find(|(name, _)| *name == want).map_or(BV64, |(_, t)| *t),
         Err(_) => BV64,
-    }
+    })
 }
 
 /// The recurrent step on the GPU; see [`crate::recurrent::step_cuda`] for the contract.
@@ -290,4 +291,26 @@ pub(crate) fn recurrent_step(
     unsafe { launch.launch(cfg) }?;
     drop((cu, indices));
     Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_match_the_kernel_struct() {
+        // 13 pointers, 16 ints and a float, padded to 8 bytes: what `RecurrentParams` in
+        // recurrent.cu occupies on the device.
+        assert_eq!(std::mem::size_of::<RecurrentParams>(), 176);
+        assert_eq!(std::mem::align_of::<RecurrentParams>(), 8);
+    }
+
+    #[test]
+    fn tiling_by_shape() {
+        assert_eq!(tiling(64, 64).bv, 32);
+        assert_eq!(tiling(256, 128).bv, 32);
+        assert_eq!(tiling(128, 50).bv, 32);
+        let t = tiling(128, 128);
+        assert!(VARIANTS.iter().any(|(_, v)| v.suffix == t.suffix), "{t:?}");
+    }
 }
