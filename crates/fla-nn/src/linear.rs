@@ -169,10 +169,7 @@ impl Linear {
     }
 
     /// `out[r, c] = x[r] · w[c0 + c]` for few rows, widening the weight as it streams.
-    fn gemv<W: Widen>(&self, x: &[f32], rows: usize, c0: usize, n: usize, out: &mut [f32])
-    where
-        W: fla_core::Element,
-    {
+    fn gemv<W: Widen + fla_core::Element>(&self, x: &[f32], rows: usize, c0: usize, n: usize, out: &mut [f32]) {
         let i = self.in_dim;
         let w = &self.weight.as_slice::<W>().expect("dtype matched")[c0 * i..(c0 + n) * i];
         for (c, wr) in w.chunks_exact(i).enumerate() {

@@ -227,7 +227,7 @@ impl<'a, F: Float + Element> Prepared<'a, F> {
         let broadcast = |src: &[F], dim: usize| -> Vec<F> {
             let mut out = Vec::with_capacity(len * dim);
             for t in range.clone() {
-                out.extend(std::iter::repeat(src[t * d.hv + hv]).take(dim));
+                out.extend(std::iter::repeat_n(src[t * d.hv + hv], dim));
             }
             out
         };

@@ -296,10 +296,7 @@ pub fn run(args: Args) -> Result<i32> {
             println!("{j}");
         }
     } else {
-        println!(
-            "{:<15} {:>10} {:>12} {:<8} {:>9}  {:<40} {}",
-            "name", "ms", "rate", "unit", "ceiling", "shape", "note"
-        );
+        println!("{:<15} {:>10} {:>12} {:<8} {:>9}  {:<40} note", "name", "ms", "rate", "unit", "ceiling", "shape");
         for r in &rows {
             let f = r.fraction.map_or(String::new(), |f| format!("{:.1}%", f * 100.0));
             println!(

@@ -98,7 +98,7 @@ pub(crate) fn head_backward<F: Float>(x: &HeadData<F>, d_o: &[F], mut ds: Vec<F>
         let s0 = &states[ci * dk * dv..][..dk * dv];
         w.compute(x, c0, l, true);
         new_values(x, &w, s0, &mut s.y, &mut s.u);
-        chunk_backward(x, &w, s0, &d_o[c0 * dv..][..l * dv], &mut ds, &mut s, &mut g);
+        chunk_backward(x, &w, s0, &d_o[c0 * dv..][..l * dv], &ds, &mut s, &mut g);
         std::mem::swap(&mut ds, &mut s.ds0);
     }
     g.dh0 = ds;
