@@ -2,7 +2,8 @@
 # Builds the GPU tests and the `fla` binary here and runs them on a GPU machine that has no
 # Rust: `scripts/gpu-run.sh prepare` (here: build, copy into .device/, which git ignores), then
 # on the GPU machine, from the repository root, `scripts/gpu-run.sh run [OUTDIR]`: the CUDA
-# tests, a compute-sanitizer pass, `fla bench ops --device cuda`, one profiled decode launch.
+# tests, `fla verify --device cuda` on the kernel fixtures, a compute-sanitizer pass, `fla bench
+# ops --device cuda`, one profiled decode launch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -16,6 +17,7 @@ prepare)
   cargo build --release -p fla-cli
   cp target/release/fla .device/fla
   strip .device/cuda-tests .device/fla-core-tests .device/fla
+  mkdir -p .device/fixtures && cp ../shared/fixtures/kernels/*.safetensors .device/fixtures/
   ls -la .device
   ;;
 run)
@@ -23,6 +25,7 @@ run)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
   .device/fla-core-tests cuda --nocapture 2>&1 | tee "$out/core-tests.log"
   .device/cuda-tests --nocapture --test-threads=1 2>&1 | tee "$out/tests.log"
+  .device/fla verify --device cuda .device/fixtures/*.safetensors 2>&1 | tee "$out/verify.log" | tail -n 1
   timeout 120 compute-sanitizer --tool memcheck --print-limit 10 .device/cuda-tests kda --test-threads=1 \
     > "$out/memcheck.log" 2>&1 && echo "memcheck: $(grep "ERROR SUMMARY" "$out/memcheck.log")" \
     || { echo "memcheck failed or timed out:"; tail -n 20 "$out/memcheck.log"; }

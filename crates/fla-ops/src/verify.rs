@@ -3,7 +3,8 @@
 //!
 //! A fixture holds the inputs, upstream gradients, outputs and gradients of one case of the
 //! recurrence, computed in float64. Every form that applies runs on its inputs in f32; each
-//! output and gradient is compared by `‖ours − ref‖ / ‖ref‖`.
+//! output and gradient is compared by `‖ours − ref‖ / ‖ref‖`. With CUDA, the forms that have a GPU
+//! kernel run there too.
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -24,6 +25,8 @@ pub struct FormReport {
     pub family: Family,
     /// Form: `naive`, `chunk` or `recurrent`.
     pub form: &'static str,
+    /// Device the form ran on: `cpu` or `cuda`.
+    pub device: &'static str,
     /// Relative error of each compared tensor, by fixture name (`o`, `ht`, `dq`, ...).
     pub errors: BTreeMap<String, f64>,
 }
@@ -39,6 +42,7 @@ impl FormReport {
             "fixture": self.fixture,
             "op": self.family.name(),
             "form": self.form,
+            "device": self.device,
             "pass": self.passed(),
             "tolerance": TOLERANCE,
             "rel_err": self.errors,
@@ -53,8 +57,14 @@ fn meta_usize(meta: &std::collections::HashMap<String, String>, key: &str) -> Re
         .ok_or_else(|| Error::Msg(format!("fixture metadata `{key}` missing or not an integer")))
 }
 
-/// Runs every applicable form on the fixture at `path`.
+/// Runs every applicable form on the fixture at `path` on the CPU.
 pub fn verify_fixture(path: &Path) -> Result<Vec<FormReport>> {
+    verify_fixture_on(path, false)
+}
+
+/// Runs every applicable form on the fixture at `path`, and with `cuda` also every form that has
+/// a GPU kernel (today the recurrent step) on the first CUDA device.
+pub fn verify_fixture_on(path: &Path, cuda: bool) -> Result<Vec<FormReport>> {
     let file = SafeTensorsFile::open(path)?;
     let meta = file.metadata()?;
     let op = meta.get("op").ok_or_else(|| Error::Msg(format!("{}: no `op` in metadata", path.display())))?;
@@ -93,7 +103,7 @@ pub fn verify_fixture(path: &Path) -> Result<Vec<FormReport>> {
     let opts = Options { scale: Some(scale), output_final_state: true, ..Options::default() };
     let (o_ref, ht_ref) = (get("o")?, get("ht")?);
     let fixture = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let report = |form, errors| FormReport { fixture: fixture.clone(), family, form, errors };
+    let report = |form, errors| FormReport { fixture: fixture.clone(), family, form, device: "cpu", errors };
     let fwd_errors = |o: &Tensor, ht: &Tensor| -> Result<BTreeMap<String, f64>> {
         Ok(BTreeMap::from([("o".to_string(), o.rel_err(&o_ref)?), ("ht".to_string(), ht.rel_err(&ht_ref)?)]))
     };
@@ -125,5 +135,34 @@ pub fn verify_fixture(path: &Path) -> Result<Vec<FormReport>> {
     let mut state = h0.clone();
     let o = recurrent::step(family, &Inputs { initial_state: None, ..inputs }, &opts, &mut state)?;
     out.push(report("recurrent", fwd_errors(&o, &state)?));
+    if cuda {
+        let (o, ht) = recurrent_on_gpu(family, &inputs, &opts)?;
+        out.push(FormReport { device: "cuda", ..report("recurrent", fwd_errors(&o, &ht)?) });
+    }
     Ok(out)
+}
+
+/// The recurrent form on the first CUDA device, over the same inputs; returns `(o, final state)`
+/// on the host.
+fn recurrent_on_gpu(family: Family, x: &Inputs<'_>, opts: &Options) -> Result<(Tensor, Tensor)> {
+    use fla_core::cuda::{CudaDevice, CudaTensor};
+    let dev = CudaDevice::get(0)?;
+    let up = |t: Option<&Tensor>| t.map(|t| CudaTensor::from_host(t, &dev)).transpose();
+    let (q, k, v) =
+        (CudaTensor::from_host(x.q, &dev)?, CudaTensor::from_host(x.k, &dev)?, CudaTensor::from_host(x.v, &dev)?);
+    let (g, beta, b, w) = (up(x.g)?, up(x.beta)?, up(x.b)?, up(x.w)?);
+    let mut state = CudaTensor::from_host(x.initial_state.expect("fixtures carry h0"), &dev)?;
+    let inputs = Inputs {
+        g: g.as_ref(),
+        beta: beta.as_ref(),
+        b: b.as_ref(),
+        w: w.as_ref(),
+        initial_state: None,
+        a_log: None,
+        dt_bias: None,
+        cu_seqlens: x.cu_seqlens,
+        ..Inputs::new(&q, &k, &v)
+    };
+    let o = recurrent::step_cuda(family, &inputs, opts, &mut state, None)?;
+    Ok((o.to_host()?, state.to_host()?))
 }
