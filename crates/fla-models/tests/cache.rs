@@ -168,6 +168,15 @@ fn bad_inputs_are_errors(name: &str) {
     assert!(model.forward_logits(&[&[u32::MAX]]).is_err(), "{name}: token id u32::MAX must be refused");
     let params = generate::Params { max_new_tokens: 3, ..Default::default() };
     assert!(generate::generate(&model, &[vec![1, 2], vec![]], &params, |_, _| {}).is_err(), "{name}: empty prompt");
+    // A cache whose token counts disagree with what its layers hold is refused, not read out of
+    // bounds: claim one more cached token than the prefill stored, and a cache that never ran.
+    let mut cache = model.new_cache(1);
+    model.forward_hidden(&[&r.input_ids[0][..5]], &mut cache).unwrap();
+    cache.past[0] += 1;
+    assert!(model.forward_hidden(&[&r.input_ids[0][5..6]], &mut cache).is_err(), "{name}: past beyond the cache");
+    let mut fresh = model.new_cache(1);
+    fresh.past[0] = 4;
+    assert!(model.forward_hidden(&[&r.input_ids[0][..1]], &mut fresh).is_err(), "{name}: past on an empty cache");
 }
 
 /// Greedy tokens of one prompt alone.

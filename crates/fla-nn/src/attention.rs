@@ -76,6 +76,7 @@ impl GatedAttention {
     /// `x [tokens, hidden]` → `[tokens, hidden]`, appending the new keys and values to `cache`.
     pub fn forward(&self, x: &[f32], batch: &Batch, cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.cfg;
+        batch.check_rows("GatedAttention::forward", x, c.hidden)?;
         let (h, kvh, hd) = (c.heads, c.kv_heads, c.head_dim);
         let tokens = batch.tokens();
         let qg = self.q_proj.forward(x);
@@ -95,9 +96,17 @@ impl GatedAttention {
         let v = self.v_proj.forward(x);
         rms_norm(&mut q, &self.q_norm, c.eps, 1.0);
         rms_norm(&mut k, &self.k_norm, c.eps, 1.0);
-        if cache.k.len() != batch.len() {
-            cache.k.resize(batch.len(), Vec::new());
-            cache.v.resize(batch.len(), Vec::new());
+        if cache.k.len() != batch.len() && batch.past.iter().all(|&p| p == 0) {
+            *cache = KvCache { k: vec![Vec::new(); batch.len()], v: vec![Vec::new(); batch.len()] };
+        }
+        for n in 0..batch.len() {
+            let held = cache.k.get(n).map_or(0, |k| k.len() / (kvh * hd));
+            if cache.k.len() != batch.len() || held != batch.past[n] {
+                return Err(fla_core::Error::size(
+                    "GatedAttention::forward",
+                    format!("sequence {n} continues after {} tokens but the cache holds {held}", batch.past[n]),
+                ));
+            }
         }
         for (n, rows) in batch.seqs.iter().enumerate() {
             for (i, t) in rows.clone().enumerate() {

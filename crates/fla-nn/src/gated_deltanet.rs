@@ -164,6 +164,14 @@ impl GatedDeltaNet {
     /// `x [tokens, hidden]` → `[tokens, hidden]`, continuing each sequence from `cache`.
     pub fn forward(&self, x: &[f32], batch: &Batch, cache: &mut GdnCache) -> Result<Vec<f32>> {
         let c = &self.cfg;
+        batch.check_rows("GatedDeltaNet::forward", x, c.hidden)?;
+        let held = cache.state.as_ref().map_or(0, |s| s.shape()[0]);
+        if batch.past.iter().any(|&p| p > 0) && held != batch.len() {
+            return Err(fla_core::Error::size(
+                "GatedDeltaNet::forward",
+                format!("{} sequences continue from a cache holding {held} states", batch.len()),
+            ));
+        }
         let tokens = batch.tokens();
         let (qkv, z, b, a) = self.project(x);
         let mixed = self.conv.forward(&qkv, batch, &mut cache.conv);

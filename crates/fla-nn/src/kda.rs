@@ -81,37 +81,6 @@ pub struct KimiDeltaAttention {
     o_proj: Linear,
 }
 
-/// Checks that `x` holds `batch.tokens()` rows of `hidden` features and that the sequences of
-/// `batch` are packed back to back from row 0, with one past length each.
-pub(crate) fn check_rows(op: &'static str, x: &[f32], batch: &Batch, hidden: usize) -> Result<()> {
-    if batch.past.len() != batch.seqs.len() {
-        return Err(Error::size(
-            op,
-            format!("batch has {} sequences but {} past lengths", batch.seqs.len(), batch.past.len()),
-        ));
-    }
-    let mut end = 0;
-    for (i, r) in batch.seqs.iter().enumerate() {
-        if r.start != end || r.end < r.start {
-            return Err(Error::size(
-                op,
-                format!("batch sequence {i} covers rows {r:?}, expected to start at row {end}"),
-            ));
-        }
-        end = r.end;
-    }
-    let tokens = batch.tokens();
-    if x.len() != tokens * hidden {
-        return Err(Error::shape(
-            op,
-            "x",
-            format!("[tokens = {tokens}, hidden = {hidden}] as a flat slice"),
-            &[x.len()],
-        ));
-    }
-    Ok(())
-}
-
 fn low_rank(cfg: &KdaConfig, vb: &VarBuilder, name: &str) -> Result<usize> {
     match cfg.low_rank {
         Some(r) => Ok(r),
@@ -193,7 +162,7 @@ impl KimiDeltaAttention {
         const OP: &str = "KimiDeltaAttention::forward";
         let c = &self.cfg;
         let (h, d) = (c.heads, c.head_dim);
-        check_rows(OP, x, batch, c.hidden)?;
+        batch.check_rows(OP, x, c.hidden)?;
         let (n, t) = (batch.len(), batch.tokens());
         if t == 0 {
             return Ok(Vec::new());

@@ -18,7 +18,6 @@ use fla_core::cpu::dot;
 use fla_core::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::kda::check_rows;
 use crate::ops::{rms_norm, softmax};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -181,7 +180,7 @@ impl MultiLatentAttention {
     pub fn forward_form(&self, x: &[f32], batch: &Batch, cache: &mut MlaCache, form: MlaForm) -> Result<Vec<f32>> {
         const OP: &str = "MultiLatentAttention::forward";
         let c = &self.cfg;
-        check_rows(OP, x, batch, c.hidden)?;
+        batch.check_rows(OP, x, c.hidden)?;
         let (h, nope, rope, vd, r) = (c.heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let (qk, lat, kvw) = (c.qk(), c.latent(), nope + vd);
         let tokens = batch.tokens();
