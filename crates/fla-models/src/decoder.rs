@@ -39,7 +39,7 @@ pub(crate) enum Ffn {
 impl Ffn {
     fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
         match self {
-            Ffn::Dense(m) => Ok(m.forward(x)),
+            Ffn::Dense(m) => m.forward(x),
             Ffn::QwenMoe(m) => m.forward(x),
             Ffn::KimiMoe(m) => m.forward(x),
         }
@@ -168,7 +168,7 @@ impl Decoder {
     }
 
     /// Logits `[rows, vocab]` of final hidden states.
-    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+    pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>> {
         self.lm_head.forward(hidden)
     }
 

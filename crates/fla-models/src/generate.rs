@@ -111,7 +111,7 @@ pub fn generate(
     let mut last: Vec<f32> =
         batch.seqs.iter().flat_map(|r| hidden[(r.end - 1) * h..r.end * h].iter().copied()).collect();
     loop {
-        let logits = model.logits(&last);
+        let logits = model.logits(&last)?;
         let v = model.vocab();
         let mut next = vec![0u32; n];
         for i in 0..n {

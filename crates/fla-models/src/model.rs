@@ -82,7 +82,7 @@ impl Model {
     }
 
     /// Logits `[rows, vocab]` of final hidden states.
-    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+    pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>> {
         self.decoder.logits(hidden)
     }
 
@@ -90,6 +90,6 @@ impl Model {
     pub fn forward_logits(&self, seqs: &[&[u32]]) -> Result<Vec<f32>> {
         let mut cache = self.new_cache(seqs.len());
         let (hidden, _) = self.forward_hidden(seqs, &mut cache)?;
-        Ok(self.logits(&hidden))
+        self.logits(&hidden)
     }
 }

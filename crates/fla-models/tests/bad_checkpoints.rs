@@ -531,9 +531,9 @@ fn rounded_model(fixture: &str, dt: DType, keep_f32: bool, store_f32: bool) -> M
 /// matrix-vector path of half-precision weights).
 fn decode_logits(model: &Model, seq: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache(1);
-    let mut out = model.logits(&model.forward_hidden(&[&seq[..3]], &mut cache).unwrap().0);
+    let mut out = model.logits(&model.forward_hidden(&[&seq[..3]], &mut cache).unwrap().0).unwrap();
     for t in &seq[3..] {
-        out.extend(model.logits(&model.forward_hidden(&[&[*t]], &mut cache).unwrap().0));
+        out.extend(model.logits(&model.forward_hidden(&[&[*t]], &mut cache).unwrap().0).unwrap());
     }
     out
 }

@@ -34,7 +34,7 @@ fn run_schedule(model: &Model, seq: &[u32], chunks: &[usize]) -> Vec<f32> {
         assert_eq!(batch.past, vec![pos], "batch past");
         pos += n;
         assert_eq!(cache.past, vec![pos], "cache.past after {pos} tokens");
-        let l = model.logits(&hidden);
+        let l = model.logits(&hidden).unwrap();
         assert_eq!(l.len(), n * model.vocab(), "logits rows");
         logits.extend(l);
     }
@@ -87,7 +87,7 @@ fn run_batch(model: &Model, sources: &[Vec<u32>], steps: &[Vec<usize>]) -> fla_c
         let seqs: Vec<&[u32]> = (0..n).map(|i| &sources[i][pos[i]..pos[i] + step[i]]).collect();
         let (hidden, batch) = model.forward_hidden(&seqs, &mut cache)?;
         assert_eq!(batch.past, pos, "batch.past");
-        let logits = model.logits(&hidden);
+        let logits = model.logits(&hidden)?;
         assert_eq!(logits.len(), step.iter().sum::<usize>() * v, "logits rows");
         let mut start = 0;
         for i in 0..n {

@@ -79,7 +79,7 @@ impl GatedAttention {
         batch.check_rows("GatedAttention::forward", x, c.hidden)?;
         let (h, kvh, hd) = (c.heads, c.kv_heads, c.head_dim);
         let tokens = batch.tokens();
-        let qg = self.q_proj.forward(x);
+        let qg = self.q_proj.forward(x)?;
         let per = if c.output_gate { 2 * hd } else { hd };
         let mut q = vec![0.0f32; tokens * h * hd];
         let mut gate = vec![0.0f32; if c.output_gate { tokens * h * hd } else { 0 }];
@@ -92,8 +92,8 @@ impl GatedAttention {
                 }
             }
         }
-        let mut k = self.k_proj.forward(x);
-        let v = self.v_proj.forward(x);
+        let mut k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
         rms_norm(&mut q, &self.q_norm, c.eps, 1.0);
         rms_norm(&mut k, &self.k_norm, c.eps, 1.0);
         if cache.k.len() != batch.len() && batch.past.iter().all(|&p| p == 0) {
@@ -139,6 +139,6 @@ impl GatedAttention {
         if c.output_gate {
             o.iter_mut().zip(&gate).for_each(|(o, &g)| *o *= sigmoid(g));
         }
-        Ok(self.o_proj.forward(&o))
+        self.o_proj.forward(&o)
     }
 }

@@ -127,16 +127,16 @@ impl GatedDeltaNet {
     }
 
     /// `(qkv [T, conv_dim], z [T, value_total], b [T, HV], a [T, HV])`.
-    fn project(&self, x: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn project(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
         match &self.proj {
-            Proj::Split { qkv, z, b, a } => (qkv.forward(x), z.forward(x), b.forward(x), a.forward(x)),
+            Proj::Split { qkv, z, b, a } => Ok((qkv.forward(x)?, z.forward(x)?, b.forward(x)?, a.forward(x)?)),
             Proj::Interleaved { qkvz, ba } => {
                 let c = &self.cfg;
                 let (hk, dk, dv) = (c.key_heads, c.key_dim, c.value_dim);
                 let g = c.value_heads / hk;
                 let (kt, vt) = (c.key_total(), c.value_total());
-                let mixed = qkvz.forward(x);
-                let mixed_ba = ba.forward(x);
+                let mixed = qkvz.forward(x)?;
+                let mixed_ba = ba.forward(x)?;
                 let tokens = mixed.len() / (2 * kt + 2 * vt);
                 let mut qkv = vec![0.0f32; tokens * c.conv_dim()];
                 let mut z = vec![0.0f32; tokens * vt];
@@ -156,7 +156,7 @@ impl GatedDeltaNet {
                         a[t * c.value_heads + head * g..][..g].copy_from_slice(&src[g..]);
                     }
                 }
-                (qkv, z, b, a)
+                Ok((qkv, z, b, a))
             }
         }
     }
@@ -173,7 +173,7 @@ impl GatedDeltaNet {
             ));
         }
         let tokens = batch.tokens();
-        let (qkv, z, b, a) = self.project(x);
+        let (qkv, z, b, a) = self.project(x)?;
         let mixed = self.conv.forward(&qkv, batch, &mut cache.conv);
         let (kt, vt, cd) = (c.key_total(), c.value_total(), c.conv_dim());
         let (mut q, mut k, mut v) =
@@ -218,6 +218,6 @@ impl GatedDeltaNet {
         };
         let mut o: Vec<f32> = o.to_vec()?;
         rms_norm_gated(&mut o, &z, &self.norm, c.eps, GateAct::Silu);
-        Ok(self.out_proj.forward(&o))
+        self.out_proj.forward(&o)
     }
 }

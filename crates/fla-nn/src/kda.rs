@@ -168,11 +168,11 @@ impl KimiDeltaAttention {
             return Ok(Vec::new());
         }
         self.prepare_cache(batch, cache)?;
-        let q = self.q_conv.forward(&self.q_proj.forward(x), batch, &mut cache.q_conv);
-        let k = self.k_conv.forward(&self.k_proj.forward(x), batch, &mut cache.k_conv);
-        let v = self.v_conv.forward(&self.v_proj.forward(x), batch, &mut cache.v_conv);
-        let f = self.f_b_proj.forward(&self.f_a_proj.forward(x));
-        let b = self.b_proj.forward(x);
+        let q = self.q_conv.forward(&self.q_proj.forward(x)?, batch, &mut cache.q_conv);
+        let k = self.k_conv.forward(&self.k_proj.forward(x)?, batch, &mut cache.k_conv);
+        let v = self.v_conv.forward(&self.v_proj.forward(x)?, batch, &mut cache.v_conv);
+        let f = self.f_b_proj.forward(&self.f_a_proj.forward(x)?)?;
+        let b = self.b_proj.forward(x)?;
         let opts = Options {
             scale: Some(1.0 / (d as f64).sqrt()),
             output_final_state: true,
@@ -209,9 +209,9 @@ impl KimiDeltaAttention {
                 .ok_or_else(|| Error::Unsupported { op: OP, msg: "chunk form returned no state".into() })?;
             out.o.to_vec()?
         };
-        let gate = self.g_b_proj.forward(&self.g_a_proj.forward(x));
+        let gate = self.g_b_proj.forward(&self.g_a_proj.forward(x)?)?;
         rms_norm_gated(&mut o, &gate, &self.o_norm, c.rms_norm_eps, GateAct::Sigmoid);
-        Ok(self.o_proj.forward(&o))
+        self.o_proj.forward(&o)
     }
 
     /// Sizes `cache` for `batch` and zeroes the slots of the sequences that start afresh.

@@ -10,7 +10,7 @@
 //! use fla_nn::{Batch, Linear};
 //! use fla_core::Tensor;
 //! let lin = Linear::new(Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[2, 2])?, None)?;
-//! assert_eq!(lin.forward(&[1.0, 1.0]), vec![3.0, 7.0]);
+//! assert_eq!(lin.forward(&[1.0, 1.0])?, vec![3.0, 7.0]);
 //! let batch = Batch::new(&[3, 1], &[0, 5]);
 //! assert_eq!(batch.cu_seqlens(), vec![0, 3, 4]);
 //! # Ok::<(), fla_core::Error>(())

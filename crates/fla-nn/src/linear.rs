@@ -109,13 +109,20 @@ impl Linear {
         self.weight.elem_count() * self.weight.dtype().size_in_bytes()
     }
 
-    /// `x [rows, in]` → `[rows, out]`.
-    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
-        assert_eq!(x.len() % self.in_dim.max(1), 0, "Linear::forward: input is not [rows, {}]", self.in_dim);
-        let rows = x.len() / self.in_dim.max(1);
+    /// `x [rows, in]` → `[rows, out]`; an input that is not whole rows is an error.
+    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        if self.in_dim == 0 || x.len() % self.in_dim != 0 {
+            return Err(Error::shape(
+                "Linear::forward",
+                "x",
+                format!("[rows, {}] as a flat slice", self.in_dim),
+                &[x.len()],
+            ));
+        }
+        let rows = x.len() / self.in_dim;
         let mut y = vec![0.0f32; rows * self.out_dim];
         if rows == 0 || self.out_dim == 0 {
-            return y;
+            return Ok(y);
         }
         let (o, i) = (self.out_dim, self.in_dim);
         // Each task computes the output columns [c0, c0 + BLOCK) for every row into its own buffer.
@@ -165,7 +172,7 @@ impl Linear {
         if let Some(b) = &self.bias {
             y.chunks_mut(o).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &b)| *v += b));
         }
-        y
+        Ok(y)
     }
 
     /// `out[r, c] = x[r] · w[c0 + c]` for few rows, widening the weight as it streams.
@@ -226,11 +233,13 @@ mod tests {
                 let rounded: Vec<f32> = wt.to_vec().unwrap();
                 let lin = Linear::new(wt, Some(vec![0.25; o])).unwrap();
                 let want: Vec<f32> = reference(&rounded, &x, o, i).iter().map(|v| v + 0.25).collect();
-                let got = lin.forward(&x);
+                let got = lin.forward(&x).unwrap();
                 let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
                 assert!(err < 1e-4, "rows {rows} {dt}: max err {err}");
             }
         }
         assert!(Linear::new(Tensor::zeros(&[3], DType::F32), None).is_err());
+        let lin = Linear::new(Tensor::zeros(&[2, 3], DType::F32), None).unwrap();
+        assert!(lin.forward(&[1.0; 4]).is_err(), "4 values are not rows of 3");
     }
 }

@@ -190,15 +190,15 @@ impl MultiLatentAttention {
         self.check_cache(batch, cache)?;
 
         let q = match &self.q {
-            QProj::Plain(l) => l.forward(x),
+            QProj::Plain(l) => l.forward(x)?,
             QProj::Lora { a, norm, b } => {
-                let mut qa = a.forward(x);
+                let mut qa = a.forward(x)?;
                 rms_norm(&mut qa, norm, c.norm_eps, 0.0);
-                b.forward(&qa)
+                b.forward(&qa)?
             }
         };
         // New latents: normalise the `c` part of each row.
-        let mut kva = self.kv_a_proj.forward(x);
+        let mut kva = self.kv_a_proj.forward(x)?;
         let mut cn: Vec<f32> = kva.chunks(lat).flat_map(|row| row[..r].iter().copied()).collect();
         rms_norm(&mut cn, &self.kv_a_norm, c.norm_eps, 0.0);
         kva.chunks_mut(lat).zip(cn.chunks(r)).for_each(|(row, cr)| row[..r].copy_from_slice(cr));
@@ -228,12 +228,15 @@ impl MultiLatentAttention {
                         expand <= absorb
                     }
                 };
-                (use_expanded && l > 0).then(|| {
-                    let cs: Vec<f32> = cache.latent[n].chunks(lat).flat_map(|row| row[..r].iter().copied()).collect();
-                    self.kv_b_proj.forward(&cs)
-                })
+                (use_expanded && l > 0)
+                    .then(|| {
+                        let cs: Vec<f32> =
+                            cache.latent[n].chunks(lat).flat_map(|row| row[..r].iter().copied()).collect();
+                        self.kv_b_proj.forward(&cs)
+                    })
+                    .transpose()
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let w = self.kv_b_w.as_slice::<f32>()?;
         let owner: Vec<usize> =
             batch.seqs.iter().enumerate().flat_map(|(n, rows)| rows.clone().map(move |_| n)).collect();
@@ -278,7 +281,7 @@ impl MultiLatentAttention {
                 }
             }
         });
-        Ok(self.o_proj.forward(&o))
+        self.o_proj.forward(&o)
     }
 
     /// Checks that every continued sequence has exactly its `past` tokens in `cache`.

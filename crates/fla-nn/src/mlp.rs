@@ -28,9 +28,9 @@ impl Mlp {
     }
 
     /// `x [tokens, hidden]` → `[tokens, hidden]`.
-    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let mut g = self.gate_proj.forward(x);
-        let u = self.up_proj.forward(x);
+    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let mut g = self.gate_proj.forward(x)?;
+        let u = self.up_proj.forward(x)?;
         g.iter_mut().zip(&u).for_each(|(g, &u)| *g = silu(*g) * u);
         self.down_proj.forward(&g)
     }

@@ -88,7 +88,7 @@ fn load_experts(vb: &VarBuilder, n: usize, hidden: usize, inter: usize, names: [
 
 /// `Σ_k w_k · expert_k(x)` for each token: the tokens of each selected expert are gathered and
 /// run through it in one call, experts in parallel, and added back in expert order.
-fn run_experts(experts: &[Mlp], x: &[f32], hidden: usize, routing: &Routing) -> Vec<f32> {
+fn run_experts(experts: &[Mlp], x: &[f32], hidden: usize, routing: &Routing) -> Result<Vec<f32>> {
     let mut lists: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts.len()];
     for (slot, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
         lists[e].push((slot / routing.top_k.max(1), w));
@@ -99,16 +99,16 @@ fn run_experts(experts: &[Mlp], x: &[f32], hidden: usize, routing: &Routing) -> 
         .filter(|(_, l)| !l.is_empty())
         .map(|(e, l)| {
             let xs: Vec<f32> = l.iter().flat_map(|&(t, _)| x[t * hidden..][..hidden].iter().copied()).collect();
-            (e, experts[e].forward(&xs))
+            experts[e].forward(&xs).map(|y| (e, y))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let mut out = vec![0.0f32; x.len()];
     for (e, y) in outs {
         for (&(t, w), yr) in lists[e].iter().zip(y.chunks(hidden)) {
             out[t * hidden..][..hidden].iter_mut().zip(yr).for_each(|(o, &v)| *o += w * v);
         }
     }
-    out
+    Ok(out)
 }
 
 fn check_x(op: &'static str, x: &[f32], hidden: usize) -> Result<()> {
@@ -200,7 +200,7 @@ impl QwenMoe {
     pub fn route(&self, x: &[f32]) -> Result<Routing> {
         check_x("QwenMoe::route", x, self.cfg.hidden)?;
         let (e, k) = (self.cfg.num_experts, self.cfg.top_k);
-        let mut probs = self.gate.forward(x);
+        let mut probs = self.gate.forward(x)?;
         let mut routing = Routing { top_k: k, experts: Vec::new(), weights: Vec::new() };
         for p in probs.chunks_mut(e) {
             softmax(p);
@@ -220,10 +220,10 @@ impl QwenMoe {
     pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
         let routing = self.route(x)?;
         let hidden = self.cfg.hidden;
-        let mut out = run_experts(&self.experts, x, hidden, &routing);
+        let mut out = run_experts(&self.experts, x, hidden, &routing)?;
         if let Some((mlp, gate)) = &self.shared {
-            let y = mlp.forward(x);
-            let g = gate.forward(x);
+            let y = mlp.forward(x)?;
+            let g = gate.forward(x)?;
             for ((o, y), &g) in out.chunks_mut(hidden).zip(y.chunks(hidden)).zip(&g) {
                 let s = sigmoid(g);
                 o.iter_mut().zip(y).for_each(|(o, &y)| *o += s * y);
@@ -332,7 +332,7 @@ impl KimiMoe {
         let c = &self.cfg;
         let (e, k) = (c.num_experts, c.top_k);
         let per_group = e / c.n_group;
-        let logits = self.gate.forward(x);
+        let logits = self.gate.forward(x)?;
         let mut routing = Routing { top_k: k, experts: Vec::new(), weights: Vec::new() };
         for l in logits.chunks(e) {
             let s: Vec<f32> = l.iter().map(|&v| sigmoid(v)).collect();
@@ -364,9 +364,9 @@ impl KimiMoe {
     /// `x [tokens, hidden]` → `[tokens, hidden]`.
     pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
         let routing = self.route(x)?;
-        let mut out = run_experts(&self.experts, x, self.cfg.hidden, &routing);
+        let mut out = run_experts(&self.experts, x, self.cfg.hidden, &routing)?;
         if let Some(mlp) = &self.shared {
-            out.iter_mut().zip(mlp.forward(x)).for_each(|(o, y)| *o += y);
+            out.iter_mut().zip(mlp.forward(x)?).for_each(|(o, y)| *o += y);
         }
         Ok(out)
     }

@@ -117,7 +117,7 @@ pub fn rows(seconds: f64, prompt_tokens: usize, decode_tokens: usize) -> Result<
     let prefill_ms = time_ms(0.0, || {
         cache = model.new_cache(1);
         let (hidden, _) = model.forward_hidden(&[&prompt], &mut cache).expect("valid model");
-        model.logits(&hidden[hidden.len() - 1024..]);
+        model.logits(&hidden[hidden.len() - 1024..]).expect("valid model");
     });
     out.push(Row {
         name: "prefill".into(),
@@ -134,7 +134,7 @@ pub fn rows(seconds: f64, prompt_tokens: usize, decode_tokens: usize) -> Result<
     for _ in 0..decode_tokens.max(1) {
         let t = Instant::now();
         let (hidden, _) = model.forward_hidden(&[&[next]], &mut cache)?;
-        let logits = model.logits(&hidden);
+        let logits = model.logits(&hidden)?;
         next = logits.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
         samples.push(t.elapsed().as_secs_f64() * 1e3);
     }
