@@ -1,12 +1,15 @@
 //! Gated softmax attention as in Qwen3-Next / Qwen3.5: GQA, zero-centred RMSNorm on q and k per
 //! head, partial rotary embedding, and a per-head sigmoid output gate carried in `q_proj`.
-use fla_core::cpu::dot;
+use fla_core::cpu::{gemm, MatMut, MatRef};
 use fla_core::Result;
 use rayon::prelude::*;
 
 use crate::ops::{rms_norm, sigmoid, softmax};
 use crate::rope::Rope;
 use crate::{Batch, Linear, VarBuilder};
+
+/// Queries per attention task: bounds the score block at `QUERY_BLOCK × context` floats.
+const QUERY_BLOCK: usize = 128;
 
 /// Sizes of a gated attention layer.
 #[derive(Debug, Clone)]
@@ -117,28 +120,118 @@ impl GatedAttention {
             cache.k[n].extend_from_slice(&k[rows.start * kvh * hd..rows.end * kvh * hd]);
             cache.v[n].extend_from_slice(&v[rows.start * kvh * hd..rows.end * kvh * hd]);
         }
-        // One task per (token, head): causal attention over the sequence's cached keys.
+        // One task per (sequence, head, block of queries): S = scale·Q Kᵀ over the cached keys,
+        // causal softmax per row, O = S V, each product one GEMM.
         let scale = 1.0 / (hd as f32).sqrt();
         let group = h / kvh;
+        let tasks: Vec<(usize, usize, usize, usize)> = batch
+            .seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(n, r)| {
+                let len = r.len();
+                (0..h).flat_map(move |head| {
+                    (0..len).step_by(QUERY_BLOCK).map(move |q0| (n, head, q0, QUERY_BLOCK.min(len - q0)))
+                })
+            })
+            .collect();
+        let blocks: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(n, head, q0, qn)| {
+                let (start, past) = (batch.seqs[n].start, batch.past[n]);
+                let ctx = past + q0 + qn;
+                let kvo = (head / group) * hd;
+                let qm = MatRef::new(&q[((start + q0) * h + head) * hd..], qn, hd, h * hd, 1);
+                let km = MatRef::new(&cache.k[n][kvo..], ctx, hd, kvh * hd, 1);
+                let vm = MatRef::new(&cache.v[n][kvo..], ctx, hd, kvh * hd, 1);
+                let mut scores = vec![0.0f32; qn * ctx];
+                gemm(scale, qm, km.t(), 0.0, MatMut::new(&mut scores, qn, ctx, ctx, 1));
+                for (i, row) in scores.chunks_mut(ctx).enumerate() {
+                    let visible = past + q0 + i + 1;
+                    softmax(&mut row[..visible]);
+                    row[visible..].iter_mut().for_each(|v| *v = 0.0);
+                }
+                let mut out = vec![0.0f32; qn * hd];
+                gemm(1.0, MatRef::new(&scores, qn, ctx, ctx, 1), vm, 0.0, MatMut::new(&mut out, qn, hd, hd, 1));
+                out
+            })
+            .collect();
         let mut o = vec![0.0f32; tokens * h * hd];
-        let owner: Vec<(usize, usize)> =
-            batch.seqs.iter().enumerate().flat_map(|(n, r)| r.clone().map(move |t| (n, t))).collect();
-        o.par_chunks_mut(hd).enumerate().for_each(|(idx, out)| {
-            let (t, head) = (idx / h, idx % h);
-            let (n, _) = owner[t];
-            let pos = batch.past[n] + (t - batch.seqs[n].start);
-            let (kc, vc) = (&cache.k[n], &cache.v[n]);
-            let qh = &q[(t * h + head) * hd..][..hd];
-            let kvo = (head / group) * hd;
-            let mut scores: Vec<f32> = (0..=pos).map(|j| dot(qh, &kc[j * kvh * hd + kvo..][..hd]) * scale).collect();
-            softmax(&mut scores);
-            for (j, &p) in scores.iter().enumerate() {
-                out.iter_mut().zip(&vc[j * kvh * hd + kvo..][..hd]).for_each(|(o, &v)| *o += p * v);
+        for (&(n, head, q0, _), out) in tasks.iter().zip(&blocks) {
+            for (i, row) in out.chunks(hd).enumerate() {
+                let t = batch.seqs[n].start + q0 + i;
+                o[(t * h + head) * hd..][..hd].copy_from_slice(row);
             }
-        });
+        }
         if c.output_gate {
             o.iter_mut().zip(&gate).for_each(|(o, &g)| *o *= sigmoid(g));
         }
         self.o_proj.forward(&o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use fla_core::Tensor;
+
+    use super::*;
+
+    fn layer() -> (GatedAttention, AttentionConfig) {
+        let cfg = AttentionConfig {
+            hidden: 24,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            rope_dim: 4,
+            rope_theta: 10000.0,
+            eps: 1e-6,
+            output_gate: true,
+        };
+        let mut seed = 7u64;
+        let mut rnd = |shape: &[usize], s: f32| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    s * (((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+                })
+                .collect();
+            Tensor::from_vec(v, shape).unwrap()
+        };
+        let w = HashMap::from([
+            ("q_proj.weight".to_string(), rnd(&[4 * 8 * 2, 24], 0.3)),
+            ("k_proj.weight".to_string(), rnd(&[2 * 8, 24], 0.3)),
+            ("v_proj.weight".to_string(), rnd(&[2 * 8, 24], 0.3)),
+            ("o_proj.weight".to_string(), rnd(&[24, 4 * 8], 0.3)),
+            ("q_norm.weight".to_string(), rnd(&[8], 0.2)),
+            ("k_norm.weight".to_string(), rnd(&[8], 0.2)),
+        ]);
+        (GatedAttention::load(&cfg, &VarBuilder::from_tensors(w)).unwrap(), cfg)
+    }
+
+    /// Prefill across several query blocks equals token-by-token decoding, which attends with
+    /// one query at a time (a 1-row GEMM per head), for two packed sequences of different lengths.
+    #[test]
+    fn blocked_prefill_equals_decode() {
+        let (layer, cfg) = layer();
+        let lens = [QUERY_BLOCK * 2 + 37, 5];
+        let x: Vec<f32> =
+            (0..(lens[0] + lens[1]) * cfg.hidden).map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5)).collect();
+        let mut cache = KvCache::default();
+        let full = layer.forward(&x, &Batch::new(&lens, &[0, 0]), &mut cache).unwrap();
+        for (n, &len) in lens.iter().enumerate() {
+            let start = if n == 0 { 0 } else { lens[0] };
+            let mut c = KvCache::default();
+            for i in 0..len {
+                let row = &x[(start + i) * cfg.hidden..][..cfg.hidden];
+                let y = layer.forward(row, &Batch::new(&[1], &[i]), &mut c).unwrap();
+                let want = &full[(start + i) * cfg.hidden..][..cfg.hidden];
+                let err = y.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(err < 1e-5, "sequence {n} token {i}: max diff {err}");
+            }
+        }
+        assert!(layer.forward(&x[..cfg.hidden], &Batch::new(&[1], &[3]), &mut KvCache::default()).is_err());
     }
 }
