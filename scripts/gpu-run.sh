@@ -2,8 +2,8 @@
 # Builds the GPU tests and the `fla` binary here and runs them on a GPU machine that has no
 # Rust: `scripts/gpu-run.sh prepare` (here: build, copy into .device/, which git ignores), then
 # on the GPU machine, from the repository root, `scripts/gpu-run.sh run [OUTDIR]`: the CUDA
-# tests, `fla verify --device cuda` on the kernel fixtures, a compute-sanitizer pass, `fla bench
-# ops --device cuda`, one profiled decode launch.
+# tests (recurrent step, chunk forward), `fla verify --device cuda` on the kernel fixtures, a
+# compute-sanitizer pass, `fla bench ops --device cuda`, one profiled decode launch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -13,10 +13,11 @@ prepare)
   mkdir -p .device
   bin() { cargo test --release "$@" --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -n 1; }
   cp "$(bin -p fla-ops --test cuda)" .device/cuda-tests
+  cp "$(bin -p fla-ops --test cuda_chunk)" .device/cuda-chunk-tests
   cp "$(bin -p fla-core --lib)" .device/fla-core-tests
   cargo build --release -p fla-cli
   cp target/release/fla .device/fla
-  strip .device/cuda-tests .device/fla-core-tests .device/fla
+  strip .device/cuda-tests .device/cuda-chunk-tests .device/fla-core-tests .device/fla
   mkdir -p .device/fixtures && cp ../shared/fixtures/kernels/*.safetensors .device/fixtures/
   ls -la .device
   ;;
@@ -25,6 +26,7 @@ run)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
   .device/fla-core-tests cuda --nocapture 2>&1 | tee "$out/core-tests.log"
   .device/cuda-tests --nocapture --test-threads=1 2>&1 | tee "$out/tests.log"
+  .device/cuda-chunk-tests --nocapture --test-threads=1 2>&1 | tee "$out/chunk-tests.log"
   .device/fla verify --device cuda .device/fixtures/*.safetensors 2>&1 | tee "$out/verify.log" | tail -n 1
   timeout 120 compute-sanitizer --tool memcheck --print-limit 10 .device/cuda-tests kda --test-threads=1 \
     > "$out/memcheck.log" 2>&1 && echo "memcheck: $(grep "ERROR SUMMARY" "$out/memcheck.log")" \

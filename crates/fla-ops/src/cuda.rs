@@ -293,6 +293,209 @@ pub(crate) fn recurrent_step(
     Ok(o)
 }
 
+/// Mirror of `ChunkParams` in `cuda/chunk_gdn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ChunkParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    g: u64,
+    beta: u64,
+    a_log: u64,
+    dt_bias: u64,
+    h0: u64,
+    o: u64,
+    ht: u64,
+    qn: u64,
+    kn: u64,
+    gf: u64,
+    bf: u64,
+    gc: u64,
+    w: u64,
+    u: u64,
+    chunk_start: u64,
+    chunk_len: u64,
+    seq_chunk: u64,
+    dtype: i32,
+    a_log_dtype: i32,
+    dt_bias_dtype: i32,
+    tokens: i32,
+    n: i32,
+    nc: i32,
+    h: i32,
+    hv: i32,
+    dk: i32,
+    dv: i32,
+    l2norm: i32,
+    beta_sigmoid: i32,
+    use_gate: i32,
+    scale: f32,
+}
+
+// SAFETY: plain old data with the C layout the kernels read (u64 addresses, i32 and f32 fields).
+unsafe impl DeviceRepr for ChunkParams {}
+
+/// Chunk length of `chunk_gdn.cu` (`FLA_C`).
+const GPU_CHUNK: usize = 64;
+/// Value columns per CTA of `chunk_gdn_fwd` (`FLA_BV`).
+const GPU_CHUNK_BV: usize = 64;
+/// Dynamic shared memory of `chunk_gdn_intra` (`FLA_INTRA_SMEM`): `[C][129] + [C][C] + 4·[C]` f32.
+const INTRA_SMEM: u32 = ((64 * 129 + 64 * 64 + 4 * 64) * 4) as u32;
+/// Dynamic shared memory of `chunk_gdn_fwd` (`FLA_FWD_SMEM`).
+const FWD_SMEM: u32 = ((128 * 64 + 2 * 64 * 129 + 64 * 64 + 64 * 64 + 64) * 4) as u32;
+
+/// Chunk table of a call: first token and length of every chunk (sequence by sequence), and
+/// `seq_chunk[n] .. seq_chunk[n + 1]`, the chunks of sequence `n`.
+fn chunk_table(op: &'static str, seqs: &[std::ops::Range<usize>]) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
+    let (mut start, mut len, mut seq) = (Vec::new(), Vec::new(), vec![0i32]);
+    for r in seqs {
+        for c0 in (r.start..r.end).step_by(GPU_CHUNK) {
+            start.push(to_i32(op, "chunk start", c0)?);
+            len.push(to_i32(op, "chunk length", GPU_CHUNK.min(r.end - c0))?);
+        }
+        seq.push(to_i32(op, "chunk count", start.len())?);
+    }
+    Ok((start, len, seq))
+}
+
+/// The chunk forward of Gated DeltaNet on the GPU; see [`crate::chunk::forward_cuda`].
+pub(crate) fn chunk_forward(
+    family: Family,
+    x: &Inputs<'_, CudaTensor>,
+    opts: &Options,
+) -> Result<(CudaTensor, Option<CudaTensor>)> {
+    use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
+    const OP: &str = "chunk::forward_cuda";
+    if family != Family::GatedDeltaRule {
+        return Err(Error::Unsupported {
+            op: OP,
+            msg: format!("the GPU chunk forward serves gated_delta_rule only so far, not {family}"),
+        });
+    }
+    let p = Problem::new(OP, family, x, opts)?;
+    let d = p.dims;
+    let dev: std::sync::Arc<CudaDevice> = x.q.cuda_device().clone();
+    if d.k > 128 {
+        return Err(Error::Unsupported { op: OP, msg: format!("K = {} > 128 in the GPU chunk forward", d.k) });
+    }
+    if let Some(h0) = x.initial_state {
+        if h0.dtype() != DType::F32 {
+            return Err(Error::DType { op: OP, arg: "initial_state", expected: "f32".into(), got: h0.dtype() });
+        }
+    }
+    let g = x.g.ok_or_else(|| Error::Unsupported { op: OP, msg: "argument `g` is required".into() })?;
+    let beta = x.beta.ok_or_else(|| Error::Unsupported { op: OP, msg: "argument `beta` is required".into() })?;
+    let tokens = d.b * d.t;
+    to_i32(OP, "tokens·HV·max(K,V)", tokens * d.hv * d.k.max(d.v))?;
+    to_i32(OP, "tokens·H·K", tokens * d.h * d.k)?;
+    to_i32(OP, "N·HV·K·V", d.n * d.hv * d.k * d.v)?;
+    let (starts, lens, seq_chunk) = chunk_table(OP, &p.seqs)?;
+    let nc = starts.len();
+    let tiles = d.n * d.hv * d.v.div_ceil(GPU_CHUNK_BV);
+    let tiles = u32::try_from(tiles)
+        .ok()
+        .filter(|&t| t < i32::MAX as u32)
+        .ok_or_else(|| Error::size(OP, format!("N·HV·⌈V/64⌉ = {tiles} CTAs is more than one launch takes")))?;
+    let dt_code = dtype_code(OP, "q", x.q.dtype())?;
+    let (a_log_dtype, dt_bias_dtype) = match (x.a_log, x.dt_bias) {
+        (Some(a), Some(b)) => (dtype_code(OP, "A_log", a.dtype())?, dtype_code(OP, "dt_bias", b.dtype())?),
+        _ => (0, 0),
+    };
+    let image = cubin("chunk_gdn")?;
+    let prep = dev.function("chunk_gdn", image, "chunk_gdn_prep")?;
+    let intra = dev.function("chunk_gdn", image, "chunk_gdn_intra")?;
+    let fwd = dev.function("chunk_gdn", image, "chunk_gdn_fwd")?;
+    intra.set_attribute(MAX_DYN_SMEM, INTRA_SMEM as i32)?;
+    fwd.set_attribute(MAX_DYN_SMEM, FWD_SMEM as i32)?;
+
+    let stream = dev.stream().clone();
+    let f32z = |n: usize| CudaTensor::zeros(&[n.max(1)], DType::F32, &dev);
+    let (mut qn, mut kn) = (f32z(tokens * d.h * d.k)?, f32z(tokens * d.h * d.k)?);
+    let (mut gf, mut bf, mut gc) = (f32z(tokens * d.hv)?, f32z(tokens * d.hv)?, f32z(tokens * d.hv)?);
+    let (mut w, mut u) = (f32z(tokens * d.hv * d.k)?, f32z(tokens * d.hv * d.v)?);
+    let mut o = CudaTensor::zeros(&[d.b, d.t, d.hv, d.v], x.q.dtype(), &dev)?;
+    let mut ht =
+        if opts.output_final_state { Some(CudaTensor::zeros(&[d.n, d.hv, d.k, d.v], DType::F32, &dev)?) } else { None };
+    let starts_d = stream.clone_htod(if starts.is_empty() { &[0][..] } else { &starts[..] })?;
+    let lens_d = stream.clone_htod(if lens.is_empty() { &[0][..] } else { &lens[..] })?;
+    let seq_d = stream.clone_htod(&seq_chunk)?;
+    let params = ChunkParams {
+        q: addr(x.q),
+        k: addr(x.k),
+        v: addr(x.v),
+        g: addr(g),
+        beta: addr(beta),
+        a_log: opt_addr(x.a_log),
+        dt_bias: opt_addr(x.dt_bias),
+        h0: opt_addr(x.initial_state),
+        o: addr_mut(&mut o),
+        ht: ht.as_mut().map_or(0, addr_mut),
+        qn: addr_mut(&mut qn),
+        kn: addr_mut(&mut kn),
+        gf: addr_mut(&mut gf),
+        bf: addr_mut(&mut bf),
+        gc: addr_mut(&mut gc),
+        w: addr_mut(&mut w),
+        u: addr_mut(&mut u),
+        chunk_start: starts_d.device_ptr(&stream).0,
+        chunk_len: lens_d.device_ptr(&stream).0,
+        seq_chunk: seq_d.device_ptr(&stream).0,
+        dtype: dt_code,
+        a_log_dtype,
+        dt_bias_dtype,
+        tokens: to_i32(OP, "tokens", tokens)?,
+        n: to_i32(OP, "N", d.n)?,
+        nc: to_i32(OP, "chunks", nc)?,
+        h: to_i32(OP, "H", d.h)?,
+        hv: to_i32(OP, "HV", d.hv)?,
+        dk: to_i32(OP, "K", d.k)?,
+        dv: to_i32(OP, "V", d.v)?,
+        l2norm: opts.use_qk_l2norm_in_kernel as i32,
+        beta_sigmoid: opts.use_beta_sigmoid_in_kernel as i32,
+        use_gate: opts.use_gate_in_kernel as i32,
+        scale: p.scale as f32,
+    };
+    // SAFETY (all three launches): each kernel's signature is `(ChunkParams)` by value, mirrored
+    // above. Problem::new checked every shape, so each address covers what the kernels index:
+    // q, k [tokens,H,K]; v, o [tokens,HV,V]; g, beta [tokens,HV]; A_log, dt_bias [HV] (read only
+    // with use_gate, which Problem requires them for); initial_state and ht [N,HV,K,V] f32 (h0
+    // checked f32 above); the scratch buffers were allocated above with the sizes the kernels
+    // index (qn, kn [tokens,H,K]; gf, bf, gc [tokens,HV]; w [tokens,HV,K]; u [tokens,HV,V]).
+    // The chunk table lists chunks of 1..=64 tokens inside [0, tokens), `seq_chunk` has N+1
+    // entries, every index fits i32 (checked), K ≤ 128 (checked; the kernels' tiles hold 128).
+    // The dynamic shared memory matches FLA_INTRA_SMEM / FLA_FWD_SMEM and the attribute allowing
+    // it was set. Each output element (o, ht, scratch) is written by exactly one thread. All
+    // buffers outlive the launches in stream order (frees are stream-ordered on this stream).
+    if tokens > 0 {
+        let cfg = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let mut launch = stream.launch_builder(&prep);
+        launch.arg(&params);
+        // SAFETY: see above.
+        unsafe { launch.launch(cfg) }?;
+    }
+    if nc > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (nc as u32, d.hv as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: INTRA_SMEM,
+        };
+        let mut launch = stream.launch_builder(&intra);
+        launch.arg(&params);
+        // SAFETY: see above.
+        unsafe { launch.launch(cfg) }?;
+    }
+    if tiles > 0 {
+        let cfg = LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: FWD_SMEM };
+        let mut launch = stream.launch_builder(&fwd);
+        launch.arg(&params);
+        // SAFETY: see above.
+        unsafe { launch.launch(cfg) }?;
+    }
+    drop((qn, kn, gf, bf, gc, w, u, starts_d, lens_d, seq_d));
+    Ok((o, ht))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +506,16 @@ mod tests {
         // recurrent.cu occupies on the device.
         assert_eq!(std::mem::size_of::<RecurrentParams>(), 176);
         assert_eq!(std::mem::align_of::<RecurrentParams>(), 8);
+        // 20 pointers, 13 ints and a float: `ChunkParams` in chunk_gdn.cu.
+        assert_eq!(std::mem::size_of::<ChunkParams>(), 216);
+    }
+
+    #[test]
+    fn chunk_table_splits_sequences() {
+        let (s, l, q) = chunk_table("t", &[0..1, 1..65, 65..65, 65..200]).unwrap();
+        assert_eq!(s, vec![0, 1, 65, 129, 193]);
+        assert_eq!(l, vec![1, 64, 64, 64, 7]);
+        assert_eq!(q, vec![0, 1, 2, 2, 5]);
     }
 
     #[test]

@@ -63,7 +63,8 @@ pub fn verify_fixture(path: &Path) -> Result<Vec<FormReport>> {
 }
 
 /// Runs every applicable form on the fixture at `path`, and with `cuda` also every form that has
-/// a GPU kernel (today the recurrent step) on the first CUDA device.
+/// a GPU kernel on the first CUDA device: the recurrent step, and the chunk forward of Gated
+/// DeltaNet (outputs `o`, `ht` only).
 pub fn verify_fixture_on(path: &Path, cuda: bool) -> Result<Vec<FormReport>> {
     let file = SafeTensorsFile::open(path)?;
     let meta = file.metadata()?;
@@ -138,6 +139,10 @@ pub fn verify_fixture_on(path: &Path, cuda: bool) -> Result<Vec<FormReport>> {
     if cuda {
         let (o, ht) = recurrent_on_gpu(family, &inputs, &opts)?;
         out.push(FormReport { device: "cuda", ..report("recurrent", fwd_errors(&o, &ht)?) });
+        if family == Family::GatedDeltaRule {
+            let (o, ht) = chunk_on_gpu(family, &inputs, &opts)?;
+            out.push(FormReport { device: "cuda", ..report("chunk", fwd_errors(&o, &ht)?) });
+        }
     }
     Ok(out)
 }
@@ -165,4 +170,26 @@ fn recurrent_on_gpu(family: Family, x: &Inputs<'_>, opts: &Options) -> Result<(T
     };
     let o = recurrent::step_cuda(family, &inputs, opts, &mut state, None)?;
     Ok((o.to_host()?, state.to_host()?))
+}
+
+/// The chunk forward on the first CUDA device, over the same inputs (f32 on the host); returns
+/// `(o, final state)` on the host.
+fn chunk_on_gpu(family: Family, x: &Inputs<'_>, opts: &Options) -> Result<(Tensor, Tensor)> {
+    use fla_core::cuda::{CudaDevice, CudaTensor};
+    let dev = CudaDevice::get(0)?;
+    let up = |t: Option<&Tensor>| t.map(|t| CudaTensor::from_host(t, &dev)).transpose();
+    let (q, k, v) =
+        (CudaTensor::from_host(x.q, &dev)?, CudaTensor::from_host(x.k, &dev)?, CudaTensor::from_host(x.v, &dev)?);
+    let (g, beta, h0) = (up(x.g)?, up(x.beta)?, up(x.initial_state)?);
+    let inputs = Inputs {
+        g: g.as_ref(),
+        beta: beta.as_ref(),
+        initial_state: h0.as_ref(),
+        cu_seqlens: x.cu_seqlens,
+        ..Inputs::new(&q, &k, &v)
+    };
+    let opts = Options { output_final_state: true, ..*opts };
+    let (o, ht) = chunk::forward_cuda(family, &inputs, &opts)?;
+    let ht = ht.ok_or_else(|| Error::Msg("chunk::forward_cuda returned no final state".into()))?;
+    Ok((o.to_host()?, ht.to_host()?))
 }

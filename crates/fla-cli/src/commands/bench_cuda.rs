@@ -1,4 +1,4 @@
-//! `fla bench ops --device cuda`: the GPU decode step next to the HBM ceiling measured in the same
+//! `fla bench ops --device cuda`: the GPU decode step and the Gated DeltaNet chunk forward next to the HBM ceiling measured in the same
 //! run (a device-to-device copy, bytes read + written).
 //!
 //! Timing: CUDA events around a batch of back-to-back calls (so a launch-bound step shows its
@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use fla_core::cuda::{self, CudaDevice, CudaTensor};
 use fla_core::{DType, Tensor};
-use fla_ops::{recurrent, Family, Inputs, Options};
+use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
 use super::bench::Row;
 
@@ -131,6 +131,41 @@ fn decode_row(dev: &Arc<CudaDevice>, seconds: f64, family: Family, n: usize, hbm
     })
 }
 
+/// FLA 0.6.0's `chunk_gated_delta_rule` forward at the `chunk_fwd` shape on an H200, measured by
+/// someone else on another day (issue 3), not in this run.
+const FLA_CHUNK_FWD_MS: f64 = 0.46;
+
+/// The Gated DeltaNet chunk forward at B = 8, T = 2048, H = HV = 16, K = V = 128, bf16 inputs,
+/// in-op L2 norm, final state out; the rate is tokens·heads per second.
+fn chunk_fwd_row(dev: &Arc<CudaDevice>, seconds: f64) -> Result<Row> {
+    let (b, t, h, d) = (8, 2048, 16, 128);
+    let up = |t: Tensor| -> Result<CudaTensor> { Ok(CudaTensor::from_host(&t.to_dtype(DType::BF16)?, dev)?) };
+    let q = up(random(&[b, t, h, d], 21, -1.0, 1.0))?;
+    let k = up(random(&[b, t, h, d], 22, -1.0, 1.0))?;
+    let v = up(random(&[b, t, h, d], 23, -1.0, 1.0))?;
+    let g = up(random(&[b, t, h], 24, -0.2, -0.01))?;
+    let beta = up(random(&[b, t, h], 25, 0.1, 0.9))?;
+    let x = Inputs { g: Some(&g), beta: Some(&beta), ..Inputs::new(&q, &k, &v) };
+    let opts = Options { use_qk_l2norm_in_kernel: true, output_final_state: true, ..Options::default() };
+    let (ms, host_ms) = time_gpu_ms(dev, seconds, |_| {
+        chunk::forward_cuda(Family::GatedDeltaRule, &x, &opts)?;
+        Ok(())
+    })?;
+    Ok(Row {
+        name: "chunk_fwd".into(),
+        shape: format!("B={b} T={t} H=HV={h} K=V={d} bf16 gated_delta_rule"),
+        ms,
+        rate: (b * t * h) as f64 / ms / 1e3,
+        unit: "Mtok·head/s",
+        fraction: None,
+        note: format!(
+            "host {host_ms:.3} ms/call; FLA 0.6.0: {FLA_CHUNK_FWD_MS} ms on an H200 (someone else's run, \
+             not this one); FLA ms / ours {:.2}",
+            FLA_CHUNK_FWD_MS / ms
+        ),
+    })
+}
+
 /// The CUDA rows of `fla bench ops --device cuda`.
 pub(crate) fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
     if !cuda::is_available() {
@@ -149,6 +184,9 @@ pub(crate) fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
     }
     if want("kda_decode") {
         out.push(decode_row(&dev, seconds, Family::Kda, 64, hbm.rate).context("kda_decode row")?);
+    }
+    if want("chunk_fwd") {
+        out.push(chunk_fwd_row(&dev, seconds).context("chunk_fwd row")?);
     }
     out.push(hbm);
     Ok(out)

@@ -11,7 +11,8 @@ pub struct Args {
     /// Kernel fixtures (`op` in their metadata names the family).
     #[arg(required = true)]
     fixtures: Vec<PathBuf>,
-    /// `cuda`: also run the forms that have GPU kernels (the recurrent step) on the first GPU.
+    /// `cuda`: also run the forms that have GPU kernels (the recurrent step; the chunk forward of
+    /// Gated DeltaNet) on the first GPU.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
 }

@@ -40,6 +40,23 @@ fn run_forward<F: Float + Element>(p: Problem, x: &Inputs<'_>, opts: &Options) -
     prep.output(heads, opts.output_final_state)
 }
 
+/// The chunk forward on a CUDA device: `(o [B,T,HV,V] in the dtype of q, final state
+/// [N,HV,K,V] f32 when `output_final_state`)`.
+///
+/// Gated DeltaNet only so far (other families: [`fla_core::Error::Unsupported`] naming the
+/// family). Inputs f32, bf16 or f16 on one device, `initial_state` f32; scale, `cu_seqlens`
+/// (B = 1), grouped value heads, K ≤ 128, any V, and the in-op L2 norm, beta sigmoid and gate.
+/// f32 arithmetic throughout (`fla-kernels/cuda/chunk_gdn.cu`: per chunk `W`, `U` by the UT
+/// transform, then one sweep over the chunks of each sequence). The work is queued on the
+/// device's stream; reading a result back waits for it.
+pub fn forward_cuda(
+    family: Family,
+    x: &Inputs<'_, fla_core::cuda::CudaTensor>,
+    opts: &Options,
+) -> Result<(fla_core::cuda::CudaTensor, Option<fla_core::cuda::CudaTensor>)> {
+    crate::cuda::chunk_forward(family, x, opts)
+}
+
 /// Chunk backward for `family`: gradients of `Σ o·do + Σ ht·dht` with respect to every input
 /// given (`dht [N,HV,K,V]` may be omitted: zero). Recomputes the forward internally, so nothing
 /// needs to be kept from [`forward`].

@@ -1,0 +1,280 @@
+// Chunk forward of Gated DeltaNet (scalar decay per head, erase = write = beta), chunk C = 64.
+// A first, straightforward version (f32 arithmetic throughout, no tensor cores); see
+// fla-ops/src/chunk/{mod.rs,intra.rs} for the CPU form it matches:
+//
+//   G  = in-chunk cumulative sum of g                      (per token)
+//   A  = strictly lower (beta K K^T) . exp(G_i - G_j)       T = (I + A)^-1
+//   W  = T (beta exp(G) K)          U = T (beta V)          (kernel 2: chunk_gdn_intra)
+//   Vn = U - W S                                             (kernel 3: chunk_gdn_fwd, per chunk)
+//   O  = scale (Q exp(G)) S + (P . mask) Vn,  P = scale Q K^T . exp(G_i - G_j)
+//   S <- exp(G_L) S + (K exp(G_L - G))^T Vn
+//
+// Kernel 1 (chunk_gdn_prep) converts q, k to f32 (L2-normalised with the in-op option) and
+// g, beta to f32 (with the in-op gate / sigmoid) into scratch buffers the two others read.
+#include "common/dtype.cuh"
+
+#define FLA_C 64      // chunk length
+#define FLA_KMAX 128  // largest K served
+#define FLA_KS 129    // row stride of [C][K] tiles in shared memory (odd: no bank conflicts)
+#define FLA_BV 64     // value columns per CTA of chunk_gdn_fwd
+#define FLA_NT 256    // threads per CTA of the chunk kernels
+
+// Keep in sync with `ChunkParams` in fla-ops/src/cuda.rs (repr(C)).
+struct ChunkParams {
+    const void* q;        // [tokens, H, K]
+    const void* k;        // [tokens, H, K]
+    const void* v;        // [tokens, HV, V]
+    const void* g;        // [tokens, HV] (raw gate input with use_gate)
+    const void* beta;     // [tokens, HV]
+    const void* a_log;    // [HV] (use_gate) or null
+    const void* dt_bias;  // [HV] (use_gate) or null
+    const float* h0;      // [N, HV, K, V] or null
+    void* o;              // [tokens, HV, V], dtype of q
+    float* ht;            // [N, HV, K, V] or null
+    float* qn;            // scratch [tokens, H, K]
+    float* kn;            // scratch [tokens, H, K]
+    float* gf;            // scratch [tokens, HV]: log decay
+    float* bf;            // scratch [tokens, HV]: beta
+    float* gc;            // scratch [tokens, HV]: in-chunk cumulative log decay
+    float* w;             // scratch [tokens, HV, K]
+    float* u;             // scratch [tokens, HV, V]
+    const int* chunk_start;  // [nc] first token of each chunk
+    const int* chunk_len;    // [nc] tokens in each chunk (1..=64)
+    const int* seq_chunk;    // [N+1] chunks of sequence n: seq_chunk[n] .. seq_chunk[n+1]
+    int dtype, a_log_dtype, dt_bias_dtype;
+    int tokens, n, nc, h, hv, dk, dv;
+    int l2norm, beta_sigmoid, use_gate;
+    float scale;
+};
+
+__device__ __forceinline__ float chunk_sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float chunk_softplusf(float x) { return x > 20.0f ? x : logf(1.0f + expf(x)); }
+
+// One CTA (128 threads) per token: a warp per q/k head row, a thread per value head.
+extern "C" __global__ void __launch_bounds__(128) chunk_gdn_prep(const ChunkParams p) {
+    const long long tok = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int hh = warp; hh < p.h; hh += 4) {
+        float qv[FLA_KMAX / 32], kv[FLA_KMAX / 32];
+        float sq = 0.0f, sk = 0.0f;
+        const long long base = (tok * p.h + hh) * p.dk;
+#pragma unroll
+        for (int r = 0; r < FLA_KMAX / 32; ++r) {
+            const int c = lane + 32 * r;
+            const bool ok = c < p.dk;
+            qv[r] = ok ? fla_load(p.q, p.dtype, base + c) : 0.0f;
+            kv[r] = ok ? fla_load(p.k, p.dtype, base + c) : 0.0f;
+            sq += qv[r] * qv[r];
+            sk += kv[r] * kv[r];
+        }
+        float rq = 1.0f, rk = 1.0f;
+        if (p.l2norm) {
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+                sq += __shfl_xor_sync(0xffffffffu, sq, off);
+                sk += __shfl_xor_sync(0xffffffffu, sk, off);
+            }
+            rq = 1.0f / sqrtf(sq + 1e-6f);
+            rk = 1.0f / sqrtf(sk + 1e-6f);
+        }
+#pragma unroll
+        for (int r = 0; r < FLA_KMAX / 32; ++r) {
+            const int c = lane + 32 * r;
+            if (c < p.dk) {
+                p.qn[base + c] = qv[r] * rq;
+                p.kn[base + c] = kv[r] * rk;
+            }
+        }
+    }
+    for (int j = threadIdx.x; j < p.hv; j += blockDim.x) {
+        const long long i = tok * p.hv + j;
+        float g = fla_load(p.g, p.dtype, i);
+        if (p.use_gate)
+            g = -expf(fla_load(p.a_log, p.a_log_dtype, j)) * chunk_softplusf(g + fla_load(p.dt_bias, p.dt_bias_dtype, j));
+        p.gf[i] = g;
+        const float b = fla_load(p.beta, p.dtype, i);
+        p.bf[i] = p.beta_sigmoid ? chunk_sigmoidf(b) : b;
+    }
+}
+
+// Bytes of dynamic shared memory of chunk_gdn_intra.
+#define FLA_INTRA_SMEM ((FLA_C * FLA_KS + FLA_C * FLA_C + 4 * FLA_C) * 4)
+
+// One CTA per (chunk, value head): G, A, T = (I + A)^-1 (forward substitution in shared
+// memory), then W and U into the scratch buffers.
+extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_intra(const ChunkParams p) {
+    extern __shared__ float sm[];
+    float* ks = sm;                   // [C][KS]: k rows, later beta.V column blocks
+    float* at = ks + FLA_C * FLA_KS;  // [C][C]: A, then T in place
+    float* arow = at + FLA_C * FLA_C; // [C]
+    float* gcs = arow + FLA_C;        // [C] cumulative log decay
+    float* coef = gcs + FLA_C;        // [C] beta exp(G)
+    float* bs = coef + FLA_C;         // [C] beta
+    const int ci = blockIdx.x, hv = blockIdx.y, tid = threadIdx.x;
+    const long long bos = p.chunk_start[ci];
+    const int l = p.chunk_len[ci];
+    const int hk = hv / (p.hv / p.h);
+    const int K = p.dk, V = p.dv;
+
+    for (int e = tid; e < FLA_C * K; e += FLA_NT) {
+        const int i = e / K, c = e % K;
+        ks[i * FLA_KS + c] = i < l ? p.kn[((bos + i) * p.h + hk) * K + c] : 0.0f;
+    }
+    if (tid < FLA_C) bs[tid] = tid < l ? p.bf[(bos + tid) * p.hv + hv] : 0.0f;
+    if (tid == 0) {
+        float acc = 0.0f;
+        for (int i = 0; i < FLA_C; ++i) {
+            if (i < l) acc += p.gf[(bos + i) * p.hv + hv];
+            gcs[i] = acc;
+        }
+    }
+    __syncthreads();
+    if (tid < l) {
+        coef[tid] = bs[tid] * expf(gcs[tid]);
+        p.gc[(bos + tid) * p.hv + hv] = gcs[tid];
+    }
+    // A, strictly lower.
+    for (int e = tid; e < FLA_C * FLA_C; e += FLA_NT) {
+        const int i = e / FLA_C, j = e % FLA_C;
+        float a = 0.0f;
+        if (j < i && i < l) {
+            float d = 0.0f;
+            for (int c = 0; c < K; ++c) d += ks[i * FLA_KS + c] * ks[j * FLA_KS + c];
+            a = bs[i] * d * expf(gcs[i] - gcs[j]);
+        }
+        at[e] = a;
+    }
+    __syncthreads();
+    // T = (I + A)^-1 in place, row by row: T_ij = -sum_{m=j}^{i-1} A_im T_mj (T_mm = 1).
+    for (int i = 1; i < l; ++i) {
+        if (tid < i) arow[tid] = at[i * FLA_C + tid];
+        __syncthreads();
+        if (tid < i) {
+            float s = -arow[tid];
+            for (int m = tid + 1; m < i; ++m) s -= arow[m] * at[m * FLA_C + tid];
+            at[i * FLA_C + tid] = s;
+        }
+        __syncthreads();
+    }
+    if (tid < FLA_C) at[tid * FLA_C + tid] = 1.0f;
+    __syncthreads();
+    // W = T (beta exp(G) K).
+    for (int e = tid; e < l * K; e += FLA_NT) {
+        const int i = e / K, c = e % K;
+        float s = 0.0f;
+        for (int j = 0; j <= i; ++j) s += at[i * FLA_C + j] * coef[j] * ks[j * FLA_KS + c];
+        p.w[((bos + i) * p.hv + hv) * K + c] = s;
+    }
+    // U = T (beta V), in blocks of 128 columns staged through `ks`.
+    for (int v0 = 0; v0 < V; v0 += FLA_KMAX) {
+        const int nv = min(FLA_KMAX, V - v0);
+        __syncthreads();
+        for (int e = tid; e < FLA_C * nv; e += FLA_NT) {
+            const int j = e / nv, x = e % nv;
+            ks[j * FLA_KS + x] = j < l ? bs[j] * fla_load(p.v, p.dtype, ((bos + j) * p.hv + hv) * V + v0 + x) : 0.0f;
+        }
+        __syncthreads();
+        for (int e = tid; e < l * nv; e += FLA_NT) {
+            const int i = e / nv, x = e % nv;
+            float s = 0.0f;
+            for (int j = 0; j <= i; ++j) s += at[i * FLA_C + j] * ks[j * FLA_KS + x];
+            p.u[((bos + i) * p.hv + hv) * V + v0 + x] = s;
+        }
+    }
+}
+
+// Bytes of dynamic shared memory of chunk_gdn_fwd.
+#define FLA_FWD_SMEM ((FLA_KMAX * FLA_BV + 2 * FLA_C * FLA_KS + FLA_C * FLA_BV + FLA_C * FLA_C + FLA_C) * 4)
+
+// One CTA per (sequence, value head, block of 64 value columns), walking the sequence's chunks
+// in order with the state block S [K][64] in shared memory.
+extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkParams p) {
+    extern __shared__ float sm[];
+    float* S = sm;                     // [KMAX][BV]
+    float* qb = S + FLA_KMAX * FLA_BV; // [C][KS]
+    float* kb = qb + FLA_C * FLA_KS;   // [C][KS]: W rows, then k rows
+    float* vn = kb + FLA_C * FLA_KS;   // [C][BV]
+    float* P = vn + FLA_C * FLA_BV;    // [C][C]
+    float* gcs = P + FLA_C * FLA_C;    // [C]
+    const int tid = threadIdx.x;
+    const int K = p.dk, V = p.dv;
+    const int nvb = (V + FLA_BV - 1) / FLA_BV;
+    const int vb = blockIdx.x % nvb;
+    const int hv = (blockIdx.x / nvb) % p.hv;
+    const int n = blockIdx.x / (nvb * p.hv);
+    const int hk = hv / (p.hv / p.h);
+    const int v0 = vb * FLA_BV, nv = min(FLA_BV, V - v0);
+    const long long sbase = ((long long)n * p.hv + hv) * K * V;
+
+    for (int e = tid; e < K * FLA_BV; e += FLA_NT) {
+        const int c = e / FLA_BV, x = e % FLA_BV;
+        S[e] = p.h0 && x < nv ? p.h0[sbase + (long long)c * V + v0 + x] : 0.0f;
+    }
+    for (int ci = p.seq_chunk[n]; ci < p.seq_chunk[n + 1]; ++ci) {
+        const long long bos = p.chunk_start[ci];
+        const int l = p.chunk_len[ci];
+        __syncthreads();
+        for (int e = tid; e < FLA_C * K; e += FLA_NT) {
+            const int i = e / K, c = e % K;
+            const bool ok = i < l;
+            kb[i * FLA_KS + c] = ok ? p.w[((bos + i) * p.hv + hv) * K + c] : 0.0f;
+            qb[i * FLA_KS + c] = ok ? p.qn[((bos + i) * p.h + hk) * K + c] : 0.0f;
+        }
+        if (tid < FLA_C) gcs[tid] = tid < l ? p.gc[(bos + tid) * p.hv + hv] : 0.0f;
+        __syncthreads();
+        // Vn = U - W S.
+        for (int e = tid; e < FLA_C * FLA_BV; e += FLA_NT) {
+            const int i = e / FLA_BV, x = e % FLA_BV;
+            float s = 0.0f;
+            if (i < l && x < nv) {
+                s = p.u[((bos + i) * p.hv + hv) * V + v0 + x];
+                for (int c = 0; c < K; ++c) s -= kb[i * FLA_KS + c] * S[c * FLA_BV + x];
+            }
+            vn[e] = s;
+        }
+        __syncthreads();
+        for (int e = tid; e < FLA_C * K; e += FLA_NT) {
+            const int i = e / K, c = e % K;
+            kb[i * FLA_KS + c] = i < l ? p.kn[((bos + i) * p.h + hk) * K + c] : 0.0f;
+        }
+        __syncthreads();
+        // P = scale Q K^T . exp(G_i - G_j), lower triangle including the diagonal.
+        for (int e = tid; e < FLA_C * FLA_C; e += FLA_NT) {
+            const int i = e / FLA_C, j = e % FLA_C;
+            float a = 0.0f;
+            if (j <= i && i < l) {
+                float d = 0.0f;
+                for (int c = 0; c < K; ++c) d += qb[i * FLA_KS + c] * kb[j * FLA_KS + c];
+                a = p.scale * d * expf(gcs[i] - gcs[j]);
+            }
+            P[e] = a;
+        }
+        __syncthreads();
+        // O = scale exp(G) Q S + P Vn.
+        for (int e = tid; e < l * FLA_BV; e += FLA_NT) {
+            const int i = e / FLA_BV, x = e % FLA_BV;
+            if (x >= nv) continue;
+            float a = 0.0f;
+            for (int c = 0; c < K; ++c) a += qb[i * FLA_KS + c] * S[c * FLA_BV + x];
+            float b = 0.0f;
+            for (int j = 0; j <= i; ++j) b += P[i * FLA_C + j] * vn[j * FLA_BV + x];
+            fla_store(p.o, p.dtype, ((bos + i) * p.hv + hv) * V + v0 + x, p.scale * expf(gcs[i]) * a + b);
+        }
+        __syncthreads();
+        // S <- exp(G_L) S + (K exp(G_L - G))^T Vn.
+        const float gl = gcs[l - 1], el = expf(gl);
+        for (int e = tid; e < K * FLA_BV; e += FLA_NT) {
+            const int c = e / FLA_BV, x = e % FLA_BV;
+            float s = el * S[e];
+            for (int i = 0; i < l; ++i) s += kb[i * FLA_KS + c] * expf(gl - gcs[i]) * vn[i * FLA_BV + x];
+            S[e] = s;
+        }
+    }
+    if (p.ht) {
+        __syncthreads();
+        for (int e = tid; e < K * FLA_BV; e += FLA_NT) {
+            const int c = e / FLA_BV, x = e % FLA_BV;
+            if (x < nv) p.ht[sbase + (long long)c * V + v0 + x] = S[e];
+        }
+    }
+}
