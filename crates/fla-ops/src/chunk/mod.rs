@@ -1,7 +1,7 @@
 //! The chunkwise-parallel (WY / UT transform) form, chunk size 64: forward and backward.
 //!
 //! Per chunk, with the state `S₀ [K,V]` entering it and the chunk-local quantities of
-//! [`intra`] (`A`, `T = (I + A)⁻¹`, `P`, `Kb`, `Qg`, `Kt`, `X`):
+//! `intra.rs` (`A`, `T = (I + A)⁻¹`, `P`, `Kb`, `Qg`, `Kt`, `X`):
 //!
 //! ```text
 //! U   = T (X − Kb S₀)                  new values (the erase already applied)
