@@ -25,6 +25,8 @@ pub struct Reference {
     pub gen_ids: Vec<u32>,
     /// Prompt length within `gen_ids`.
     pub prompt_len: usize,
+    /// `gen_full_logits [1, 36, vocab]`: logits of `gen_ids` in one pass.
+    pub gen_full_logits: Vec<f32>,
     /// Metadata (`prompt`, `generated_text`).
     pub meta: std::collections::HashMap<String, String>,
 }
@@ -41,6 +43,7 @@ pub fn reference(name: &str) -> Reference {
         logits: f.tensor("logits").unwrap().to_vec().unwrap(),
         gen_ids: gen.iter().map(|&x| x as u32).collect(),
         prompt_len: 12,
+        gen_full_logits: f.tensor("gen_full_logits").unwrap().to_vec().unwrap(),
         meta: f.metadata().unwrap(),
     }
 }
