@@ -8,8 +8,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Checker, Data, DtBias, Spec};
-use fla_core::cuda::{self, CudaDevice, CudaTensor};
+use common::gpu::{gpu, GpuData};
+use common::{Checker, DtBias, Spec};
+use fla_core::cuda::{CudaDevice, CudaTensor};
 use fla_core::{DType, Error, Tensor};
 use fla_ops::{recurrent, Decay, Erase, Family, Inputs};
 
@@ -17,70 +18,6 @@ use fla_ops::{recurrent, Decay, Erase, Family, Inputs};
 const TOL_F32: f64 = 1e-4;
 /// bf16 / f16 inputs: outputs rounded to 16 bits (relative RMSE).
 const TOL_HALF: f64 = 5e-3;
-
-/// The first GPU, or `None` (after saying so) where there is none or no kernels were built.
-fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
-    if !cuda::is_available() {
-        eprintln!("{test}: skipped: no CUDA device");
-        return None;
-    }
-    if !fla_kernels::compiled() {
-        eprintln!("{test}: skipped: {}", fla_kernels::NOT_COMPILED);
-        return None;
-    }
-    let dev = CudaDevice::get(0).expect("a device is present");
-    eprintln!("{test}: on {} ({})", dev.name(), fla_kernels::NVCC_VERSION);
-    Some(dev)
-}
-
-/// [`Data`] uploaded to the device.
-struct GpuData {
-    q: CudaTensor,
-    k: CudaTensor,
-    v: CudaTensor,
-    g: Option<CudaTensor>,
-    beta: Option<CudaTensor>,
-    b: Option<CudaTensor>,
-    w: Option<CudaTensor>,
-    a_log: Option<CudaTensor>,
-    dt_bias: Option<CudaTensor>,
-    cu_seqlens: Option<Vec<usize>>,
-}
-
-impl GpuData {
-    fn new(x: &Data, dev: &Arc<CudaDevice>) -> Self {
-        let up = |t: &Tensor| CudaTensor::from_host(t, dev).unwrap();
-        let upo = |t: &Option<Tensor>| t.as_ref().map(up);
-        GpuData {
-            q: up(&x.q),
-            k: up(&x.k),
-            v: up(&x.v),
-            g: upo(&x.g),
-            beta: upo(&x.beta),
-            b: upo(&x.b),
-            w: upo(&x.w),
-            a_log: upo(&x.a_log),
-            dt_bias: upo(&x.dt_bias),
-            cu_seqlens: x.cu_seqlens.clone(),
-        }
-    }
-
-    fn inputs(&self) -> Inputs<'_, CudaTensor> {
-        Inputs {
-            q: &self.q,
-            k: &self.k,
-            v: &self.v,
-            g: self.g.as_ref(),
-            beta: self.beta.as_ref(),
-            b: self.b.as_ref(),
-            w: self.w.as_ref(),
-            initial_state: None,
-            a_log: self.a_log.as_ref(),
-            dt_bias: self.dt_bias.as_ref(),
-            cu_seqlens: self.cu_seqlens.as_deref(),
-        }
-    }
-}
 
 /// `[B, T, H, HV, K, V]` and `cu_seqlens`: one decode token per sequence, several tokens per
 /// sequence, a packed batch with an empty sequence and dims that are not powers of two, and a
@@ -150,7 +87,7 @@ fn check_case(c: &mut Checker, dev: &Arc<CudaDevice>, spec: &Spec, dtype: DType,
     let mut state =
         CudaTensor::from_host(&Tensor::from_vec(pool_host.clone(), &[pool, hv, k, v]).unwrap(), dev).unwrap();
     let g = GpuData::new(&x, dev);
-    let o = recurrent::step_cuda(spec.family, &g.inputs(), &spec.opts(), &mut state, pooled.then_some(&rows[..]));
+    let o = recurrent::step_cuda(spec.family, &g.inputs(false), &spec.opts(), &mut state, pooled.then_some(&rows[..]));
     let o = match o {
         Ok(o) => o.to_host().unwrap(),
         Err(e) => return c.fail(format!("{ctx}: {e}")),
@@ -222,14 +159,16 @@ fn step_by_step_equals_one_call() {
     let mut whole = CudaTensor::zeros(h0.shape(), DType::F32, &dev).unwrap();
     whole.copy_from(&h0).unwrap();
     let g = GpuData::new(&x, &dev);
-    let o_all = recurrent::step_cuda(spec.family, &g.inputs(), &opts, &mut whole, None).unwrap().to_host().unwrap();
+    let o_all =
+        recurrent::step_cuda(spec.family, &g.inputs(false), &opts, &mut whole, None).unwrap().to_host().unwrap();
     let mut state = CudaTensor::zeros(h0.shape(), DType::F32, &dev).unwrap();
     state.copy_from(&h0).unwrap();
     let mut c = Checker::default();
     for t in 0..spec.t {
         let xt = common::data_tokens(&x, t, 1);
         let gt = GpuData::new(&xt, &dev);
-        let o = recurrent::step_cuda(spec.family, &gt.inputs(), &opts, &mut state, None).unwrap().to_host().unwrap();
+        let o =
+            recurrent::step_cuda(spec.family, &gt.inputs(false), &opts, &mut state, None).unwrap().to_host().unwrap();
         c.close(&format!("token {t}"), "o", &o, &common::tokens(&o_all, t, 1), 1e-5);
     }
     c.close("final", "state", &state.to_host().unwrap(), &whole.to_host().unwrap(), 1e-5);
@@ -245,7 +184,7 @@ fn step_cuda_errors() {
     let g = GpuData::new(&x, &dev);
     let opts = spec.opts();
     let run = |state: &mut CudaTensor, idx: Option<&[usize]>| {
-        recurrent::step_cuda(spec.family, &g.inputs(), &opts, state, idx).unwrap_err()
+        recurrent::step_cuda(spec.family, &g.inputs(false), &opts, state, idx).unwrap_err()
     };
     let mut pool = CudaTensor::zeros(&[4, 2, 64, 64], DType::F32, &dev).unwrap();
     assert!(matches!(run(&mut pool, None), Error::Shape { arg: "state", .. }));
@@ -257,8 +196,8 @@ fn step_cuda_errors() {
     let mut wrong = CudaTensor::zeros(&[2, 2, 64, 32], DType::F32, &dev).unwrap();
     assert!(matches!(run(&mut wrong, None), Error::Shape { arg: "state", .. }));
     let mut ok = CudaTensor::zeros(&[4, 2, 64, 64], DType::F32, &dev).unwrap();
-    recurrent::step_cuda(spec.family, &g.inputs(), &opts, &mut ok, Some(&[3, 0])).unwrap();
-    let with_h0 = Inputs { initial_state: Some(&ok), ..g.inputs() };
+    recurrent::step_cuda(spec.family, &g.inputs(false), &opts, &mut ok, Some(&[3, 0])).unwrap();
+    let with_h0 = Inputs { initial_state: Some(&ok), ..g.inputs(false) };
     let mut s = CudaTensor::zeros(&[2, 2, 64, 64], DType::F32, &dev).unwrap();
     assert!(recurrent::step_cuda(spec.family, &with_h0, &opts, &mut s, None).is_err());
 }

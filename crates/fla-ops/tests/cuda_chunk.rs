@@ -8,73 +8,16 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Checker, Data, DtBias, Gate, Spec};
-use fla_core::cuda::{self, CudaDevice, CudaTensor};
-use fla_core::{DType, Error, Tensor};
-use fla_ops::{chunk, Family, Inputs};
+use common::gpu::{gpu, GpuData};
+use common::{Checker, DtBias, Gate, Spec};
+use fla_core::cuda::CudaDevice;
+use fla_core::{DType, Error};
+use fla_ops::{chunk, Family};
 
 /// f32 inputs: the same f32 arithmetic in another order.
 const TOL_F32: f64 = 1e-4;
 /// bf16 / f16 inputs: outputs rounded to 16 bits (relative RMSE).
 const TOL_HALF: f64 = 5e-3;
-
-/// The first GPU, or `None` (after saying so) where there is none or no kernels were built.
-fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
-    if !cuda::is_available() {
-        eprintln!("{test}: skipped: no CUDA device");
-        return None;
-    }
-    if !fla_kernels::compiled() {
-        eprintln!("{test}: skipped: {}", fla_kernels::NOT_COMPILED);
-        return None;
-    }
-    let dev = CudaDevice::get(0).expect("a device is present");
-    eprintln!("{test}: on {} ({})", dev.name(), fla_kernels::NVCC_VERSION);
-    Some(dev)
-}
-
-/// [`Data`] uploaded to the device.
-struct GpuData {
-    q: CudaTensor,
-    k: CudaTensor,
-    v: CudaTensor,
-    g: Option<CudaTensor>,
-    beta: Option<CudaTensor>,
-    h0: Option<CudaTensor>,
-    a_log: Option<CudaTensor>,
-    dt_bias: Option<CudaTensor>,
-    cu_seqlens: Option<Vec<usize>>,
-}
-
-impl GpuData {
-    fn new(x: &Data, dev: &Arc<CudaDevice>) -> Self {
-        let up = |t: &Tensor| CudaTensor::from_host(t, dev).unwrap();
-        let upo = |t: &Option<Tensor>| t.as_ref().map(up);
-        GpuData {
-            q: up(&x.q),
-            k: up(&x.k),
-            v: up(&x.v),
-            g: upo(&x.g),
-            beta: upo(&x.beta),
-            h0: upo(&x.h0),
-            a_log: upo(&x.a_log),
-            dt_bias: upo(&x.dt_bias),
-            cu_seqlens: x.cu_seqlens.clone(),
-        }
-    }
-
-    fn inputs(&self) -> Inputs<'_, CudaTensor> {
-        Inputs {
-            g: self.g.as_ref(),
-            beta: self.beta.as_ref(),
-            initial_state: self.h0.as_ref(),
-            a_log: self.a_log.as_ref(),
-            dt_bias: self.dt_bias.as_ref(),
-            cu_seqlens: self.cu_seqlens.as_deref(),
-            ..Inputs::new(&self.q, &self.k, &self.v)
-        }
-    }
-}
 
 /// The cases: `[B, T, H, HV, K, V]`, `cu_seqlens`, initial state, strong decay, in-op options.
 fn specs() -> Vec<Spec> {
@@ -122,7 +65,7 @@ fn check_case(c: &mut Checker, dev: &Arc<CudaDevice>, spec: &Spec, dtype: DType)
     let opts = spec.opts();
     let cpu = chunk::forward(spec.family, &x.inputs(), &opts).unwrap();
     let g = GpuData::new(&x, dev);
-    let (o, ht) = match chunk::forward_cuda(spec.family, &g.inputs(), &opts) {
+    let (o, ht) = match chunk::forward_cuda(spec.family, &g.inputs(true), &opts) {
         Ok(r) => r,
         Err(e) => return c.fail(format!("{ctx}: {e}")),
     };
@@ -166,7 +109,7 @@ fn chunk_forward_without_final_state() {
     let x = spec.data().cast(DType::F32);
     let g = GpuData::new(&x, &dev);
     let opts = fla_ops::Options { output_final_state: false, ..spec.opts() };
-    let (o, ht) = chunk::forward_cuda(spec.family, &g.inputs(), &opts).unwrap();
+    let (o, ht) = chunk::forward_cuda(spec.family, &g.inputs(true), &opts).unwrap();
     assert!(ht.is_none());
     let cpu = chunk::forward(spec.family, &x.inputs(), &opts).unwrap();
     let mut c = Checker::default();
@@ -180,15 +123,15 @@ fn chunk_forward_cuda_errors() {
     let Some(dev) = gpu("chunk_forward_cuda_errors") else { return };
     let kda = Spec::new(Family::Kda, [1, 8, 1, 1, 64, 64]).seed(3).data().cast(DType::F32);
     let g = GpuData::new(&kda, &dev);
-    let e = chunk::forward_cuda(Family::Kda, &g.inputs(), &Default::default()).unwrap_err();
+    let e = chunk::forward_cuda(Family::Kda, &g.inputs(true), &Default::default()).unwrap_err();
     assert!(matches!(&e, Error::Unsupported { msg, .. } if msg.contains("kda")), "{e}");
     let big = Spec::new(Family::GatedDeltaRule, [1, 8, 1, 1, 192, 64]).seed(4).data().cast(DType::F32);
     let g = GpuData::new(&big, &dev);
-    let e = chunk::forward_cuda(Family::GatedDeltaRule, &g.inputs(), &Default::default()).unwrap_err();
+    let e = chunk::forward_cuda(Family::GatedDeltaRule, &g.inputs(true), &Default::default()).unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
     let spec = Spec::new(Family::GatedDeltaRule, [1, 8, 1, 1, 64, 64]).h0(true).seed(5);
     let mut x = spec.data().cast(DType::BF16);
     x.h0 = Some(x.h0.unwrap().to_dtype(DType::BF16).unwrap());
     let g = GpuData::new(&x, &dev);
-    assert!(chunk::forward_cuda(spec.family, &g.inputs(), &spec.opts()).is_err());
+    assert!(chunk::forward_cuda(spec.family, &g.inputs(true), &spec.opts()).is_err());
 }

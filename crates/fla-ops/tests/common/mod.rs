@@ -2,6 +2,8 @@
 //! tensor sets that lend an [`Inputs`], and comparisons that collect every failure of a sweep.
 #![allow(dead_code)]
 
+pub mod gpu;
+
 use fla_core::{DType, Tensor};
 use fla_ops::{Decay, Erase, Family, Grads, Inputs, Options, Write};
 use rand::rngs::StdRng;
