@@ -243,19 +243,7 @@ fn head_ap_backward<F: Float>(
     let erase = x.b.is_some();
     let one = F::one();
     // dN = scale·dP ⊙ E (incl.) into s.m, and the gate terms of P.
-    for i in 0..l {
-        for j in 0..l {
-            let ij = i * CHUNK + j;
-            if j <= i {
-                let t = s.dp[ij] * w.p[ij];
-                s.dgh[i] += t;
-                s.dgh[j] -= t;
-                s.m[ij] = x.scale * s.dp[ij] * w.e[ij];
-            } else {
-                s.m[ij] = F::zero();
-            }
-        }
-    }
+    decay_grad(l, &s.dp, &w.p, &w.e, x.scale, false, &mut s.dgh, &mut s.m);
     let km = mat(k, l, dk, dk);
     gemm(one, mat(&s.m, l, l, CHUNK), km, one, mat_mut(dq, l, dk, dk));
     gemm(one, mat(&s.m, l, l, CHUNK).t(), mat(q, l, dk, dk), one, mat_mut(dkk, l, dk, dk));
@@ -263,21 +251,29 @@ fn head_ap_backward<F: Float>(
         return;
     }
     // dM = dA ⊙ E (strict) into s.m, and the gate terms of A.
+    decay_grad(l, &s.da, &w.a, &w.e, one, true, &mut s.dgh, &mut s.m);
+    gemm(one, mat(&s.m, l, l, CHUNK), km, one, mat_mut(&mut s.dbk, l, dk, dk));
+    gemm(one, mat(&s.m, l, l, CHUNK).t(), mat(&w.bk, l, dk, dk), one, mat_mut(dkk, l, dk, dk));
+}
+
+/// For `X = Y ⊙ E` (lower triangle, `strict` without the diagonal) with upstream `dx`: the
+/// gradient `factor·dX ⊙ E` of `Y` into `m` (zero above the triangle), and the gate terms
+/// `dG_i += dX_ij X_ij`, `dG_j −= dX_ij X_ij` into `dgh`.
+#[allow(clippy::too_many_arguments)]
+fn decay_grad<F: Float>(l: usize, dx: &[F], x: &[F], e: &[F], factor: F, strict: bool, dgh: &mut [F], m: &mut [F]) {
     for i in 0..l {
         for j in 0..l {
             let ij = i * CHUNK + j;
-            if j < i {
-                let t = s.da[ij] * w.a[ij];
-                s.dgh[i] += t;
-                s.dgh[j] -= t;
-                s.m[ij] = s.da[ij] * w.e[ij];
+            if j < i || (j == i && !strict) {
+                let t = dx[ij] * x[ij];
+                dgh[i] += t;
+                dgh[j] -= t;
+                m[ij] = factor * dx[ij] * e[ij];
             } else {
-                s.m[ij] = F::zero();
+                m[ij] = F::zero();
             }
         }
     }
-    gemm(one, mat(&s.m, l, l, CHUNK), km, one, mat_mut(&mut s.dbk, l, dk, dk));
-    gemm(one, mat(&s.m, l, l, CHUNK).t(), mat(&w.bk, l, dk, dk), one, mat_mut(dkk, l, dk, dk));
 }
 
 /// Channel decay: per pair `(i, j ≤ i)` with `e = exp(G_i − G_j)` per channel,
