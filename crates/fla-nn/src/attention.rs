@@ -217,8 +217,7 @@ mod tests {
     fn blocked_prefill_equals_decode() {
         let (layer, cfg) = layer();
         let lens = [QUERY_BLOCK * 2 + 37, 5];
-        let x: Vec<f32> =
-            (0..(lens[0] + lens[1]) * cfg.hidden).map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5)).collect();
+        let x: Vec<f32> = (0..(lens[0] + lens[1]) * cfg.hidden).map(|i| (i * 37 % 101) as f32 / 101.0 - 0.5).collect();
         let mut cache = KvCache::default();
         let full = layer.forward(&x, &Batch::new(&lens, &[0, 0]), &mut cache).unwrap();
         for (n, &len) in lens.iter().enumerate() {

@@ -528,13 +528,7 @@ mod tests {
 
     #[test]
     fn loads_the_tiny_kimi_checkpoint() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/fixtures/models/kimi_linear_tiny/model.safetensors");
-        if !path.exists() {
-            eprintln!("skipped: {} not found", path.display());
-            return;
-        }
-        let vb = VarBuilder::from_files(&[path]).unwrap();
+        let vb = crate::fixture_weights("kimi_linear_tiny");
         let cfg = KdaConfig { hidden: 64, heads: 4, head_dim: 16, conv_kernel: 4, rms_norm_eps: 1e-5, low_rank: None };
         let x: Vec<f32> = (0..3 * 64).map(|i| ((i * 37 % 23) as f32 / 23.0 - 0.5) * 2.0).collect();
         for i in 0..3 {

@@ -34,3 +34,14 @@ mod var_builder;
 pub use batch::Batch;
 pub use linear::Linear;
 pub use var_builder::VarBuilder;
+
+/// The weights of a tiny fixture checkpoint (`../shared/fixtures/models/<name>`) for unit tests;
+/// a missing fixture fails the test rather than skipping it.
+#[cfg(test)]
+pub(crate) fn fixture_weights(name: &str) -> VarBuilder {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures/models")
+        .join(name)
+        .join("model.safetensors");
+    VarBuilder::from_files(&[&path]).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}

@@ -508,13 +508,7 @@ mod tests {
 
     #[test]
     fn loads_the_tiny_kimi_checkpoint() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/fixtures/models/kimi_linear_tiny/model.safetensors");
-        if !path.exists() {
-            eprintln!("skipped: {} not found", path.display());
-            return;
-        }
-        let vb = VarBuilder::from_files(&[path]).unwrap();
+        let vb = crate::fixture_weights("kimi_linear_tiny");
         let cfg = MlaConfig {
             hidden: 64,
             heads: 4,

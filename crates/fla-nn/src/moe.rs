@@ -652,11 +652,9 @@ mod tests {
 
     #[test]
     fn loads_the_tiny_checkpoints() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/models");
         let x: Vec<f32> = (0..3 * 64).map(|i| ((i * 37 % 23) as f32 / 23.0 - 0.5) * 2.0).collect();
-        let kimi = dir.join("kimi_linear_tiny/model.safetensors");
-        if kimi.exists() {
-            let vb = VarBuilder::from_files(&[kimi]).unwrap();
+        {
+            let vb = crate::fixture_weights("kimi_linear_tiny");
             let cfg = KimiMoeConfig {
                 hidden: 64,
                 num_experts: 4,
@@ -673,9 +671,8 @@ mod tests {
                 assert!(moe.forward(&x).unwrap().iter().all(|v| v.is_finite()));
             }
         }
-        let qwen = dir.join("qwen3_next_tiny/model.safetensors");
-        if qwen.exists() {
-            let vb = VarBuilder::from_files(&[qwen]).unwrap();
+        {
+            let vb = crate::fixture_weights("qwen3_next_tiny");
             let cfg = QwenMoeConfig {
                 hidden: 64,
                 num_experts: 4,
