@@ -34,7 +34,7 @@ use half::{bf16, f16};
 use crate::{DType, Device, Error, Result, Tensor, TensorMeta};
 
 /// Runs `f`, turning a panic inside cudarc (a missing library or symbol) into [`Error::Cuda`].
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
         let msg = p
             .downcast_ref::<String>()

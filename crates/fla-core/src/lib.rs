@@ -21,6 +21,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_blas;
 mod dtype;
 mod error;
 pub mod io;
