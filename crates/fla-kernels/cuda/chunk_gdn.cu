@@ -1,5 +1,6 @@
-// Chunk forward of Gated DeltaNet (scalar decay per head, erase = write = beta), chunk C = 64.
-// A first, straightforward version (f32 arithmetic throughout, no tensor cores); see
+// Chunk forward of Gated DeltaNet and DeltaNet (scalar decay per head or none, erase = write =
+// beta), chunk C = 64: the f32 path (f32 arithmetic throughout, no tensor cores), serving f32
+// inputs and the head dims the tensor-core path (chunk_gdn_tc.cu) does not; see
 // fla-ops/src/chunk/{mod.rs,intra.rs} for the CPU form it matches:
 //
 //   G  = in-chunk cumulative sum of g                      (per token)
@@ -12,43 +13,12 @@
 // Kernel 1 (chunk_gdn_prep) converts q, k to f32 (L2-normalised with the in-op option) and
 // g, beta to f32 (with the in-op gate / sigmoid) into scratch buffers the two others read.
 #include "common/dtype.cuh"
+#include "common/chunk.cuh"
 
-#define FLA_C 64      // chunk length
 #define FLA_KMAX 128  // largest K served
 #define FLA_KS 129    // row stride of [C][K] tiles in shared memory (odd: no bank conflicts)
 #define FLA_BV 64     // value columns per CTA of chunk_gdn_fwd
 #define FLA_NT 256    // threads per CTA of the chunk kernels
-
-// Keep in sync with `ChunkParams` in fla-ops/src/cuda.rs (repr(C)).
-struct ChunkParams {
-    const void* q;        // [tokens, H, K]
-    const void* k;        // [tokens, H, K]
-    const void* v;        // [tokens, HV, V]
-    const void* g;        // [tokens, HV] (raw gate input with use_gate)
-    const void* beta;     // [tokens, HV]
-    const void* a_log;    // [HV] (use_gate) or null
-    const void* dt_bias;  // [HV] (use_gate) or null
-    const float* h0;      // [N, HV, K, V] or null
-    void* o;              // [tokens, HV, V], dtype of q
-    float* ht;            // [N, HV, K, V] or null
-    float* qn;            // scratch [tokens, H, K]
-    float* kn;            // scratch [tokens, H, K]
-    float* gf;            // scratch [tokens, HV]: log decay
-    float* bf;            // scratch [tokens, HV]: beta
-    float* gc;            // scratch [tokens, HV]: in-chunk cumulative log decay
-    float* w;             // scratch [tokens, HV, K]
-    float* u;             // scratch [tokens, HV, V]
-    const int* chunk_start;  // [nc] first token of each chunk
-    const int* chunk_len;    // [nc] tokens in each chunk (1..=64)
-    const int* seq_chunk;    // [N+1] chunks of sequence n: seq_chunk[n] .. seq_chunk[n+1]
-    int dtype, a_log_dtype, dt_bias_dtype;
-    int tokens, n, nc, h, hv, dk, dv;
-    int l2norm, beta_sigmoid, use_gate;
-    float scale;
-};
-
-__device__ __forceinline__ float chunk_sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float chunk_softplusf(float x) { return x > 20.0f ? x : logf(1.0f + expf(x)); }
 
 // One CTA (128 threads) per token: a warp per q/k head row, a thread per value head.
 extern "C" __global__ void __launch_bounds__(128) chunk_gdn_prep(const ChunkParams p) {
@@ -74,8 +44,8 @@ extern "C" __global__ void __launch_bounds__(128) chunk_gdn_prep(const ChunkPara
                 sq += __shfl_xor_sync(0xffffffffu, sq, off);
                 sk += __shfl_xor_sync(0xffffffffu, sk, off);
             }
-            rq = 1.0f / sqrtf(sq + 1e-6f);
-            rk = 1.0f / sqrtf(sk + 1e-6f);
+            rq = chunk_rnorm(sq);
+            rk = chunk_rnorm(sk);
         }
 #pragma unroll
         for (int r = 0; r < FLA_KMAX / 32; ++r) {
@@ -88,12 +58,7 @@ extern "C" __global__ void __launch_bounds__(128) chunk_gdn_prep(const ChunkPara
     }
     for (int j = threadIdx.x; j < p.hv; j += blockDim.x) {
         const long long i = tok * p.hv + j;
-        float g = fla_load(p.g, p.dtype, i);
-        if (p.use_gate)
-            g = -expf(fla_load(p.a_log, p.a_log_dtype, j)) * chunk_softplusf(g + fla_load(p.dt_bias, p.dt_bias_dtype, j));
-        p.gf[i] = g;
-        const float b = fla_load(p.beta, p.dtype, i);
-        p.bf[i] = p.beta_sigmoid ? chunk_sigmoidf(b) : b;
+        chunk_gate_beta(p, i, j, p.gf[i], p.bf[i]);
     }
 }
 

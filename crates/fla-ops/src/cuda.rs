@@ -5,7 +5,7 @@
 //! in f32, bf16 or f16 as told at run time; the state is always f32.
 use std::collections::HashSet;
 
-use fla_core::cuda::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use fla_core::cuda::cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use fla_core::cuda::{CudaDevice, CudaStorage, CudaTensor};
 use fla_core::{DType, Error, Result};
 
@@ -293,7 +293,7 @@ pub(crate) fn recurrent_step(
     Ok(o)
 }
 
-/// Mirror of `ChunkParams` in `cuda/chunk_gdn.cu` (same order, `repr(C)`).
+/// Mirror of `ChunkParams` in `cuda/common/chunk.cuh` (same order, `repr(C)`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct ChunkParams {
@@ -311,9 +311,14 @@ struct ChunkParams {
     kn: u64,
     gf: u64,
     bf: u64,
-    gc: u64,
     w: u64,
     u: u64,
+    gc: u64,
+    w16: u64,
+    u16: u64,
+    aqk: u64,
+    rq: u64,
+    rk: u64,
     chunk_start: u64,
     chunk_len: u64,
     seq_chunk: u64,
@@ -336,7 +341,7 @@ struct ChunkParams {
 // SAFETY: plain old data with the C layout the kernels read (u64 addresses, i32 and f32 fields).
 unsafe impl DeviceRepr for ChunkParams {}
 
-/// Chunk length of `chunk_gdn.cu` (`FLA_C`).
+/// Chunk length of the chunk kernels (`FLA_C`).
 const GPU_CHUNK: usize = 64;
 /// Value columns per CTA of `chunk_gdn_fwd` (`FLA_BV`).
 const GPU_CHUNK_BV: usize = 64;
@@ -344,6 +349,32 @@ const GPU_CHUNK_BV: usize = 64;
 const INTRA_SMEM: u32 = ((64 * 129 + 64 * 64 + 4 * 64) * 4) as u32;
 /// Dynamic shared memory of `chunk_gdn_fwd` (`FLA_FWD_SMEM`).
 const FWD_SMEM: u32 = ((128 * 64 + 2 * 64 * 129 + 64 * 64 + 64 * 64 + 64) * 4) as u32;
+
+/// Dynamic shared memory of `chunk_gdn_tc_intra_*` for key dim `k` (`TC_INTRA_SMEM` in
+/// chunk_gdn_tc.cu): A and T in f32, block products, four [C] vectors, K and Q tiles, two
+/// 16-bit [C][C] tiles (row strides padded by 8 elements, f32 [C][C] by 1).
+fn tc_intra_smem(k: usize) -> u32 {
+    (2 * 64 * 65 * 4 + 3 * 256 * 4 + 4 * 64 * 4 + 2 * 64 * (k + 8) * 2 + 2 * 64 * 72 * 2) as u32
+}
+
+/// Dynamic shared memory of `chunk_gdn_tc_fwd_*` (`TC_FWD_SMEM`): three [C] vectors, Q, K and W
+/// tiles, the P tile, and U, S, Vn and scaled Vn blocks of `bv` columns.
+fn tc_fwd_smem(k: usize, bv: usize) -> u32 {
+    (3 * 64 * 4 + 3 * 64 * (k + 8) * 2 + 64 * 72 * 2 + (3 * 64 + k) * (bv + 8) * 2) as u32
+}
+
+/// Value columns per CTA of the tensor-core forward: `FLA_CHUNK_BV` (16, 32 or 64) when set
+/// and valid, else the widest block that still gives every SM two CTAs (`ctas(bv)` CTAs for a
+/// block of `bv`), else 16.
+fn tc_block_v(v: usize, sms: usize, ctas: impl Fn(usize) -> usize) -> usize {
+    let valid = |bv: usize| v % bv == 0;
+    if let Some(bv) = std::env::var("FLA_CHUNK_BV").ok().and_then(|s| s.parse().ok()) {
+        if [16, 32, 64].contains(&bv) && valid(bv) {
+            return bv;
+        }
+    }
+    [64, 32].into_iter().find(|&bv| valid(bv) && ctas(bv) >= 2 * sms).unwrap_or(16)
+}
 
 /// Chunk table of a call: first token and length of every chunk (sequence by sequence), and
 /// `seq_chunk[n] .. seq_chunk[n + 1]`, the chunks of sequence `n`.
@@ -359,7 +390,21 @@ fn chunk_table(op: &'static str, seqs: &[std::ops::Range<usize>]) -> Result<(Vec
     Ok((start, len, seq))
 }
 
-/// The chunk forward of Gated DeltaNet on the GPU; see [`crate::chunk::forward_cuda`].
+/// Launches `f` with `params` as its only argument.
+fn launch_chunk(dev: &CudaDevice, f: &CudaFunction, cfg: LaunchConfig, params: &ChunkParams) -> Result<()> {
+    let mut launch = dev.stream().launch_builder(f);
+    launch.arg(params);
+    // SAFETY: every chunk kernel's signature is `(ChunkParams)` by value, mirrored above; the
+    // caller (`chunk_forward`) states what makes the addresses in `params` and `cfg` sound.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// The chunk forward of Gated DeltaNet and DeltaNet on the GPU; see [`crate::chunk::forward_cuda`].
+///
+/// bf16 / f16 inputs with K = 64 or 128 and V a multiple of 16 take the tensor-core path
+/// (`chunk_gdn_tc.cu`); everything else (f32 inputs, other head dims up to K = 128) the f32
+/// path (`chunk_gdn.cu`).
 pub(crate) fn chunk_forward(
     family: Family,
     x: &Inputs<'_, CudaTensor>,
@@ -367,10 +412,10 @@ pub(crate) fn chunk_forward(
 ) -> Result<(CudaTensor, Option<CudaTensor>)> {
     use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
     const OP: &str = "chunk::forward_cuda";
-    if family != Family::GatedDeltaRule {
+    if !matches!(family, Family::GatedDeltaRule | Family::DeltaRule) {
         return Err(Error::Unsupported {
             op: OP,
-            msg: format!("the GPU chunk forward serves gated_delta_rule only so far, not {family}"),
+            msg: format!("the GPU chunk forward serves gated_delta_rule and delta_rule so far, not {family}"),
         });
     }
     let p = Problem::new(OP, family, x, opts)?;
@@ -384,60 +429,57 @@ pub(crate) fn chunk_forward(
             return Err(Error::DType { op: OP, arg: "initial_state", expected: "f32".into(), got: h0.dtype() });
         }
     }
-    let g = x.g.ok_or_else(|| Error::Unsupported { op: OP, msg: "argument `g` is required".into() })?;
+    // Problem::new checked that g is present for gated_delta_rule (absent for delta_rule) and
+    // beta for both; the error below is a defence that cannot trigger.
+    let g = x.g;
     let beta = x.beta.ok_or_else(|| Error::Unsupported { op: OP, msg: "argument `beta` is required".into() })?;
     let tokens = d.b * d.t;
-    to_i32(OP, "tokens·HV·max(K,V)", tokens * d.hv * d.k.max(d.v))?;
+    to_i32(OP, "tokens·HV·max(K,V,64)", tokens * d.hv * d.k.max(d.v).max(GPU_CHUNK))?;
     to_i32(OP, "tokens·H·K", tokens * d.h * d.k)?;
     to_i32(OP, "N·HV·K·V", d.n * d.hv * d.k * d.v)?;
     let (starts, lens, seq_chunk) = chunk_table(OP, &p.seqs)?;
     let nc = starts.len();
-    let tiles = d.n * d.hv * d.v.div_ceil(GPU_CHUNK_BV);
+    let dtype = x.q.dtype();
+    let tensor_cores = matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && d.v % 16 == 0;
+    let bv = if tensor_cores { tc_block_v(d.v, dev.sm_count(), |bv| d.n * d.hv * d.v / bv) } else { GPU_CHUNK_BV };
+    let tiles = d.n * d.hv * d.v.div_ceil(bv);
     let tiles = u32::try_from(tiles)
         .ok()
         .filter(|&t| t < i32::MAX as u32)
-        .ok_or_else(|| Error::size(OP, format!("N·HV·⌈V/64⌉ = {tiles} CTAs is more than one launch takes")))?;
-    let dt_code = dtype_code(OP, "q", x.q.dtype())?;
+        .ok_or_else(|| Error::size(OP, format!("N·HV·⌈V/{bv}⌉ = {tiles} CTAs is more than one launch takes")))?;
+    let dt_code = dtype_code(OP, "q", dtype)?;
     let (a_log_dtype, dt_bias_dtype) = match (x.a_log, x.dt_bias) {
         (Some(a), Some(b)) => (dtype_code(OP, "A_log", a.dtype())?, dtype_code(OP, "dt_bias", b.dtype())?),
         _ => (0, 0),
     };
-    let image = cubin("chunk_gdn")?;
-    let prep = dev.function("chunk_gdn", image, "chunk_gdn_prep")?;
-    let intra = dev.function("chunk_gdn", image, "chunk_gdn_intra")?;
-    let fwd = dev.function("chunk_gdn", image, "chunk_gdn_fwd")?;
-    intra.set_attribute(MAX_DYN_SMEM, INTRA_SMEM as i32)?;
-    fwd.set_attribute(MAX_DYN_SMEM, FWD_SMEM as i32)?;
 
     let stream = dev.stream().clone();
-    let f32z = |n: usize| CudaTensor::zeros(&[n.max(1)], DType::F32, &dev);
-    let (mut qn, mut kn) = (f32z(tokens * d.h * d.k)?, f32z(tokens * d.h * d.k)?);
-    let (mut gf, mut bf, mut gc) = (f32z(tokens * d.hv)?, f32z(tokens * d.hv)?, f32z(tokens * d.hv)?);
-    let (mut w, mut u) = (f32z(tokens * d.hv * d.k)?, f32z(tokens * d.hv * d.v)?);
-    let mut o = CudaTensor::zeros(&[d.b, d.t, d.hv, d.v], x.q.dtype(), &dev)?;
-    let mut ht =
-        if opts.output_final_state { Some(CudaTensor::zeros(&[d.n, d.hv, d.k, d.v], DType::F32, &dev)?) } else { None };
+    // SAFETY (the `uninit` buffers): `o` and `ht` are written whole by the last kernel (every
+    // token belongs to one chunk, every (sequence, head, column block) has a CTA); the scratch
+    // buffers are written by the first kernels for every token before the last one reads them.
+    let scratch = |n: usize, dt: DType| unsafe { CudaTensor::uninit(&[n.max(1)], dt, &dev) };
+    let mut o = unsafe { CudaTensor::uninit(&[d.b, d.t, d.hv, d.v], dtype, &dev)? };
+    let mut ht = if opts.output_final_state {
+        Some(unsafe { CudaTensor::uninit(&[d.n, d.hv, d.k, d.v], DType::F32, &dev)? })
+    } else {
+        None
+    };
     let starts_d = stream.clone_htod(if starts.is_empty() { &[0][..] } else { &starts[..] })?;
     let lens_d = stream.clone_htod(if lens.is_empty() { &[0][..] } else { &lens[..] })?;
     let seq_d = stream.clone_htod(&seq_chunk)?;
-    let params = ChunkParams {
+    let mut gc = scratch(tokens * d.hv, DType::F32)?;
+    let mut params = ChunkParams {
         q: addr(x.q),
         k: addr(x.k),
         v: addr(x.v),
-        g: addr(g),
+        g: opt_addr(g),
         beta: addr(beta),
         a_log: opt_addr(x.a_log),
         dt_bias: opt_addr(x.dt_bias),
         h0: opt_addr(x.initial_state),
         o: addr_mut(&mut o),
         ht: ht.as_mut().map_or(0, addr_mut),
-        qn: addr_mut(&mut qn),
-        kn: addr_mut(&mut kn),
-        gf: addr_mut(&mut gf),
-        bf: addr_mut(&mut bf),
         gc: addr_mut(&mut gc),
-        w: addr_mut(&mut w),
-        u: addr_mut(&mut u),
         chunk_start: starts_d.device_ptr(&stream).0,
         chunk_len: lens_d.device_ptr(&stream).0,
         seq_chunk: seq_d.device_ptr(&stream).0,
@@ -455,44 +497,83 @@ pub(crate) fn chunk_forward(
         beta_sigmoid: opts.use_beta_sigmoid_in_kernel as i32,
         use_gate: opts.use_gate_in_kernel as i32,
         scale: p.scale as f32,
+        ..ChunkParams::default()
     };
-    // SAFETY (all three launches): each kernel's signature is `(ChunkParams)` by value, mirrored
-    // above. Problem::new checked every shape, so each address covers what the kernels index:
-    // q, k [tokens,H,K]; v, o [tokens,HV,V]; g, beta [tokens,HV]; A_log, dt_bias [HV] (read only
-    // with use_gate, which Problem requires them for); initial_state and ht [N,HV,K,V] f32 (h0
-    // checked f32 above); the scratch buffers were allocated above with the sizes the kernels
-    // index (qn, kn [tokens,H,K]; gf, bf, gc [tokens,HV]; w [tokens,HV,K]; u [tokens,HV,V]).
-    // The chunk table lists chunks of 1..=64 tokens inside [0, tokens), `seq_chunk` has N+1
-    // entries, every index fits i32 (checked), K ≤ 128 (checked; the kernels' tiles hold 128).
-    // The dynamic shared memory matches FLA_INTRA_SMEM / FLA_FWD_SMEM and the attribute allowing
-    // it was set. Each output element (o, ht, scratch) is written by exactly one thread. All
-    // buffers outlive the launches in stream order (frees are stream-ordered on this stream).
-    if tokens > 0 {
-        let cfg = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let mut launch = stream.launch_builder(&prep);
-        launch.arg(&params);
-        // SAFETY: see above.
-        unsafe { launch.launch(cfg) }?;
+    // SAFETY (every launch below, through `launch_chunk`): Problem::new checked every shape, so
+    // each address covers what the kernels index: q, k [tokens,H,K]; v, o [tokens,HV,V]; g (null
+    // for delta_rule: no decay), beta [tokens,HV]; A_log, dt_bias [HV] (read only with use_gate,
+    // which Problem requires them for); initial_state and ht [N,HV,K,V] f32 (h0 checked f32
+    // above); the scratch buffers are allocated below with the sizes the kernels index
+    // (f32 path: qn, kn [tokens,H,K]; gf, bf, gc [tokens,HV]; w [tokens,HV,K]; u [tokens,HV,V];
+    // tensor-core path: gc, rq, rk [tokens,HV] f32; w16 [tokens,HV,K], u16 [tokens,HV,V],
+    // aqk [tokens,HV,64] in q's 16-bit dtype, which the kernel's name matches). The tensor-core
+    // kernels take K = 64 or 128 (their template), V a multiple of 16 and of the block `bv`
+    // (checked above), and load 16-byte pieces, aligned since K, V, 64 are multiples of 8
+    // elements and cudarc buffers start 256-byte aligned. The chunk table lists chunks of
+    // 1..=64 tokens inside [0, tokens), `seq_chunk` has N+1 entries, every index fits i32
+    // (checked), K ≤ 128 (checked). The dynamic shared memory matches each kernel's
+    // *_SMEM macro and the attribute allowing it was set. Each output element (o, ht, scratch)
+    // is written by exactly one thread. All buffers outlive the launches in stream order
+    // (frees are stream-ordered on this stream).
+    if tensor_cores {
+        let name = if dtype == DType::BF16 { "bf16" } else { "f16" };
+        let image = cubin("chunk_gdn_tc")?;
+        let intra = dev.function("chunk_gdn_tc", image, &format!("chunk_gdn_tc_intra_{name}_k{}", d.k))?;
+        let fwd = dev.function("chunk_gdn_tc", image, &format!("chunk_gdn_tc_fwd_{name}_k{}_v{bv}", d.k))?;
+        intra.set_attribute(MAX_DYN_SMEM, tc_intra_smem(d.k) as i32)?;
+        fwd.set_attribute(MAX_DYN_SMEM, tc_fwd_smem(d.k, bv) as i32)?;
+        let (mut rq, mut rk) = (scratch(tokens * d.hv, DType::F32)?, scratch(tokens * d.hv, DType::F32)?);
+        let mut w16 = scratch(tokens * d.hv * d.k, dtype)?;
+        let mut u16 = scratch(tokens * d.hv * d.v, dtype)?;
+        let mut aqk = scratch(tokens * d.hv * GPU_CHUNK, dtype)?;
+        params.rq = addr_mut(&mut rq);
+        params.rk = addr_mut(&mut rk);
+        params.w16 = addr_mut(&mut w16);
+        params.u16 = addr_mut(&mut u16);
+        params.aqk = addr_mut(&mut aqk);
+        if nc > 0 {
+            let grid = (nc as u32, d.hv as u32, 1);
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: tc_intra_smem(d.k) };
+            launch_chunk(&dev, &intra, cfg, &params)?;
+        }
+        if tiles > 0 {
+            let smem = tc_fwd_smem(d.k, bv);
+            let cfg = LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
+            launch_chunk(&dev, &fwd, cfg, &params)?;
+        }
+        drop((rq, rk, w16, u16, aqk));
+    } else {
+        let image = cubin("chunk_gdn")?;
+        let prep = dev.function("chunk_gdn", image, "chunk_gdn_prep")?;
+        let intra = dev.function("chunk_gdn", image, "chunk_gdn_intra")?;
+        let fwd = dev.function("chunk_gdn", image, "chunk_gdn_fwd")?;
+        intra.set_attribute(MAX_DYN_SMEM, INTRA_SMEM as i32)?;
+        fwd.set_attribute(MAX_DYN_SMEM, FWD_SMEM as i32)?;
+        let (mut qn, mut kn) = (scratch(tokens * d.h * d.k, DType::F32)?, scratch(tokens * d.h * d.k, DType::F32)?);
+        let (mut gf, mut bf) = (scratch(tokens * d.hv, DType::F32)?, scratch(tokens * d.hv, DType::F32)?);
+        let (mut w, mut u) = (scratch(tokens * d.hv * d.k, DType::F32)?, scratch(tokens * d.hv * d.v, DType::F32)?);
+        params.qn = addr_mut(&mut qn);
+        params.kn = addr_mut(&mut kn);
+        params.gf = addr_mut(&mut gf);
+        params.bf = addr_mut(&mut bf);
+        params.w = addr_mut(&mut w);
+        params.u = addr_mut(&mut u);
+        if tokens > 0 {
+            let cfg = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            launch_chunk(&dev, &prep, cfg, &params)?;
+        }
+        if nc > 0 {
+            let grid = (nc as u32, d.hv as u32, 1);
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: (256, 1, 1), shared_mem_bytes: INTRA_SMEM };
+            launch_chunk(&dev, &intra, cfg, &params)?;
+        }
+        if tiles > 0 {
+            let cfg = LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: FWD_SMEM };
+            launch_chunk(&dev, &fwd, cfg, &params)?;
+        }
+        drop((qn, kn, gf, bf, w, u));
     }
-    if nc > 0 {
-        let cfg = LaunchConfig {
-            grid_dim: (nc as u32, d.hv as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: INTRA_SMEM,
-        };
-        let mut launch = stream.launch_builder(&intra);
-        launch.arg(&params);
-        // SAFETY: see above.
-        unsafe { launch.launch(cfg) }?;
-    }
-    if tiles > 0 {
-        let cfg = LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: FWD_SMEM };
-        let mut launch = stream.launch_builder(&fwd);
-        launch.arg(&params);
-        // SAFETY: see above.
-        unsafe { launch.launch(cfg) }?;
-    }
-    drop((qn, kn, gf, bf, gc, w, u, starts_d, lens_d, seq_d));
+    drop((gc, starts_d, lens_d, seq_d));
     Ok((o, ht))
 }
 
@@ -506,8 +587,8 @@ mod tests {
         // recurrent.cu occupies on the device.
         assert_eq!(std::mem::size_of::<RecurrentParams>(), 176);
         assert_eq!(std::mem::align_of::<RecurrentParams>(), 8);
-        // 20 pointers, 13 ints and a float: `ChunkParams` in chunk_gdn.cu.
-        assert_eq!(std::mem::size_of::<ChunkParams>(), 216);
+        // 25 pointers, 16 ints and a float: `ChunkParams` in common/chunk.cuh.
+        assert_eq!(std::mem::size_of::<ChunkParams>(), 256);
     }
 
     #[test]

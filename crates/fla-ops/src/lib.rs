@@ -1,5 +1,5 @@
-//! fla-ops: the linear-attention op family, on the CPU and (the decode step and the Gated
-//! DeltaNet chunk forward so far) on CUDA.
+//! fla-ops: the linear-attention op family, on the CPU and (the decode step, and the chunk
+//! forward of Gated DeltaNet and DeltaNet so far) on CUDA.
 //!
 //! One generic recurrence serves every variant (see [`naive`] for its definition): a decay
 //! ([`Decay`]), an erase ([`Erase`]) and a write ([`Write`]) knob, named by [`Family`] after FLA's
@@ -7,7 +7,7 @@
 //!
 //! - [`naive`]: the token-by-token reference, in f32 or f64;
 //! - [`chunk`]: the chunkwise WY / UT form (chunk 64), forward and backward; the forward of
-//!   Gated DeltaNet also on a CUDA device ([`chunk::forward_cuda`]);
+//!   Gated DeltaNet and DeltaNet also on a CUDA device ([`chunk::forward_cuda`]);
 //! - [`recurrent`]: the fused decode step, updating states in place; on the CPU
 //!   ([`recurrent::step`]) or on a CUDA device ([`recurrent::step_cuda`], kernels from
 //!   `fla-kernels`).

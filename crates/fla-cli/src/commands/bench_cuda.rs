@@ -1,5 +1,7 @@
-//! `fla bench ops --device cuda`: the GPU decode step and the Gated DeltaNet chunk forward next to the HBM ceiling measured in the same
-//! run (a device-to-device copy, bytes read + written).
+//! `fla bench ops --device cuda`: the GPU decode step and the chunk forward (Gated DeltaNet at
+//! several shapes, DeltaNet) next to the HBM ceiling measured in the same run (a device-to-device
+//! copy, bytes read + written). FLA's times on the same shapes come from
+//! `scripts/fla_side_by_side.py`, run on the same card.
 //!
 //! Timing: CUDA events around a batch of back-to-back calls (so a launch-bound step shows its
 //! launch rate), many batches, median per call, after a warm-up. State buffers rotate so that
@@ -131,37 +133,62 @@ fn decode_row(dev: &Arc<CudaDevice>, seconds: f64, family: Family, n: usize, hbm
     })
 }
 
-/// FLA 0.6.0's `chunk_gated_delta_rule` forward at the `chunk_fwd` shape on an H200, measured by
-/// someone else on another day (issue 3), not in this run.
-const FLA_CHUNK_FWD_MS: f64 = 0.46;
+/// One chunk-forward case: its row name, `[B, T, H, HV]` (K = V = 128) and `cu_seqlens`.
+struct ChunkCase {
+    name: &'static str,
+    family: Family,
+    bthv: [usize; 4],
+    cu_seqlens: Option<&'static [usize]>,
+}
 
-/// The Gated DeltaNet chunk forward at B = 8, T = 2048, H = HV = 16, K = V = 128, bf16 inputs,
-/// in-op L2 norm, final state out; the rate is tokens·heads per second.
-fn chunk_fwd_row(dev: &Arc<CudaDevice>, seconds: f64) -> Result<Row> {
-    let (b, t, h, d) = (8, 2048, 16, 128);
+/// The chunk-forward rows: issue 3's two Gated DeltaNet shapes, grouped value heads, a varlen
+/// batch of mixed lengths, and DeltaNet (no decay) at the first shape.
+const CHUNK_CASES: &[ChunkCase] = &[
+    ChunkCase { name: "chunk_fwd", family: Family::GatedDeltaRule, bthv: [8, 2048, 16, 16], cu_seqlens: None },
+    ChunkCase { name: "chunk_fwd_long", family: Family::GatedDeltaRule, bthv: [1, 32768, 16, 16], cu_seqlens: None },
+    ChunkCase { name: "chunk_fwd_gva", family: Family::GatedDeltaRule, bthv: [8, 2048, 16, 32], cu_seqlens: None },
+    ChunkCase {
+        name: "chunk_fwd_varlen",
+        family: Family::GatedDeltaRule,
+        bthv: [1, 16384, 16, 16],
+        cu_seqlens: Some(&[0, 2048, 10240, 10752, 16384]),
+    },
+    ChunkCase { name: "delta_chunk_fwd", family: Family::DeltaRule, bthv: [8, 2048, 16, 16], cu_seqlens: None },
+];
+
+/// The chunk forward of one case, bf16 inputs, K = V = 128, in-op L2 norm, final state out; the
+/// rate is tokens·heads per second, and the fraction is of the memory floor: the bytes a fused
+/// forward must move (q, k, v, g, beta read and o written once, in bf16) over the HBM rate.
+fn chunk_fwd_row(dev: &Arc<CudaDevice>, seconds: f64, case: &ChunkCase, hbm: f64) -> Result<Row> {
+    let [b, t, h, hv] = case.bthv;
+    let d = 128;
     let up = |t: Tensor| -> Result<CudaTensor> { Ok(CudaTensor::from_host(&t.to_dtype(DType::BF16)?, dev)?) };
     let q = up(random(&[b, t, h, d], 21, -1.0, 1.0))?;
     let k = up(random(&[b, t, h, d], 22, -1.0, 1.0))?;
-    let v = up(random(&[b, t, h, d], 23, -1.0, 1.0))?;
-    let g = up(random(&[b, t, h], 24, -0.2, -0.01))?;
-    let beta = up(random(&[b, t, h], 25, 0.1, 0.9))?;
-    let x = Inputs { g: Some(&g), beta: Some(&beta), ..Inputs::new(&q, &k, &v) };
+    let v = up(random(&[b, t, hv, d], 23, -1.0, 1.0))?;
+    let g = if case.family == Family::GatedDeltaRule { Some(up(random(&[b, t, hv], 24, -0.2, -0.01))?) } else { None };
+    let beta = up(random(&[b, t, hv], 25, 0.1, 0.9))?;
+    let x = Inputs { g: g.as_ref(), beta: Some(&beta), cu_seqlens: case.cu_seqlens, ..Inputs::new(&q, &k, &v) };
     let opts = Options { use_qk_l2norm_in_kernel: true, output_final_state: true, ..Options::default() };
     let (ms, host_ms) = time_gpu_ms(dev, seconds, |_| {
-        chunk::forward_cuda(Family::GatedDeltaRule, &x, &opts)?;
+        chunk::forward_cuda(case.family, &x, &opts)?;
         Ok(())
     })?;
+    let n = case.cu_seqlens.map_or(b, |c| c.len() - 1);
+    let tokens = b * t;
+    let bytes = tokens * (2 * h * d + 2 * hv * d + hv * if g.is_some() { 4 } else { 2 }) * 2 + n * hv * d * d * 4;
+    let floor_ms = bytes as f64 / hbm / 1e6;
+    let cu = case.cu_seqlens.map_or(String::new(), |c| format!(" cu_seqlens={c:?}"));
     Ok(Row {
-        name: "chunk_fwd".into(),
-        shape: format!("B={b} T={t} H=HV={h} K=V={d} bf16 gated_delta_rule"),
+        name: case.name.into(),
+        shape: format!("B={b} T={t} H={h} HV={hv} K=V={d} bf16{cu} {}", case.family),
         ms,
-        rate: (b * t * h) as f64 / ms / 1e3,
+        rate: tokens as f64 * hv as f64 / ms / 1e3,
         unit: "Mtok·head/s",
-        fraction: None,
+        fraction: Some(floor_ms / ms),
         note: format!(
-            "host {host_ms:.3} ms/call; FLA 0.6.0: {FLA_CHUNK_FWD_MS} ms on an H200 (someone else's run, \
-             not this one); FLA ms / ours {:.2}",
-            FLA_CHUNK_FWD_MS / ms
+            "host {host_ms:.3} ms/call; memory floor {floor_ms:.3} ms ({:.0} MB at the HBM rate)",
+            bytes as f64 / 1e6
         ),
     })
 }
@@ -185,8 +212,10 @@ pub(crate) fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
     if want("kda_decode") {
         out.push(decode_row(&dev, seconds, Family::Kda, 64, hbm.rate).context("kda_decode row")?);
     }
-    if want("chunk_fwd") {
-        out.push(chunk_fwd_row(&dev, seconds).context("chunk_fwd row")?);
+    for case in CHUNK_CASES {
+        if want(case.name) {
+            out.push(chunk_fwd_row(&dev, seconds, case, hbm.rate).with_context(|| format!("{} row", case.name))?);
+        }
     }
     out.push(hbm);
     Ok(out)

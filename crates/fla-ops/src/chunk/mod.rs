@@ -43,12 +43,14 @@ fn run_forward<F: Float + Element>(p: Problem, x: &Inputs<'_>, opts: &Options) -
 /// The chunk forward on a CUDA device: `(o [B,T,HV,V] in the dtype of q, final state
 /// [N,HV,K,V] f32 when `output_final_state`)`.
 ///
-/// Gated DeltaNet only so far (other families: [`fla_core::Error::Unsupported`] naming the
-/// family). Inputs f32, bf16 or f16 on one device, `initial_state` f32; scale, `cu_seqlens`
+/// Gated DeltaNet and DeltaNet so far (other families: [`fla_core::Error::Unsupported`] naming
+/// the family). Inputs f32, bf16 or f16 on one device, `initial_state` f32; scale, `cu_seqlens`
 /// (B = 1), grouped value heads, K ≤ 128, any V, and the in-op L2 norm, beta sigmoid and gate.
-/// f32 arithmetic throughout (`fla-kernels/cuda/chunk_gdn.cu`: per chunk `W`, `U` by the UT
-/// transform, then one sweep over the chunks of each sequence). The work is queued on the
-/// device's stream; reading a result back waits for it.
+/// bf16 / f16 inputs with K = 64 or 128 and V a multiple of 16 run on tensor cores
+/// (`fla-kernels/cuda/chunk_gdn_tc.cu`: every chunk's `W`, `U`, `P` at once, then one sweep per
+/// sequence, head and block of value columns with the state in registers), rounding the matmul
+/// operands to 16 bits as FLA does; the rest in f32 arithmetic (`chunk_gdn.cu`). The work is
+/// queued on the device's stream; reading a result back waits for it.
 pub fn forward_cuda(
     family: Family,
     x: &Inputs<'_, fla_core::cuda::CudaTensor>,

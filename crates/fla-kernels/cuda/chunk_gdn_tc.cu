@@ -1,0 +1,446 @@
+// Chunk forward of Gated DeltaNet and DeltaNet on tensor cores (mma.sync m16n8k16, f32
+// accumulation) for bf16 and f16 inputs with K = 64 or 128 and V a multiple of 16. The same math
+// as chunk_gdn.cu (the f32 path; see there and fla-ops/src/chunk), in two kernels:
+//
+// chunk_gdn_tc_intra: one CTA per (chunk, value head), every chunk at once. G = cumsum g;
+//   A = strictly lower (beta K K^T . exp(G_i - G_j)) of the (normalised) keys; T = (I + A)^-1 by
+//   substitution in the 16x16 diagonal blocks, then block row by block row; W = T diag(beta e^G) K,
+//   U = T diag(beta) V and P = scale Q K^T . exp(G_i - G_j) (lower, with the diagonal) go to
+//   16-bit scratch, G and the L2-norm scales to f32 scratch.
+// chunk_gdn_tc_fwd: one CTA per (sequence, value head, BV value columns), walking the chunks in
+//   order with the state block S [K][BV] in f32 registers:
+//   Vn = U - W S;  O = scale rq e^G (Q S) + P Vn;  S <- e^{G_L} S + (K rk e^{G_L - G})^T Vn.
+//
+// The operands rounded to 16 bits (K, Q, T, W, U, P, S and Vn) are those FLA's Triton kernels
+// round. The L2 norm and beta / decay factors are applied as row or column scales of f32 values,
+// never by rescaling a 16-bit tile.
+#include "common/dtype.cuh"
+#include "common/chunk.cuh"
+#include "common/mma.cuh"
+
+#define TC_NT 128          // threads per CTA (4 warps)
+#define TC_LDC (FLA_C + 8)  // row stride of [C][C] 16-bit tiles (16-byte pad: conflict-free ldmatrix)
+#define TC_LDF (FLA_C + 1)  // row stride of [C][C] f32 tiles
+
+typedef unsigned short u16;
+
+// acc (this warp's 16 rows from 16 * warp, 64 columns from n0, ncols of them valid) = L X, for a
+// lower-triangular [C][C] tile L (stride TC_LDC; only the blocks on or below the diagonal are
+// read) and a row-major [C][..] tile X (stride ld).
+template <class E>
+__device__ __forceinline__ void tc_lower_times(float (&acc)[8][4], const u16* L, const u16* X, int ld, int n0,
+                                               int ncols) {
+    const int warp = threadIdx.x >> 5, m0 = warp * 16;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[nt][r] = 0.0f;
+    for (int kt = 0; kt <= warp; ++kt) {
+        unsigned a[4];
+        fla_frag_a(a, L, TC_LDC, m0, kt * 16);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            if (np * 16 < ncols) {
+                unsigned b[4];
+                fla_frag_b_kn(b, X, ld, kt * 16, n0 + np * 16);
+                fla_mma<E>(acc[2 * np], a, b[0], b[1]);
+                fla_mma<E>(acc[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+    }
+}
+
+// Stores the rows i < l of this warp's 16 x (8 NT) accumulator block (rows from 16 * warp) to
+// dst + i * ld + j for the columns j < ncols, rounded to the element type.
+template <class E, int NT>
+__device__ __forceinline__ void tc_store_rows(const float (&acc)[NT][4], u16* dst, long long ld, int ncols, int l) {
+    const int lane = threadIdx.x & 31, m0 = (threadIdx.x >> 5) * 16;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+            const int i = m0 + (lane >> 2) + 8 * h2, j = nt * 8 + 2 * (lane & 3);
+            if (i < l && j < ncols)
+                *reinterpret_cast<unsigned*>(dst + i * ld + j) = fla_pack2<E>(acc[nt][2 * h2], acc[nt][2 * h2 + 1]);
+        }
+}
+
+// Dynamic shared memory of chunk_gdn_tc_intra; keep in sync with `tc_intra_smem` in
+// fla-ops/src/cuda.rs.
+#define TC_INTRA_SMEM(KD) (2 * FLA_C * TC_LDF * 4 + 3 * 256 * 4 + 4 * FLA_C * 4 + 2 * FLA_C * ((KD) + 8) * 2 + 2 * FLA_C * TC_LDC * 2)
+
+template <class E, int KD>
+__device__ __forceinline__ void tc_intra(const ChunkParams& p) {
+    constexpr int LK = KD + 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* af = reinterpret_cast<float*>(smem);  // [C][LDF] A
+    float* tf = af + FLA_C * TC_LDF;              // [C][LDF] T
+    float* xs = tf + FLA_C * TC_LDF;              // [3][16][16] block products
+    float* gs = xs + 3 * 256;                     // [C] G
+    float* bs = gs + FLA_C;                       // [C] beta
+    float* rq = bs + FLA_C;                       // [C] 1/|q|
+    float* rk = rq + FLA_C;                       // [C] 1/|k|
+    u16* ks = reinterpret_cast<u16*>(rk + FLA_C); // [C][LK]
+    u16* qs = ks + FLA_C * LK;                    // [C][LK], later V column blocks [C][LDC]
+    u16* tw = qs + FLA_C * LK;                    // [C][LDC] T diag(beta e^G rk)
+    u16* tu = tw + FLA_C * TC_LDC;                // [C][LDC] T diag(beta)
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int ci = blockIdx.x, hv = blockIdx.y;
+    const long long bos = p.chunk_start[ci];
+    const int l = p.chunk_len[ci];
+    const int hk = hv / (p.hv / p.h);
+    const int V = p.dv;
+
+    fla_load_tile<TC_NT>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, FLA_C, KD, l);
+    fla_load_tile<TC_NT>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, FLA_C, KD, l);
+    fla_cp_commit();
+    if (tid < FLA_C) {
+        float g = 0.0f, b = 0.0f;
+        if (tid < l) chunk_gate_beta(p, (bos + tid) * p.hv + hv, hv, g, b);
+        gs[tid] = g;
+        bs[tid] = b;
+    }
+    for (int e = tid; e < FLA_C * TC_LDF; e += TC_NT) tf[e] = 0.0f;
+    fla_cp_wait_all();
+    __syncthreads();
+
+    // G: inclusive scan by warp 0; the norm scales, 16 rows per warp.
+    if (warp == 0) {
+        float a = gs[lane], b = gs[lane + 32];
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const float x = __shfl_up_sync(0xffffffffu, a, off), y = __shfl_up_sync(0xffffffffu, b, off);
+            if (lane >= off) {
+                a += x;
+                b += y;
+            }
+        }
+        b += __shfl_sync(0xffffffffu, a, 31);
+        gs[lane] = a;
+        gs[lane + 32] = b;
+    }
+    for (int r = warp * 16; r < warp * 16 + 16; ++r) {
+        float sq = 0.0f, sk = 0.0f;
+        if (p.l2norm) {
+            for (int c = lane; c < KD; c += 32) {
+                const float x = fla_to_f32<E>(qs[r * LK + c]), y = fla_to_f32<E>(ks[r * LK + c]);
+                sq += x * x;
+                sk += y * y;
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+                sq += __shfl_xor_sync(0xffffffffu, sq, off);
+                sk += __shfl_xor_sync(0xffffffffu, sk, off);
+            }
+        }
+        if (lane == 0) {
+            rq[r] = r >= l ? 0.0f : p.l2norm ? chunk_rnorm(sq) : 1.0f;
+            rk[r] = r >= l ? 0.0f : p.l2norm ? chunk_rnorm(sk) : 1.0f;
+        }
+    }
+    __syncthreads();
+
+    // K K^T and Q K^T for this warp's 16 rows, blocks on or below the diagonal.
+    const int m0 = warp * 16;
+    float akk[8][4], aqk[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) akk[nt][r] = aqk[nt][r] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk += 16) {
+        unsigned fk[4], fq[4];
+        fla_frag_a(fk, ks, LK, m0, kk);
+        fla_frag_a(fq, qs, LK, m0, kk);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            if (np <= warp) {
+                unsigned b[4];
+                fla_frag_b_nk(b, ks, LK, kk, np * 16);
+                fla_mma<E>(akk[2 * np], fk, b[0], b[1]);
+                fla_mma<E>(akk[2 * np + 1], fk, b[2], b[3]);
+                fla_mma<E>(aqk[2 * np], fq, b[0], b[1]);
+                fla_mma<E>(aqk[2 * np + 1], fq, b[2], b[3]);
+            }
+        }
+    }
+    // A (f32, shared) and P (16-bit, global) with the norms, beta and decay applied.
+    {
+        u16* pg = static_cast<u16*>(p.aqk) + (bos * p.hv + hv) * FLA_C;
+        const long long ldp = (long long)p.hv * FLA_C;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int h2 = 0; h2 < 2; ++h2) {
+                const int i = m0 + (lane >> 2) + 8 * h2;
+                float pk[2], pq[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = nt * 8 + 2 * (lane & 3) + e;
+                    const float x = j <= i && i < l ? __expf(gs[i] - gs[j]) : 0.0f;
+                    pk[e] = j < i ? bs[i] * rk[i] * rk[j] * akk[nt][2 * h2 + e] * x : 0.0f;
+                    pq[e] = p.scale * rq[i] * rk[j] * aqk[nt][2 * h2 + e] * x;
+                }
+                const int j = nt * 8 + 2 * (lane & 3);
+                af[i * TC_LDF + j] = pk[0];
+                af[i * TC_LDF + j + 1] = pk[1];
+                if (i < l) *reinterpret_cast<unsigned*>(pg + i * ldp + j) = fla_pack2<E>(pq[0], pq[1]);
+            }
+    }
+    __syncthreads();
+
+    // T = (I + A)^-1: diagonal 16x16 blocks by forward substitution (a warp each) ...
+    {
+        const int b0 = warp * 16;
+        if (lane < 16) tf[(b0 + lane) * TC_LDF + b0 + lane] = 1.0f;
+        __syncwarp();
+        for (int i = 1; i < 16; ++i) {
+            if (lane < i) {
+                const float* ar = af + (b0 + i) * TC_LDF + b0;
+                float s = -ar[lane];
+                for (int m = lane + 1; m < i; ++m) s -= ar[m] * tf[(b0 + m) * TC_LDF + b0 + lane];
+                tf[(b0 + i) * TC_LDF + b0 + lane] = s;
+            }
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    // ... then block rows: T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj.
+    for (int bi = 1; bi < 4; ++bi) {
+        for (int e = tid; e < bi * 256; e += TC_NT) {
+            const int bj = e >> 8, r = (e >> 4) & 15, c = e & 15;
+            const float* ar = af + (16 * bi + r) * TC_LDF;
+            float x = 0.0f;
+            for (int m = 16 * bj; m < 16 * bi; ++m) x += ar[m] * tf[m * TC_LDF + 16 * bj + c];
+            xs[e] = x;
+        }
+        __syncthreads();
+        for (int e = tid; e < bi * 256; e += TC_NT) {
+            const int bj = e >> 8, r = (e >> 4) & 15, c = e & 15;
+            const float* tr = tf + (16 * bi + r) * TC_LDF + 16 * bi;
+            float t = 0.0f;
+            for (int m = 0; m <= r; ++m) t -= tr[m] * xs[bj * 256 + m * 16 + c];
+            tf[(16 * bi + r) * TC_LDF + 16 * bj + c] = t;
+        }
+        __syncthreads();
+    }
+    // T diag(beta e^G rk) and T diag(beta), rounded to 16 bits.
+    for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
+        const int i = e >> 5, j = (e & 31) * 2;
+        const float t0 = tf[i * TC_LDF + j], t1 = tf[i * TC_LDF + j + 1];
+        *reinterpret_cast<unsigned*>(tw + i * TC_LDC + j) =
+            fla_pack2<E>(t0 * bs[j] * __expf(gs[j]) * rk[j], t1 * bs[j + 1] * __expf(gs[j + 1]) * rk[j + 1]);
+        *reinterpret_cast<unsigned*>(tu + i * TC_LDC + j) = fla_pack2<E>(t0 * bs[j], t1 * bs[j + 1]);
+    }
+    if (tid < l) {
+        const long long i = (bos + tid) * p.hv + hv;
+        p.gc[i] = gs[tid];
+        p.rq[i] = rq[tid];
+        p.rk[i] = rk[tid];
+    }
+    __syncthreads();
+
+    float acc[8][4];
+    u16* wg = static_cast<u16*>(p.w16) + (bos * p.hv + hv) * KD;
+#pragma unroll
+    for (int c0 = 0; c0 < KD; c0 += 64) {
+        tc_lower_times<E>(acc, tw, ks, LK, c0, 64);
+        tc_store_rows<E, 8>(acc, wg + c0, (long long)p.hv * KD, 64, l);
+    }
+    const u16* vg = static_cast<const u16*>(p.v) + (bos * p.hv + hv) * V;
+    u16* ug = static_cast<u16*>(p.u16) + (bos * p.hv + hv) * V;
+    for (int v0 = 0; v0 < V; v0 += 64) {
+        const int nv = min(64, V - v0);
+        __syncthreads();
+        fla_load_tile<TC_NT>(qs, TC_LDC, vg + v0, (long long)p.hv * V, FLA_C, nv, l);
+        fla_cp_commit();
+        fla_cp_wait_all();
+        __syncthreads();
+        tc_lower_times<E>(acc, tu, qs, TC_LDC, 0, nv);
+        tc_store_rows<E, 8>(acc, ug + v0, (long long)p.hv * V, nv, l);
+    }
+}
+
+// Dynamic shared memory of chunk_gdn_tc_fwd; keep in sync with `tc_fwd_smem` in
+// fla-ops/src/cuda.rs.
+#define TC_FWD_SMEM(KD, BV) \
+    (3 * FLA_C * 4 + 3 * FLA_C * ((KD) + 8) * 2 + FLA_C * TC_LDC * 2 + (3 * FLA_C + (KD)) * ((BV) + 8) * 2)
+
+template <class E, int KD, int BV>
+__device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
+    constexpr int LK = KD + 8, LV = BV + 8, NTV = BV / 8, MT = KD / 64;
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* gs = reinterpret_cast<float*>(smem);  // [C] G
+    float* rq = gs + FLA_C;                       // [C] 1/|q|
+    float* rk = rq + FLA_C;                       // [C] 1/|k|
+    u16* qs = reinterpret_cast<u16*>(rk + FLA_C); // [C][LK]
+    u16* ks = qs + FLA_C * LK;                    // [C][LK]
+    u16* ws = ks + FLA_C * LK;                    // [C][LK] W
+    u16* ps = ws + FLA_C * LK;                    // [C][LDC] P
+    u16* us = ps + FLA_C * TC_LDC;                // [C][LV] U
+    u16* sb = us + FLA_C * LV;                    // [KD][LV] S, 16-bit
+    u16* vn = sb + KD * LV;                       // [C][LV] Vn
+    u16* vs = vn + FLA_C * LV;                    // [C][LV] Vn rk e^{G_L - G}
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gq = lane >> 2, tq = lane & 3;
+    const int V = p.dv, nvb = V / BV;
+    const int vb = blockIdx.x % nvb;
+    const int hv = (blockIdx.x / nvb) % p.hv;
+    const int n = blockIdx.x / (nvb * p.hv);
+    const int hk = hv / (p.hv / p.h);
+    const int v0 = vb * BV;
+    const int m0 = warp * 16;       // token rows of this warp
+    const int s0 = warp * (KD / 4); // state rows of this warp
+    const long long sbase = ((long long)n * p.hv + hv) * KD * V;
+
+    float s[MT][NTV][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int c = s0 + mt * 16 + gq + 8 * (r >> 1), x = nt * 8 + 2 * tq + (r & 1);
+                s[mt][nt][r] = p.h0 ? p.h0[sbase + (long long)c * V + v0 + x] : 0.0f;
+            }
+
+    for (int ci = p.seq_chunk[n]; ci < p.seq_chunk[n + 1]; ++ci) {
+        const long long bos = p.chunk_start[ci];
+        const int l = p.chunk_len[ci];
+        const long long hrow = bos * p.hv + hv;
+        fla_load_tile<TC_NT>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, FLA_C, KD, l);
+        fla_load_tile<TC_NT>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, FLA_C, KD, l);
+        fla_load_tile<TC_NT>(ws, LK, static_cast<const u16*>(p.w16) + hrow * KD, (long long)p.hv * KD, FLA_C, KD, l);
+        fla_load_tile<TC_NT>(ps, TC_LDC, static_cast<const u16*>(p.aqk) + hrow * FLA_C, (long long)p.hv * FLA_C, FLA_C, FLA_C, l);
+        fla_load_tile<TC_NT>(us, LV, static_cast<const u16*>(p.u16) + hrow * V + v0, (long long)p.hv * V, FLA_C, BV, l);
+        fla_cp_commit();
+        if (tid < FLA_C) {
+            const bool ok = tid < l;
+            const long long i = (bos + tid) * p.hv + hv;
+            gs[tid] = ok ? p.gc[i] : 0.0f;
+            rq[tid] = ok ? p.rq[i] : 0.0f;
+            rk[tid] = ok ? p.rk[i] : 0.0f;
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+                for (int h2 = 0; h2 < 2; ++h2) {
+                    const int c = s0 + mt * 16 + gq + 8 * h2, x = nt * 8 + 2 * tq;
+                    *reinterpret_cast<unsigned*>(sb + c * LV + x) = fla_pack2<E>(s[mt][nt][2 * h2], s[mt][nt][2 * h2 + 1]);
+                }
+        fla_cp_wait_all();
+        __syncthreads();
+
+        // W S and Q S for this warp's 16 token rows.
+        float av[NTV][4], ao[NTV][4];
+#pragma unroll
+        for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) av[nt][r] = ao[nt][r] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KD; kk += 16) {
+            unsigned fw[4], fq[4];
+            fla_frag_a(fw, ws, LK, m0, kk);
+            fla_frag_a(fq, qs, LK, m0, kk);
+#pragma unroll
+            for (int np = 0; np < NTV / 2; ++np) {
+                unsigned b[4];
+                fla_frag_b_kn(b, sb, LV, kk, np * 16);
+                fla_mma<E>(av[2 * np], fw, b[0], b[1]);
+                fla_mma<E>(av[2 * np + 1], fw, b[2], b[3]);
+                fla_mma<E>(ao[2 * np], fq, b[0], b[1]);
+                fla_mma<E>(ao[2 * np + 1], fq, b[2], b[3]);
+            }
+        }
+        // Vn = U - W S (and its copy scaled for the state update); the Q S part of O scaled.
+        const float gl = gs[l - 1];
+#pragma unroll
+        for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+            for (int h2 = 0; h2 < 2; ++h2) {
+                const int i = m0 + gq + 8 * h2, x = nt * 8 + 2 * tq;
+                const float y0 = fla_to_f32<E>(us[i * LV + x]) - av[nt][2 * h2];
+                const float y1 = fla_to_f32<E>(us[i * LV + x + 1]) - av[nt][2 * h2 + 1];
+                *reinterpret_cast<unsigned*>(vn + i * LV + x) = fla_pack2<E>(y0, y1);
+                const float f = i < l ? rk[i] * __expf(gl - gs[i]) : 0.0f;
+                *reinterpret_cast<unsigned*>(vs + i * LV + x) = fla_pack2<E>(y0 * f, y1 * f);
+                const float qf = p.scale * rq[i] * __expf(gs[i]);
+                ao[nt][2 * h2] *= qf;
+                ao[nt][2 * h2 + 1] *= qf;
+            }
+        __syncthreads();
+
+        // O += P Vn (blocks on or below the diagonal), stored.
+        for (int kt = 0; kt <= warp; ++kt) {
+            unsigned a[4];
+            fla_frag_a(a, ps, TC_LDC, m0, kt * 16);
+#pragma unroll
+            for (int np = 0; np < NTV / 2; ++np) {
+                unsigned b[4];
+                fla_frag_b_kn(b, vn, LV, kt * 16, np * 16);
+                fla_mma<E>(ao[2 * np], a, b[0], b[1]);
+                fla_mma<E>(ao[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+        tc_store_rows<E, NTV>(ao, static_cast<u16*>(p.o) + hrow * V + v0, (long long)p.hv * V, BV, l);
+
+        // S <- e^{G_L} S + K^T (Vn rk e^{G_L - G}).
+        const float el = __expf(gl);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) s[mt][nt][r] *= el;
+#pragma unroll
+        for (int kt = 0; kt < FLA_C / 16; ++kt) {
+            if (kt * 16 < l) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    unsigned a[4];
+                    fla_frag_a_t(a, ks, LK, s0 + mt * 16, kt * 16);
+#pragma unroll
+                    for (int np = 0; np < NTV / 2; ++np) {
+                        unsigned b[4];
+                        fla_frag_b_kn(b, vs, LV, kt * 16, np * 16);
+                        fla_mma<E>(s[mt][2 * np], a, b[0], b[1]);
+                        fla_mma<E>(s[mt][2 * np + 1], a, b[2], b[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (p.ht) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int c = s0 + mt * 16 + gq + 8 * (r >> 1), x = nt * 8 + 2 * tq + (r & 1);
+                    p.ht[sbase + (long long)c * V + v0 + x] = s[mt][nt][r];
+                }
+    }
+}
+
+#define TC_INTRA(E, NAME, KD)                                                                   \
+    extern "C" __global__ void __launch_bounds__(TC_NT) chunk_gdn_tc_intra_##NAME##_k##KD(const ChunkParams p) { \
+        tc_intra<E, KD>(p);                                                                     \
+    }
+#define TC_FWD(E, NAME, KD, BV)                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_NT) chunk_gdn_tc_fwd_##NAME##_k##KD##_v##BV(const ChunkParams p) { \
+        tc_fwd<E, KD, BV>(p);                                                                   \
+    }
+#define TC_FWD_ALL(E, NAME, KD) TC_FWD(E, NAME, KD, 16) TC_FWD(E, NAME, KD, 32) TC_FWD(E, NAME, KD, 64)
+
+TC_INTRA(FlaBf16, bf16, 64)
+TC_INTRA(FlaBf16, bf16, 128)
+TC_INTRA(FlaF16, f16, 64)
+TC_INTRA(FlaF16, f16, 128)
+TC_FWD_ALL(FlaBf16, bf16, 64)
+TC_FWD_ALL(FlaBf16, bf16, 128)
+TC_FWD_ALL(FlaF16, f16, 64)
+TC_FWD_ALL(FlaF16, f16, 128)

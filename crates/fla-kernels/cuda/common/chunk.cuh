@@ -1,0 +1,60 @@
+// Parameters and small helpers shared by the chunk kernels (chunk_gdn.cu: f32 scalar path;
+// chunk_gdn_tc.cu: tensor-core path for 16-bit inputs).
+#pragma once
+
+#define FLA_C 64  // chunk length
+
+// Keep in sync with `ChunkParams` in fla-ops/src/cuda.rs (repr(C)).
+struct ChunkParams {
+    const void* q;        // [tokens, H, K]
+    const void* k;        // [tokens, H, K]
+    const void* v;        // [tokens, HV, V]
+    const void* g;        // [tokens, HV] (raw gate input with use_gate); null: no decay (DeltaNet)
+    const void* beta;     // [tokens, HV]
+    const void* a_log;    // [HV] (use_gate) or null
+    const void* dt_bias;  // [HV] (use_gate) or null
+    const float* h0;      // [N, HV, K, V] or null
+    void* o;              // [tokens, HV, V], dtype of q
+    float* ht;            // [N, HV, K, V] or null
+    // Scratch of the f32 path (chunk_gdn.cu).
+    float* qn;            // [tokens, H, K]
+    float* kn;            // [tokens, H, K]
+    float* gf;            // [tokens, HV]: log decay
+    float* bf;            // [tokens, HV]: beta
+    float* w;             // [tokens, HV, K]
+    float* u;             // [tokens, HV, V]
+    // Scratch of both paths.
+    float* gc;            // [tokens, HV]: in-chunk cumulative log decay
+    // Scratch of the tensor-core path (chunk_gdn_tc.cu), 16-bit in the dtype of q.
+    void* w16;            // [tokens, HV, K]: W = T (beta exp(G) K)
+    void* u16;            // [tokens, HV, V]: U = T (beta V)
+    void* aqk;            // [tokens, HV, C]: scale Q K^T . exp(G_i - G_j), lower incl. diagonal
+    float* rq;            // [tokens, HV]: 1/|q| (1 without the in-op L2 norm)
+    float* rk;            // [tokens, HV]: 1/|k|
+    const int* chunk_start;  // [nc] first token of each chunk
+    const int* chunk_len;    // [nc] tokens in each chunk (1..=64)
+    const int* seq_chunk;    // [N+1] chunks of sequence n: seq_chunk[n] .. seq_chunk[n+1]
+    int dtype, a_log_dtype, dt_bias_dtype;
+    int tokens, n, nc, h, hv, dk, dv;
+    int l2norm, beta_sigmoid, use_gate;
+    float scale;
+};
+
+__device__ __forceinline__ float chunk_sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float chunk_softplusf(float x) { return x > 20.0f ? x : logf(1.0f + expf(x)); }
+
+// The log decay and beta of token `i` (index into [tokens, HV]) of value head `hv`, with the
+// in-op gate and sigmoid applied; no decay (0) when `g` is null.
+__device__ __forceinline__ void chunk_gate_beta(const ChunkParams& p, long long i, int hv, float& g, float& b) {
+    g = 0.0f;
+    if (p.g) {
+        g = fla_load(p.g, p.dtype, i);
+        if (p.use_gate)
+            g = -expf(fla_load(p.a_log, p.a_log_dtype, hv)) * chunk_softplusf(g + fla_load(p.dt_bias, p.dt_bias_dtype, hv));
+    }
+    b = fla_load(p.beta, p.dtype, i);
+    if (p.beta_sigmoid) b = chunk_sigmoidf(b);
+}
+
+// 1 / sqrt(sum of squares + 1e-6): the in-op L2 norm's scale (fla-ops/src/prepare.rs).
+__device__ __forceinline__ float chunk_rnorm(float ss) { return 1.0f / sqrtf(ss + 1e-6f); }
