@@ -4,6 +4,10 @@
 # on the GPU machine, from the repository root, `scripts/gpu-run.sh run [OUTDIR]`: the CUDA
 # tests (recurrent step, chunk forward), `fla verify --device cuda` on the kernel fixtures, a
 # compute-sanitizer pass, `fla bench ops --device cuda`, one profiled decode launch.
+# `scripts/gpu-run.sh side [OUTDIR] [--seconds S] [--only a,b]` (on the GPU machine): our
+# `fla bench ops --device cuda` next to FLA 0.6.0 (Python, Triton) on the same shapes, through
+# scripts/fla_side_by_side.py; `prepare` downloads FLA's pure-Python wheels (and einops) into
+# .device/wheels, `side` unpacks them into .device/pylib the first time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -19,6 +23,13 @@ prepare)
   cp target/release/fla .device/fla
   strip .device/cuda-tests .device/cuda-chunk-tests .device/fla-core-tests .device/fla
   mkdir -p .device/fixtures && cp ../shared/fixtures/kernels/*.safetensors .device/fixtures/
+  # for `side`: FLA 0.6.0 and its one pure-Python dependency, installed there without network
+  mkdir -p .device/wheels
+  ls .device/wheels/fla_core-0.6.0-*.whl .device/wheels/flash_linear_attention-0.6.0-*.whl \
+    .device/wheels/einops-*.whl > /dev/null 2>&1 \
+    || python3 -m pip download --no-deps -d .device/wheels fla-core==0.6.0 flash-linear-attention==0.6.0 einops==0.8.2 \
+    || echo "warning: could not download the FLA wheels into .device/wheels (only \`side\` needs them)"
+  cp scripts/fla_side_by_side.py .device/
   ls -la .device
   ;;
 run)
@@ -49,8 +60,28 @@ run)
       "$out/ncu$v.txt" || tail -n 20 "$out/ncu$v.txt"
   done
   ;;
+side)
+  shift
+  out="${OUT:-}"
+  if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then out="$1"; shift; fi
+  if [ ! -d .device/pylib/fla ]; then
+    ls .device/wheels/*.whl > /dev/null 2>&1 || { echo "no wheels in .device/wheels: run $0 prepare" >&2; exit 1; }
+    python3 -m pip install --no-deps --no-index --target .device/pylib .device/wheels/*.whl \
+      || for w in .device/wheels/*.whl; do python3 -m zipfile -e "$w" .device/pylib/ || exit 1; done
+  fi
+  script=scripts/fla_side_by_side.py
+  [ -f "$script" ] || script=.device/fla_side_by_side.py
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+  if [ -n "$out" ]; then
+    mkdir -p "$out"
+    python3 "$script" --fla-bin .device/fla --pylib .device/pylib --out "$out/side_by_side.jsonl" "$@" 2>&1 \
+      | tee "$out/side_by_side.txt"
+  else
+    python3 "$script" --fla-bin .device/fla --pylib .device/pylib "$@"
+  fi
+  ;;
 *)
-  echo "usage: $0 prepare | run [OUTDIR]" >&2
+  echo "usage: $0 prepare | run [OUTDIR] | side [OUTDIR] [--seconds S] [--only a,b] [--no-ours]" >&2
   exit 2
   ;;
 esac
