@@ -76,8 +76,9 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_intra(const Chunk
     float* coef = gcs + FLA_C;        // [C] beta exp(G)
     float* bs = coef + FLA_C;         // [C] beta
     const int ci = blockIdx.x, hv = blockIdx.y, tid = threadIdx.x;
-    const long long bos = p.chunk_start[ci];
-    const int l = p.chunk_len[ci];
+    long long bos;
+    int l;
+    chunk_at(p, ci, bos, l);
     const int hk = hv / (p.hv / p.h);
     const int K = p.dk, V = p.dv;
 
@@ -175,9 +176,10 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
         const int c = e / FLA_BV, x = e % FLA_BV;
         S[e] = p.h0 && x < nv ? p.h0[sbase + (long long)c * V + v0 + x] : 0.0f;
     }
-    for (int ci = p.seq_chunk[n]; ci < p.seq_chunk[n + 1]; ++ci) {
-        const long long bos = p.chunk_start[ci];
-        const int l = p.chunk_len[ci];
+    for (int ci = chunk_first(p, n); ci < chunk_first(p, n + 1); ++ci) {
+        long long bos;
+        int l;
+        chunk_at(p, ci, bos, l);
         __syncthreads();
         for (int e = tid; e < FLA_C * K; e += FLA_NT) {
             const int i = e / K, c = e % K;

@@ -50,11 +50,12 @@ __device__ __forceinline__ void tc_lower_times(float (&acc)[8][4], const u16* L,
     }
 }
 
-// Stores the rows i < l of this warp's 16 x (8 NT) accumulator block (rows from 16 * warp) to
-// dst + i * ld + j for the columns j < ncols, rounded to the element type.
+// Stores the rows m0 + i (i < 16, m0 + i < l) of a warp's 16 x (8 NT) accumulator block to
+// dst + (m0 + i) * ld + j for the columns j < ncols, rounded to the element type.
 template <class E, int NT>
-__device__ __forceinline__ void tc_store_rows(const float (&acc)[NT][4], u16* dst, long long ld, int ncols, int l) {
-    const int lane = threadIdx.x & 31, m0 = (threadIdx.x >> 5) * 16;
+__device__ __forceinline__ void tc_store_rows(const float (&acc)[NT][4], u16* dst, long long ld, int m0, int ncols,
+                                              int l) {
+    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -67,7 +68,7 @@ __device__ __forceinline__ void tc_store_rows(const float (&acc)[NT][4], u16* ds
 
 // Dynamic shared memory of chunk_gdn_tc_intra; keep in sync with `tc_intra_smem` in
 // fla-ops/src/cuda.rs.
-#define TC_INTRA_SMEM(KD) (2 * FLA_C * TC_LDF * 4 + 3 * 256 * 4 + 4 * FLA_C * 4 + 2 * FLA_C * ((KD) + 8) * 2 + 2 * FLA_C * TC_LDC * 2)
+#define TC_INTRA_SMEM(KD) (2 * FLA_C * TC_LDF * 4 + 3 * 256 * 4 + 4 * FLA_C * 4 + 2 * FLA_C * ((KD) + 8) * 2)
 
 template <class E, int KD>
 __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
@@ -80,19 +81,19 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
     float* bs = gs + FLA_C;                       // [C] beta
     float* rq = bs + FLA_C;                       // [C] 1/|q|
     float* rk = rq + FLA_C;                       // [C] 1/|k|
-    u16* ks = reinterpret_cast<u16*>(rk + FLA_C); // [C][LK]
-    u16* qs = ks + FLA_C * LK;                    // [C][LK], later V column blocks [C][LDC]
-    u16* tw = qs + FLA_C * LK;                    // [C][LDC] T diag(beta e^G rk)
-    u16* tu = tw + FLA_C * TC_LDC;                // [C][LDC] T diag(beta)
+    u16* ks = reinterpret_cast<u16*>(rk + FLA_C); // [C][LK] K; after W, V column blocks [C][LDC]
+    u16* qs = ks + FLA_C * LK;                    // [C][LK] Q; after Q K^T, T diag(beta e^G rk),
+                                                  // after W, T diag(beta) (both [C][LDC])
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int ci = blockIdx.x, hv = blockIdx.y;
-    const long long bos = p.chunk_start[ci];
-    const int l = p.chunk_len[ci];
+    long long bos;
+    int l;
+    chunk_at(p, ci, bos, l);
     const int hk = hv / (p.hv / p.h);
     const int V = p.dv;
 
-    fla_load_tile<TC_NT>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, FLA_C, KD, l);
-    fla_load_tile<TC_NT>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, FLA_C, KD, l);
+    fla_load_tile<TC_NT, FLA_C, KD>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    fla_load_tile<TC_NT, FLA_C, KD>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
     fla_cp_commit();
     if (tid < FLA_C) {
         float g = 0.0f, b = 0.0f;
@@ -104,7 +105,7 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
     fla_cp_wait_all();
     __syncthreads();
 
-    // G: inclusive scan by warp 0; the norm scales, 16 rows per warp.
+    // G: inclusive scan by warp 0.
     if (warp == 0) {
         float a = gs[lane], b = gs[lane + 32];
 #pragma unroll
@@ -119,43 +120,26 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
         gs[lane] = a;
         gs[lane + 32] = b;
     }
-    for (int r = warp * 16; r < warp * 16 + 16; ++r) {
-        float sq = 0.0f, sk = 0.0f;
-        if (p.l2norm) {
-            for (int c = lane; c < KD; c += 32) {
-                const float x = fla_to_f32<E>(qs[r * LK + c]), y = fla_to_f32<E>(ks[r * LK + c]);
-                sq += x * x;
-                sk += y * y;
-            }
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-                sq += __shfl_xor_sync(0xffffffffu, sq, off);
-                sk += __shfl_xor_sync(0xffffffffu, sk, off);
-            }
-        }
-        if (lane == 0) {
-            rq[r] = r >= l ? 0.0f : p.l2norm ? chunk_rnorm(sq) : 1.0f;
-            rk[r] = r >= l ? 0.0f : p.l2norm ? chunk_rnorm(sk) : 1.0f;
-        }
-    }
-    __syncthreads();
 
-    // K K^T and Q K^T for this warp's 16 rows, blocks on or below the diagonal.
+    // K K^T and Q K^T for this warp's 16 rows, blocks on or below the diagonal, and the diagonal
+    // block of Q Q^T: the squared norms are the diagonals of K K^T and Q Q^T.
     const int m0 = warp * 16;
-    float akk[8][4], aqk[8][4];
+    const int gq = lane >> 2, tq = lane & 3;
+    float akk[8][4], aqk[8][4], aqq[2][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) akk[nt][r] = aqk[nt][r] = 0.0f;
 #pragma unroll
+    for (int r = 0; r < 4; ++r) aqq[0][r] = aqq[1][r] = 0.0f;
+#pragma unroll
     for (int kk = 0; kk < KD; kk += 16) {
-        unsigned fk[4], fq[4];
+        unsigned fk[4], fq[4], b[4];
         fla_frag_a(fk, ks, LK, m0, kk);
         fla_frag_a(fq, qs, LK, m0, kk);
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
             if (np <= warp) {
-                unsigned b[4];
                 fla_frag_b_nk(b, ks, LK, kk, np * 16);
                 fla_mma<E>(akk[2 * np], fk, b[0], b[1]);
                 fla_mma<E>(akk[2 * np + 1], fk, b[2], b[3]);
@@ -163,7 +147,29 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
                 fla_mma<E>(aqk[2 * np + 1], fq, b[2], b[3]);
             }
         }
+        fla_frag_b_nk(b, qs, LK, kk, m0);
+        fla_mma<E>(aqq[0], fq, b[0], b[1]);
+        fla_mma<E>(aqq[1], fq, b[2], b[3]);
     }
+    // Row m0 + gq's diagonal element sits in n-tile 2 warp, element gq & 1, of the lanes with
+    // tq == gq / 2; row m0 + 8 + gq's in n-tile 2 warp + 1, element 2 + (gq & 1).
+    if (tq == gq >> 1) {
+        const int e = gq & 1;
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            if (np == warp) {
+#pragma unroll
+                for (int h2 = 0; h2 < 2; ++h2) {
+                    const int r = m0 + gq + 8 * h2;
+                    const float sk = e ? akk[2 * np + h2][2 * h2 + 1] : akk[2 * np + h2][2 * h2];
+                    const float sq = e ? aqq[h2][2 * h2 + 1] : aqq[h2][2 * h2];
+                    rq[r] = r >= l ? 0.0f : p.l2norm ? chunk_rnorm(sq) : 1.0f;
+                    rk[r] = r >= l ? 0.0f : p.l2norm ? chunk_rnorm(sk) : 1.0f;
+                }
+            }
+        }
+    }
+    __syncthreads();
     // A (f32, shared) and P (16-bit, global) with the norms, beta and decay applied.
     {
         u16* pg = static_cast<u16*>(p.aqk) + (bos * p.hv + hv) * FLA_C;
@@ -205,32 +211,42 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
         }
     }
     __syncthreads();
-    // ... then block rows: T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj.
+    // ... then block rows: X_j = sum_{m=j}^{i-1} A_im T_mj and T_ij = -T_ii X_j, warp j for
+    // block column j, on tensor cores to about f32 accuracy (3xTF32).
     for (int bi = 1; bi < 4; ++bi) {
-        for (int e = tid; e < bi * 256; e += TC_NT) {
-            const int bj = e >> 8, r = (e >> 4) & 15, c = e & 15;
-            const float* ar = af + (16 * bi + r) * TC_LDF;
-            float x = 0.0f;
-            for (int m = 16 * bj; m < 16 * bi; ++m) x += ar[m] * tf[m * TC_LDF + 16 * bj + c];
-            xs[e] = x;
-        }
-        __syncthreads();
-        for (int e = tid; e < bi * 256; e += TC_NT) {
-            const int bj = e >> 8, r = (e >> 4) & 15, c = e & 15;
-            const float* tr = tf + (16 * bi + r) * TC_LDF + 16 * bi;
-            float t = 0.0f;
-            for (int m = 0; m <= r; ++m) t -= tr[m] * xs[bj * 256 + m * 16 + c];
-            tf[(16 * bi + r) * TC_LDF + 16 * bj + c] = t;
+        if (warp < bi) {
+            const int bj = warp;
+            float x[2][4] = {};
+            for (int k0 = 16 * bj; k0 < 16 * bi; k0 += 8) {
+                fla_mma_f32x3(x[0], af, TC_LDF, tf, TC_LDF, 16 * bi, k0, 16 * bj);
+                fla_mma_f32x3(x[1], af, TC_LDF, tf, TC_LDF, 16 * bi, k0, 16 * bj + 8);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) xs[bj * 256 + (gq + 8 * (r >> 1)) * 16 + 8 * nt + 2 * tq + (r & 1)] = x[nt][r];
+            __syncwarp();
+            float y[2][4] = {};
+#pragma unroll
+            for (int k0 = 0; k0 < 16; k0 += 8) {
+                fla_mma_f32x3(y[0], tf + 16 * bi, TC_LDF, xs + bj * 256, 16, 16 * bi, k0, 0);
+                fla_mma_f32x3(y[1], tf + 16 * bi, TC_LDF, xs + bj * 256, 16, 16 * bi, k0, 8);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                    tf[(16 * bi + gq + 8 * (r >> 1)) * TC_LDF + 16 * bj + 8 * nt + 2 * tq + (r & 1)] = -y[nt][r];
         }
         __syncthreads();
     }
-    // T diag(beta e^G rk) and T diag(beta), rounded to 16 bits.
+    // W = T diag(beta e^G rk) K, with the scaled T rounded to 16 bits where Q was.
+    u16* tt = qs;
     for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
         const int i = e >> 5, j = (e & 31) * 2;
         const float t0 = tf[i * TC_LDF + j], t1 = tf[i * TC_LDF + j + 1];
-        *reinterpret_cast<unsigned*>(tw + i * TC_LDC + j) =
+        *reinterpret_cast<unsigned*>(tt + i * TC_LDC + j) =
             fla_pack2<E>(t0 * bs[j] * __expf(gs[j]) * rk[j], t1 * bs[j + 1] * __expf(gs[j + 1]) * rk[j + 1]);
-        *reinterpret_cast<unsigned*>(tu + i * TC_LDC + j) = fla_pack2<E>(t0 * bs[j], t1 * bs[j + 1]);
     }
     if (tid < l) {
         const long long i = (bos + tid) * p.hv + hv;
@@ -239,25 +255,34 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
         p.rk[i] = rk[tid];
     }
     __syncthreads();
-
     float acc[8][4];
     u16* wg = static_cast<u16*>(p.w16) + (bos * p.hv + hv) * KD;
 #pragma unroll
     for (int c0 = 0; c0 < KD; c0 += 64) {
-        tc_lower_times<E>(acc, tw, ks, LK, c0, 64);
-        tc_store_rows<E, 8>(acc, wg + c0, (long long)p.hv * KD, 64, l);
+        tc_lower_times<E>(acc, tt, ks, LK, c0, 64);
+        tc_store_rows<E, 8>(acc, wg + c0, (long long)p.hv * KD, m0, 64, l);
+    }
+    __syncthreads();
+    // U = T diag(beta) V, V in blocks of 64 columns where K was.
+    for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
+        const int i = e >> 5, j = (e & 31) * 2;
+        *reinterpret_cast<unsigned*>(tt + i * TC_LDC + j) =
+            fla_pack2<E>(tf[i * TC_LDF + j] * bs[j], tf[i * TC_LDF + j + 1] * bs[j + 1]);
     }
     const u16* vg = static_cast<const u16*>(p.v) + (bos * p.hv + hv) * V;
     u16* ug = static_cast<u16*>(p.u16) + (bos * p.hv + hv) * V;
     for (int v0 = 0; v0 < V; v0 += 64) {
         const int nv = min(64, V - v0);
-        __syncthreads();
-        fla_load_tile<TC_NT>(qs, TC_LDC, vg + v0, (long long)p.hv * V, FLA_C, nv, l);
+        if (v0 > 0) __syncthreads();
+        if (nv == 64) fla_load_tile<TC_NT, FLA_C, 64>(ks, TC_LDC, vg + v0, (long long)p.hv * V, l);
+        else if (nv == 48) fla_load_tile<TC_NT, FLA_C, 48>(ks, TC_LDC, vg + v0, (long long)p.hv * V, l);
+        else if (nv == 32) fla_load_tile<TC_NT, FLA_C, 32>(ks, TC_LDC, vg + v0, (long long)p.hv * V, l);
+        else fla_load_tile<TC_NT, FLA_C, 16>(ks, TC_LDC, vg + v0, (long long)p.hv * V, l);
         fla_cp_commit();
         fla_cp_wait_all();
         __syncthreads();
-        tc_lower_times<E>(acc, tu, qs, TC_LDC, 0, nv);
-        tc_store_rows<E, 8>(acc, ug + v0, (long long)p.hv * V, nv, l);
+        tc_lower_times<E>(acc, tt, ks, TC_LDC, 0, nv);
+        tc_store_rows<E, 8>(acc, ug + v0, (long long)p.hv * V, m0, nv, l);
     }
 }
 
@@ -266,9 +291,12 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
 #define TC_FWD_SMEM(KD, BV) \
     (3 * FLA_C * 4 + 3 * FLA_C * ((KD) + 8) * 2 + FLA_C * TC_LDC * 2 + (3 * FLA_C + (KD)) * ((BV) + 8) * 2)
 
-template <class E, int KD, int BV>
+// CH groups of 4 warps share a CTA's tiles, each group taking BVW of its BV = CH BVW value
+// columns (warp w: token / state rows by w % 4, columns by w / 4).
+template <class E, int KD, int BVW, int CH>
 __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
-    constexpr int LK = KD + 8, LV = BV + 8, NTV = BV / 8, MT = KD / 64;
+    constexpr int NT = TC_NT * CH, BV = BVW * CH;
+    constexpr int LK = KD + 8, LV = BV + 8, NTV = BVW / 8, MT = KD / 64;
     extern __shared__ __align__(16) unsigned char smem[];
     float* gs = reinterpret_cast<float*>(smem);  // [C] G
     float* rq = gs + FLA_C;                       // [C] 1/|q|
@@ -281,7 +309,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
     u16* sb = us + FLA_C * LV;                    // [KD][LV] S, 16-bit
     u16* vn = sb + KD * LV;                       // [C][LV] Vn
     u16* vs = vn + FLA_C * LV;                    // [C][LV] Vn rk e^{G_L - G}
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, cw = (tid >> 7) * BVW;
     const int gq = lane >> 2, tq = lane & 3;
     const int V = p.dv, nvb = V / BV;
     const int vb = blockIdx.x % nvb;
@@ -300,19 +328,20 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
         for (int nt = 0; nt < NTV; ++nt)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int c = s0 + mt * 16 + gq + 8 * (r >> 1), x = nt * 8 + 2 * tq + (r & 1);
+                const int c = s0 + mt * 16 + gq + 8 * (r >> 1), x = cw + nt * 8 + 2 * tq + (r & 1);
                 s[mt][nt][r] = p.h0 ? p.h0[sbase + (long long)c * V + v0 + x] : 0.0f;
             }
 
-    for (int ci = p.seq_chunk[n]; ci < p.seq_chunk[n + 1]; ++ci) {
-        const long long bos = p.chunk_start[ci];
-        const int l = p.chunk_len[ci];
+    for (int ci = chunk_first(p, n); ci < chunk_first(p, n + 1); ++ci) {
+        long long bos;
+        int l;
+        chunk_at(p, ci, bos, l);
         const long long hrow = bos * p.hv + hv;
-        fla_load_tile<TC_NT>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, FLA_C, KD, l);
-        fla_load_tile<TC_NT>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, FLA_C, KD, l);
-        fla_load_tile<TC_NT>(ws, LK, static_cast<const u16*>(p.w16) + hrow * KD, (long long)p.hv * KD, FLA_C, KD, l);
-        fla_load_tile<TC_NT>(ps, TC_LDC, static_cast<const u16*>(p.aqk) + hrow * FLA_C, (long long)p.hv * FLA_C, FLA_C, FLA_C, l);
-        fla_load_tile<TC_NT>(us, LV, static_cast<const u16*>(p.u16) + hrow * V + v0, (long long)p.hv * V, FLA_C, BV, l);
+        fla_load_tile<NT, FLA_C, KD>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+        fla_load_tile<NT, FLA_C, KD>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+        fla_load_tile<NT, FLA_C, KD>(ws, LK, static_cast<const u16*>(p.w16) + hrow * KD, (long long)p.hv * KD, l);
+        fla_load_tile<NT, FLA_C, FLA_C>(ps, TC_LDC, static_cast<const u16*>(p.aqk) + hrow * FLA_C, (long long)p.hv * FLA_C, l);
+        fla_load_tile<NT, FLA_C, BV>(us, LV, static_cast<const u16*>(p.u16) + hrow * V + v0, (long long)p.hv * V, l);
         fla_cp_commit();
         if (tid < FLA_C) {
             const bool ok = tid < l;
@@ -327,7 +356,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
             for (int nt = 0; nt < NTV; ++nt)
 #pragma unroll
                 for (int h2 = 0; h2 < 2; ++h2) {
-                    const int c = s0 + mt * 16 + gq + 8 * h2, x = nt * 8 + 2 * tq;
+                    const int c = s0 + mt * 16 + gq + 8 * h2, x = cw + nt * 8 + 2 * tq;
                     *reinterpret_cast<unsigned*>(sb + c * LV + x) = fla_pack2<E>(s[mt][nt][2 * h2], s[mt][nt][2 * h2 + 1]);
                 }
         fla_cp_wait_all();
@@ -347,7 +376,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
 #pragma unroll
             for (int np = 0; np < NTV / 2; ++np) {
                 unsigned b[4];
-                fla_frag_b_kn(b, sb, LV, kk, np * 16);
+                fla_frag_b_kn(b, sb, LV, kk, cw + np * 16);
                 fla_mma<E>(av[2 * np], fw, b[0], b[1]);
                 fla_mma<E>(av[2 * np + 1], fw, b[2], b[3]);
                 fla_mma<E>(ao[2 * np], fq, b[0], b[1]);
@@ -360,7 +389,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
         for (int nt = 0; nt < NTV; ++nt)
 #pragma unroll
             for (int h2 = 0; h2 < 2; ++h2) {
-                const int i = m0 + gq + 8 * h2, x = nt * 8 + 2 * tq;
+                const int i = m0 + gq + 8 * h2, x = cw + nt * 8 + 2 * tq;
                 const float y0 = fla_to_f32<E>(us[i * LV + x]) - av[nt][2 * h2];
                 const float y1 = fla_to_f32<E>(us[i * LV + x + 1]) - av[nt][2 * h2 + 1];
                 *reinterpret_cast<unsigned*>(vn + i * LV + x) = fla_pack2<E>(y0, y1);
@@ -379,12 +408,12 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
 #pragma unroll
             for (int np = 0; np < NTV / 2; ++np) {
                 unsigned b[4];
-                fla_frag_b_kn(b, vn, LV, kt * 16, np * 16);
+                fla_frag_b_kn(b, vn, LV, kt * 16, cw + np * 16);
                 fla_mma<E>(ao[2 * np], a, b[0], b[1]);
                 fla_mma<E>(ao[2 * np + 1], a, b[2], b[3]);
             }
         }
-        tc_store_rows<E, NTV>(ao, static_cast<u16*>(p.o) + hrow * V + v0, (long long)p.hv * V, BV, l);
+        tc_store_rows<E, NTV>(ao, static_cast<u16*>(p.o) + hrow * V + v0 + cw, (long long)p.hv * V, m0, BVW, l);
 
         // S <- e^{G_L} S + K^T (Vn rk e^{G_L - G}).
         const float el = __expf(gl);
@@ -404,7 +433,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
 #pragma unroll
                     for (int np = 0; np < NTV / 2; ++np) {
                         unsigned b[4];
-                        fla_frag_b_kn(b, vs, LV, kt * 16, np * 16);
+                        fla_frag_b_kn(b, vs, LV, kt * 16, cw + np * 16);
                         fla_mma<E>(s[mt][2 * np], a, b[0], b[1]);
                         fla_mma<E>(s[mt][2 * np + 1], a, b[2], b[3]);
                     }
@@ -420,7 +449,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
             for (int nt = 0; nt < NTV; ++nt)
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {
-                    const int c = s0 + mt * 16 + gq + 8 * (r >> 1), x = nt * 8 + 2 * tq + (r & 1);
+                    const int c = s0 + mt * 16 + gq + 8 * (r >> 1), x = cw + nt * 8 + 2 * tq + (r & 1);
                     p.ht[sbase + (long long)c * V + v0 + x] = s[mt][nt][r];
                 }
     }
@@ -430,11 +459,13 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
     extern "C" __global__ void __launch_bounds__(TC_NT) chunk_gdn_tc_intra_##NAME##_k##KD(const ChunkParams p) { \
         tc_intra<E, KD>(p);                                                                     \
     }
-#define TC_FWD(E, NAME, KD, BV)                                                                 \
-    extern "C" __global__ void __launch_bounds__(TC_NT) chunk_gdn_tc_fwd_##NAME##_k##KD##_v##BV(const ChunkParams p) { \
-        tc_fwd<E, KD, BV>(p);                                                                   \
+#define TC_FWD(E, NAME, KD, BV, BVW, CH)                                                        \
+    extern "C" __global__ void __launch_bounds__(TC_NT * CH) chunk_gdn_tc_fwd_##NAME##_k##KD##_v##BV(const ChunkParams p) { \
+        tc_fwd<E, KD, BVW, CH>(p);                                                              \
     }
-#define TC_FWD_ALL(E, NAME, KD) TC_FWD(E, NAME, KD, 16) TC_FWD(E, NAME, KD, 32) TC_FWD(E, NAME, KD, 64)
+// Value blocks of 16 (4 warps), 32 (8 warps of 16 columns) and 64 (8 warps of 32 columns); keep
+// in sync with `tc_fwd_threads` in fla-ops/src/cuda.rs.
+#define TC_FWD_ALL(E, NAME, KD) TC_FWD(E, NAME, KD, 16, 16, 1) TC_FWD(E, NAME, KD, 32, 16, 2) TC_FWD(E, NAME, KD, 64, 32, 2)
 
 TC_INTRA(FlaBf16, bf16, 64)
 TC_INTRA(FlaBf16, bf16, 128)

@@ -332,6 +332,7 @@ struct ChunkParams {
     hv: i32,
     dk: i32,
     dv: i32,
+    seq_len: i32,
     l2norm: i32,
     beta_sigmoid: i32,
     use_gate: i32,
@@ -351,10 +352,20 @@ const INTRA_SMEM: u32 = ((64 * 129 + 64 * 64 + 4 * 64) * 4) as u32;
 const FWD_SMEM: u32 = ((128 * 64 + 2 * 64 * 129 + 64 * 64 + 64 * 64 + 64) * 4) as u32;
 
 /// Dynamic shared memory of `chunk_gdn_tc_intra_*` for key dim `k` (`TC_INTRA_SMEM` in
-/// chunk_gdn_tc.cu): A and T in f32, block products, four [C] vectors, K and Q tiles, two
-/// 16-bit [C][C] tiles (row strides padded by 8 elements, f32 [C][C] by 1).
+/// chunk_gdn_tc.cu): A and T in f32, block products, four [C] vectors, K and Q tiles (row
+/// strides padded by 8 elements, f32 [C][C] by 1).
 fn tc_intra_smem(k: usize) -> u32 {
-    (2 * 64 * 65 * 4 + 3 * 256 * 4 + 4 * 64 * 4 + 2 * 64 * (k + 8) * 2 + 2 * 64 * 72 * 2) as u32
+    (2 * 64 * 65 * 4 + 3 * 256 * 4 + 4 * 64 * 4 + 2 * 64 * (k + 8) * 2) as u32
+}
+
+/// Threads per CTA of `chunk_gdn_tc_fwd_*_v{bv}` (`TC_FWD_ALL`): 4 warps for 16 value columns,
+/// 8 warps (two groups sharing the tiles) for 32 and 64.
+fn tc_fwd_threads(bv: usize) -> u32 {
+    if bv == 16 {
+        128
+    } else {
+        256
+    }
 }
 
 /// Dynamic shared memory of `chunk_gdn_tc_fwd_*` (`TC_FWD_SMEM`): three [C] vectors, Q, K and W
@@ -464,9 +475,14 @@ pub(crate) fn chunk_forward(
     } else {
         None
     };
-    let starts_d = stream.clone_htod(if starts.is_empty() { &[0][..] } else { &starts[..] })?;
-    let lens_d = stream.clone_htod(if lens.is_empty() { &[0][..] } else { &lens[..] })?;
-    let seq_d = stream.clone_htod(&seq_chunk)?;
+    // The chunk table goes to the device only for cu_seqlens (one copy: starts, lengths, the
+    // sequences' first chunks); equal-length sequences are indexed in the kernels. A copy from
+    // pageable memory waits for the stream, so the common case avoids it.
+    let table = match x.cu_seqlens {
+        Some(_) => Some(stream.clone_htod(&[&starts[..], &lens[..], &seq_chunk[..]].concat())?),
+        None => None,
+    };
+    let table_addr = |offset: usize| table.as_ref().map_or(0, |t| t.device_ptr(&stream).0 + 4 * offset as u64);
     let mut gc = scratch(tokens * d.hv, DType::F32)?;
     let mut params = ChunkParams {
         q: addr(x.q),
@@ -480,9 +496,9 @@ pub(crate) fn chunk_forward(
         o: addr_mut(&mut o),
         ht: ht.as_mut().map_or(0, addr_mut),
         gc: addr_mut(&mut gc),
-        chunk_start: starts_d.device_ptr(&stream).0,
-        chunk_len: lens_d.device_ptr(&stream).0,
-        seq_chunk: seq_d.device_ptr(&stream).0,
+        chunk_start: table_addr(0),
+        chunk_len: table_addr(nc),
+        seq_chunk: table_addr(2 * nc),
         dtype: dt_code,
         a_log_dtype,
         dt_bias_dtype,
@@ -493,6 +509,7 @@ pub(crate) fn chunk_forward(
         hv: to_i32(OP, "HV", d.hv)?,
         dk: to_i32(OP, "K", d.k)?,
         dv: to_i32(OP, "V", d.v)?,
+        seq_len: to_i32(OP, "T", d.t)?,
         l2norm: opts.use_qk_l2norm_in_kernel as i32,
         beta_sigmoid: opts.use_beta_sigmoid_in_kernel as i32,
         use_gate: opts.use_gate_in_kernel as i32,
@@ -509,8 +526,10 @@ pub(crate) fn chunk_forward(
     // aqk [tokens,HV,64] in q's 16-bit dtype, which the kernel's name matches). The tensor-core
     // kernels take K = 64 or 128 (their template), V a multiple of 16 and of the block `bv`
     // (checked above), and load 16-byte pieces, aligned since K, V, 64 are multiples of 8
-    // elements and cudarc buffers start 256-byte aligned. The chunk table lists chunks of
-    // 1..=64 tokens inside [0, tokens), `seq_chunk` has N+1 entries, every index fits i32
+    // elements and cudarc buffers start 256-byte aligned. The chunk table (with cu_seqlens)
+    // lists chunks of 1..=64 tokens inside [0, tokens) and `seq_chunk` has N+1 entries; without
+    // it the kernels split N = B sequences of T tokens the same way (tokens = B·T, nc = B·⌈T/64⌉
+    // chunks, as `chunk_table` counts them for the grid); every index fits i32
     // (checked), K ≤ 128 (checked). The dynamic shared memory matches each kernel's
     // *_SMEM macro and the attribute allowing it was set. Each output element (o, ht, scratch)
     // is written by exactly one thread. All buffers outlive the launches in stream order
@@ -538,7 +557,8 @@ pub(crate) fn chunk_forward(
         }
         if tiles > 0 {
             let smem = tc_fwd_smem(d.k, bv);
-            let cfg = LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
+            let cfg =
+                LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (tc_fwd_threads(bv), 1, 1), shared_mem_bytes: smem };
             launch_chunk(&dev, &fwd, cfg, &params)?;
         }
         drop((rq, rk, w16, u16, aqk));
@@ -573,7 +593,7 @@ pub(crate) fn chunk_forward(
         }
         drop((qn, kn, gf, bf, w, u));
     }
-    drop((gc, starts_d, lens_d, seq_d));
+    drop((gc, table));
     Ok((o, ht))
 }
 
@@ -587,8 +607,9 @@ mod tests {
         // recurrent.cu occupies on the device.
         assert_eq!(std::mem::size_of::<RecurrentParams>(), 176);
         assert_eq!(std::mem::align_of::<RecurrentParams>(), 8);
-        // 25 pointers, 16 ints and a float: `ChunkParams` in common/chunk.cuh.
-        assert_eq!(std::mem::size_of::<ChunkParams>(), 256);
+        // 25 pointers, 14 ints and a float, padded to 8 bytes: `ChunkParams` in
+        // common/chunk.cuh.
+        assert_eq!(std::mem::size_of::<ChunkParams>(), 264);
     }
 
     #[test]

@@ -51,17 +51,13 @@ fn specs(fam: Family) -> Vec<Spec> {
         out.push(Spec::new(fam, [1, 130, 2, 4, k, v]).cu(&[0, 1, 65, 130]).h0(true).seed(next()));
         out.push(Spec::new(fam, [1, 130, 2, 4, k, v]).cu(&[0, 1, 65, 130]).gate(Gate::Strong).seed(next()));
     }
-    // In-op L2 norm, beta sigmoid and gate; an empty sequence; V > 128 (two V blocks in the
-    // intra kernel); K below 64.
-    out.push(
-        Spec::new(fam, [1, 150, 2, 4, 128, 128])
-            .cu(&[0, 70, 70, 150])
-            .h0(true)
-            .l2norm()
-            .sigmoid()
-            .gate_in_kernel(DtBias::Head)
-            .seed(next()),
-    );
+    // In-op L2 norm, beta sigmoid and gate (gated_delta_rule: DeltaNet has no gate); an empty
+    // sequence; V > 128 (two V blocks in the intra kernel); K below 64.
+    let mut s = Spec::new(fam, [1, 150, 2, 4, 128, 128]).cu(&[0, 70, 70, 150]).h0(true).l2norm().sigmoid();
+    if fam == Family::GatedDeltaRule {
+        s = s.gate_in_kernel(DtBias::Head);
+    }
+    out.push(s.seed(next()));
     out.push(Spec::new(fam, [1, 100, 1, 2, 64, 200]).h0(true).l2norm().seed(next()));
     out.push(Spec::new(fam, [2, 70, 3, 3, 32, 50]).h0(true).gate(Gate::Strong).seed(next()));
     // K = 64 with V = 32 and 48 (narrow value blocks), grouped value heads with HV / H = 4.

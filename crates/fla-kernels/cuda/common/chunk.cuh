@@ -31,11 +31,13 @@ struct ChunkParams {
     void* aqk;            // [tokens, HV, C]: scale Q K^T . exp(G_i - G_j), lower incl. diagonal
     float* rq;            // [tokens, HV]: 1/|q| (1 without the in-op L2 norm)
     float* rk;            // [tokens, HV]: 1/|k|
+    // The chunk table (cu_seqlens given); null for N sequences of `seq_len` tokens each.
     const int* chunk_start;  // [nc] first token of each chunk
     const int* chunk_len;    // [nc] tokens in each chunk (1..=64)
     const int* seq_chunk;    // [N+1] chunks of sequence n: seq_chunk[n] .. seq_chunk[n+1]
     int dtype, a_log_dtype, dt_bias_dtype;
     int tokens, n, nc, h, hv, dk, dv;
+    int seq_len;             // tokens per sequence without a chunk table
     int l2norm, beta_sigmoid, use_gate;
     float scale;
 };
@@ -54,6 +56,23 @@ __device__ __forceinline__ void chunk_gate_beta(const ChunkParams& p, long long 
     }
     b = fla_load(p.beta, p.dtype, i);
     if (p.beta_sigmoid) b = chunk_sigmoidf(b);
+}
+
+// First token `bos` and length `l` of chunk `ci`.
+__device__ __forceinline__ void chunk_at(const ChunkParams& p, int ci, long long& bos, int& l) {
+    if (p.chunk_start) {
+        bos = p.chunk_start[ci];
+        l = p.chunk_len[ci];
+    } else {
+        const int per_seq = (p.seq_len + FLA_C - 1) / FLA_C, c = ci % per_seq;
+        bos = (long long)(ci / per_seq) * p.seq_len + c * FLA_C;
+        l = min(FLA_C, p.seq_len - c * FLA_C);
+    }
+}
+
+// The first chunk of sequence `n` (n = N: the number of chunks).
+__device__ __forceinline__ int chunk_first(const ChunkParams& p, int n) {
+    return p.seq_chunk ? p.seq_chunk[n] : n * ((p.seq_len + FLA_C - 1) / FLA_C);
 }
 
 // 1 / sqrt(sum of squares + 1e-6): the in-op L2 norm's scale (fla-ops/src/prepare.rs).

@@ -101,15 +101,54 @@ __device__ __forceinline__ void fla_cp16(void* dst, const void* src, bool valid)
 __device__ __forceinline__ void fla_cp_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void fla_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
-// Starts copying `rows` x `cols` 16-bit elements (cols a multiple of 8) from global rows
+// Starts copying ROWS x COLS 16-bit elements (COLS a multiple of 8) from global rows
 // `src + r * gstride` into the shared tile `dst` (row stride `ld`); rows >= `valid` read as zero.
-template <int NT>
+// Compile-time sizes keep the index arithmetic to shifts.
+template <int NT, int ROWS, int COLS>
 __device__ __forceinline__ void fla_load_tile(unsigned short* dst, int ld, const unsigned short* src,
-                                              long long gstride, int rows, int cols, int valid) {
-    const int per_row = cols / 8;
-    for (int e = threadIdx.x; e < rows * per_row; e += NT) {
-        const int r = e / per_row, c = (e % per_row) * 8;
-        const bool ok = r < valid;
-        fla_cp16(dst + r * ld + c, src + (ok ? r : 0) * gstride + c, ok);
+                                              long long gstride, int valid) {
+    constexpr int PER_ROW = COLS / 8;
+#pragma unroll
+    for (int e0 = 0; e0 < ROWS * PER_ROW; e0 += NT) {
+        const int e = e0 + threadIdx.x;
+        if (ROWS * PER_ROW % NT == 0 || e < ROWS * PER_ROW) {
+            const int r = e / PER_ROW, c = (e % PER_ROW) * 8;
+            const bool ok = r < valid;
+            fla_cp16(dst + r * ld + c, src + (ok ? r : 0) * gstride + c, ok);
+        }
     }
+}
+
+// x split into a TF32 head and a TF32 tail (x ≈ hi + lo to about 2^-22), for 3xTF32 products.
+__device__ __forceinline__ void fla_tf32_split(float x, unsigned& hi, unsigned& lo) {
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(x));
+    const float r = x - __uint_as_float(hi);
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(lo) : "f"(r));
+}
+
+// c += a b for one m16n8k8 TF32 tile.
+__device__ __forceinline__ void fla_mma_tf32(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// c (16 x 8, C-fragment layout) += a[r0.., k0..k0+8] b[k0.., n0..n0+8] for f32 tiles in shared
+// memory (row strides lda, ldb), to about f32 accuracy (3xTF32: hi·hi + hi·lo + lo·hi).
+__device__ __forceinline__ void fla_mma_f32x3(float (&c)[4], const float* a, int lda, const float* b, int ldb,
+                                              int r0, int k0, int n0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const float av[4] = {a[(r0 + g) * lda + k0 + t], a[(r0 + g + 8) * lda + k0 + t], a[(r0 + g) * lda + k0 + t + 4],
+                         a[(r0 + g + 8) * lda + k0 + t + 4]};
+    const float bv[2] = {b[(k0 + t) * ldb + n0 + g], b[(k0 + t + 4) * ldb + n0 + g]};
+    unsigned ah[4], al[4], bh[2], bl[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) fla_tf32_split(av[i], ah[i], al[i]);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) fla_tf32_split(bv[i], bh[i], bl[i]);
+    fla_mma_tf32(c, al, bh[0], bh[1]);
+    fla_mma_tf32(c, ah, bl[0], bl[1]);
+    fla_mma_tf32(c, ah, bh[0], bh[1]);
 }
