@@ -87,6 +87,30 @@ impl std::fmt::Debug for CudaDevice {
     }
 }
 
+/// Lets the device's default memory pool (behind cudarc's stream-ordered allocations) keep
+/// freed memory instead of returning it to the driver at every synchronisation (its default
+/// release threshold is 0). Otherwise each op call's scratch and output buffers are mapped
+/// afresh after every sync, which on an H200 cost as much as the chunk kernels themselves; a
+/// caching allocator (as PyTorch's) avoids the same cost.
+fn keep_pool_memory(ctx: &CudaContext) -> std::result::Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    ctx.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` is a valid out pointer and `ctx.cu_device()` a device handle of a live
+    // context; the attribute's value is a u64 read through the pointer during the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()?;
+    }
+    Ok(())
+}
+
 impl CudaDevice {
     /// The device with this ordinal, created on first use and shared afterwards. Errors (never
     /// panics) when there is no driver, no such device, or the context cannot be created.
@@ -110,6 +134,7 @@ impl CudaDevice {
             // so no cross-stream event tracking is needed; every slice is created afterwards.
             unsafe { ctx.disable_event_tracking() };
             let stream = ctx.new_stream()?;
+            keep_pool_memory(&ctx)?;
             let name = ctx.name()?;
             let sm =
                 ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;

@@ -74,14 +74,14 @@ template <class E, int KD>
 __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
     constexpr int LK = KD + 8;
     extern __shared__ __align__(16) unsigned char smem[];
-    float* af = reinterpret_cast<float*>(smem);  // [C][LDF] A
+    float* af = reinterpret_cast<float*>(smem);  // [C][LDF] A; after T, V block 0 [C][LDC]
     float* tf = af + FLA_C * TC_LDF;              // [C][LDF] T
     float* xs = tf + FLA_C * TC_LDF;              // [3][16][16] block products
     float* gs = xs + 3 * 256;                     // [C] G
     float* bs = gs + FLA_C;                       // [C] beta
     float* rq = bs + FLA_C;                       // [C] 1/|q|
     float* rk = rq + FLA_C;                       // [C] 1/|k|
-    u16* ks = reinterpret_cast<u16*>(rk + FLA_C); // [C][LK] K; after W, V column blocks [C][LDC]
+    u16* ks = reinterpret_cast<u16*>(rk + FLA_C); // [C][LK] K; after W, V blocks 1, 3, .. [C][LDC]
     u16* qs = ks + FLA_C * LK;                    // [C][LK] Q; after Q K^T, T diag(beta e^G rk),
                                                   // after W, T diag(beta) (both [C][LDC])
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -240,6 +240,21 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
         }
         __syncthreads();
     }
+    // V in blocks of 64 columns, the first two loaded early: block 0 where A was (A is no
+    // longer needed), block 1 where K was once W is done; later blocks one at a time.
+    const u16* vg = static_cast<const u16*>(p.v) + (bos * p.hv + hv) * V;
+    u16* ug = static_cast<u16*>(p.u16) + (bos * p.hv + hv) * V;
+    u16* vb = reinterpret_cast<u16*>(af);
+    auto load_v = [&](int v0, u16* dst) {
+        const int nv = min(64, V - v0);
+        if (nv == 64) fla_load_tile<TC_NT, FLA_C, 64>(dst, TC_LDC, vg + v0, (long long)p.hv * V, l);
+        else if (nv == 48) fla_load_tile<TC_NT, FLA_C, 48>(dst, TC_LDC, vg + v0, (long long)p.hv * V, l);
+        else if (nv == 32) fla_load_tile<TC_NT, FLA_C, 32>(dst, TC_LDC, vg + v0, (long long)p.hv * V, l);
+        else fla_load_tile<TC_NT, FLA_C, 16>(dst, TC_LDC, vg + v0, (long long)p.hv * V, l);
+        fla_cp_commit();
+    };
+    load_v(0, vb);
+
     // W = T diag(beta e^G rk) K, with the scaled T rounded to 16 bits where Q was.
     u16* tt = qs;
     for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
@@ -263,52 +278,54 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
         tc_store_rows<E, 8>(acc, wg + c0, (long long)p.hv * KD, m0, 64, l);
     }
     __syncthreads();
-    // U = T diag(beta) V, V in blocks of 64 columns where K was.
+    if (V > 64) load_v(64, ks);
+    // U = T diag(beta) V.
     for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
         const int i = e >> 5, j = (e & 31) * 2;
         *reinterpret_cast<unsigned*>(tt + i * TC_LDC + j) =
             fla_pack2<E>(tf[i * TC_LDF + j] * bs[j], tf[i * TC_LDF + j + 1] * bs[j + 1]);
     }
-    const u16* vg = static_cast<const u16*>(p.v) + (bos * p.hv + hv) * V;
-    u16* ug = static_cast<u16*>(p.u16) + (bos * p.hv + hv) * V;
+    fla_cp_wait_all();
+    __syncthreads();
     for (int v0 = 0; v0 < V; v0 += 64) {
+        u16* blk = (v0 / 64) & 1 ? ks : vb;
+        if (v0 >= 128) {
+            __syncthreads();
+            load_v(v0, blk);
+            fla_cp_wait_all();
+            __syncthreads();
+        }
         const int nv = min(64, V - v0);
-        if (v0 > 0) __syncthreads();
-        if (nv == 64) fla_load_tile<TC_NT, FLA_C, 64>(ks, TC_LDC, vg + v0, (long long)p.hv * V, l);
-        else if (nv == 48) fla_load_tile<TC_NT, FLA_C, 48>(ks, TC_LDC, vg + v0, (long long)p.hv * V, l);
-        else if (nv == 32) fla_load_tile<TC_NT, FLA_C, 32>(ks, TC_LDC, vg + v0, (long long)p.hv * V, l);
-        else fla_load_tile<TC_NT, FLA_C, 16>(ks, TC_LDC, vg + v0, (long long)p.hv * V, l);
-        fla_cp_commit();
-        fla_cp_wait_all();
-        __syncthreads();
-        tc_lower_times<E>(acc, tt, ks, TC_LDC, 0, nv);
+        tc_lower_times<E>(acc, tt, blk, TC_LDC, 0, nv);
         tc_store_rows<E, 8>(acc, ug + v0, (long long)p.hv * V, m0, nv, l);
     }
 }
 
+// One stage of chunk_gdn_tc_fwd's inputs in shared memory: the G / norm vectors and the Q, K,
+// W, P, U tiles of one chunk.
+#define TC_FWD_STAGE(KD, BV) (3 * FLA_C * 4 + 3 * FLA_C * ((KD) + 8) * 2 + FLA_C * TC_LDC * 2 + FLA_C * ((BV) + 8) * 2)
 // Dynamic shared memory of chunk_gdn_tc_fwd; keep in sync with `tc_fwd_smem` in
 // fla-ops/src/cuda.rs.
-#define TC_FWD_SMEM(KD, BV) \
-    (3 * FLA_C * 4 + 3 * FLA_C * ((KD) + 8) * 2 + FLA_C * TC_LDC * 2 + (3 * FLA_C + (KD)) * ((BV) + 8) * 2)
+#define TC_FWD_SMEM(KD, BV, ST) ((ST) * TC_FWD_STAGE(KD, BV) + ((KD) + 2 * FLA_C) * ((BV) + 8) * 2)
+
+// 4 bytes global -> shared, asynchronously; zero-filled when `valid` is false.
+__device__ __forceinline__ void tc_cp4(float* dst, const float* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(fla_smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
 
 // CH groups of 4 warps share a CTA's tiles, each group taking BVW of its BV = CH BVW value
-// columns (warp w: token / state rows by w % 4, columns by w / 4).
-template <class E, int KD, int BVW, int CH>
+// columns (warp w: token / state rows by w % 4, columns by w / 4). ST = 2 loads the next chunk's
+// inputs while the current one is computed (for few, long sweeps); ST = 1 leaves the overlap to
+// other CTAs on the SM.
+template <class E, int KD, int BVW, int CH, int ST>
 __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
     constexpr int NT = TC_NT * CH, BV = BVW * CH;
     constexpr int LK = KD + 8, LV = BV + 8, NTV = BVW / 8, MT = KD / 64;
+    constexpr int STAGE = TC_FWD_STAGE(KD, BV);
     extern __shared__ __align__(16) unsigned char smem[];
-    float* gs = reinterpret_cast<float*>(smem);  // [C] G
-    float* rq = gs + FLA_C;                       // [C] 1/|q|
-    float* rk = rq + FLA_C;                       // [C] 1/|k|
-    u16* qs = reinterpret_cast<u16*>(rk + FLA_C); // [C][LK]
-    u16* ks = qs + FLA_C * LK;                    // [C][LK]
-    u16* ws = ks + FLA_C * LK;                    // [C][LK] W
-    u16* ps = ws + FLA_C * LK;                    // [C][LDC] P
-    u16* us = ps + FLA_C * TC_LDC;                // [C][LV] U
-    u16* sb = us + FLA_C * LV;                    // [KD][LV] S, 16-bit
-    u16* vn = sb + KD * LV;                       // [C][LV] Vn
-    u16* vs = vn + FLA_C * LV;                    // [C][LV] Vn rk e^{G_L - G}
+    u16* sb = reinterpret_cast<u16*>(smem + ST * STAGE); // [KD][LV] S, 16-bit
+    u16* vn = sb + KD * LV;                              // [C][LV] Vn
+    u16* vs = vn + FLA_C * LV;                           // [C][LV] Vn rk e^{G_L - G}
     const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, cw = (tid >> 7) * BVW;
     const int gq = lane >> 2, tq = lane & 3;
     const int V = p.dv, nvb = V / BV;
@@ -321,6 +338,34 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
     const int s0 = warp * (KD / 4); // state rows of this warp
     const long long sbase = ((long long)n * p.hv + hv) * KD * V;
 
+    // Stage `st`: gs, rq, rk [C] f32, then the tiles.
+    auto stage = [&](int st) { return smem + st * STAGE; };
+    auto load = [&](int ci, int st) {
+        long long bos;
+        int l;
+        chunk_at(p, ci, bos, l);
+        float* vec = reinterpret_cast<float*>(stage(st));
+        u16* qs = reinterpret_cast<u16*>(vec + 3 * FLA_C);
+        u16* ks = qs + FLA_C * LK;
+        u16* ws = ks + FLA_C * LK;
+        u16* ps = ws + FLA_C * LK;
+        u16* us = ps + FLA_C * TC_LDC;
+        const long long hrow = bos * p.hv + hv;
+        fla_load_tile<NT, FLA_C, KD>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+        fla_load_tile<NT, FLA_C, KD>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+        fla_load_tile<NT, FLA_C, KD>(ws, LK, static_cast<const u16*>(p.w16) + hrow * KD, (long long)p.hv * KD, l);
+        fla_load_tile<NT, FLA_C, FLA_C>(ps, TC_LDC, static_cast<const u16*>(p.aqk) + hrow * FLA_C, (long long)p.hv * FLA_C, l);
+        fla_load_tile<NT, FLA_C, BV>(us, LV, static_cast<const u16*>(p.u16) + hrow * V + v0, (long long)p.hv * V, l);
+        if (tid < FLA_C) {
+            const bool ok = tid < l;
+            const long long i = (bos + (ok ? tid : 0)) * p.hv + hv;
+            tc_cp4(vec + tid, p.gc + i, ok);
+            tc_cp4(vec + FLA_C + tid, p.rq + i, ok);
+            tc_cp4(vec + 2 * FLA_C + tid, p.rk + i, ok);
+        }
+        fla_cp_commit();
+    };
+
     float s[MT][NTV][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -332,24 +377,27 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
                 s[mt][nt][r] = p.h0 ? p.h0[sbase + (long long)c * V + v0 + x] : 0.0f;
             }
 
-    for (int ci = chunk_first(p, n); ci < chunk_first(p, n + 1); ++ci) {
+    const int first = chunk_first(p, n), last = chunk_first(p, n + 1);
+    if (ST == 2 && first < last) load(first, 0);
+    for (int ci = first; ci < last; ++ci) {
+        const int st = ST == 2 ? (ci - first) & 1 : 0;
+        if (ST == 1) {
+            load(ci, 0);
+        } else if (ci + 1 < last) {
+            load(ci + 1, st ^ 1); // its stage was last read before the previous iteration's final barrier
+        }
         long long bos;
         int l;
         chunk_at(p, ci, bos, l);
         const long long hrow = bos * p.hv + hv;
-        fla_load_tile<NT, FLA_C, KD>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
-        fla_load_tile<NT, FLA_C, KD>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
-        fla_load_tile<NT, FLA_C, KD>(ws, LK, static_cast<const u16*>(p.w16) + hrow * KD, (long long)p.hv * KD, l);
-        fla_load_tile<NT, FLA_C, FLA_C>(ps, TC_LDC, static_cast<const u16*>(p.aqk) + hrow * FLA_C, (long long)p.hv * FLA_C, l);
-        fla_load_tile<NT, FLA_C, BV>(us, LV, static_cast<const u16*>(p.u16) + hrow * V + v0, (long long)p.hv * V, l);
-        fla_cp_commit();
-        if (tid < FLA_C) {
-            const bool ok = tid < l;
-            const long long i = (bos + tid) * p.hv + hv;
-            gs[tid] = ok ? p.gc[i] : 0.0f;
-            rq[tid] = ok ? p.rq[i] : 0.0f;
-            rk[tid] = ok ? p.rk[i] : 0.0f;
-        }
+        const float* gs = reinterpret_cast<const float*>(stage(st));
+        const float* rq = gs + FLA_C;
+        const float* rk = rq + FLA_C;
+        const u16* qs = reinterpret_cast<const u16*>(rk + FLA_C);
+        const u16* ks = qs + FLA_C * LK;
+        const u16* ws = ks + FLA_C * LK;
+        const u16* ps = ws + FLA_C * LK;
+        const u16* us = ps + FLA_C * TC_LDC;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -359,7 +407,9 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
                     const int c = s0 + mt * 16 + gq + 8 * h2, x = cw + nt * 8 + 2 * tq;
                     *reinterpret_cast<unsigned*>(sb + c * LV + x) = fla_pack2<E>(s[mt][nt][2 * h2], s[mt][nt][2 * h2 + 1]);
                 }
-        fla_cp_wait_all();
+        // Wait for this chunk's group (the next chunk's, when issued, may stay in flight).
+        if (ST == 2 && ci + 1 < last) fla_cp_wait_one();
+        else fla_cp_wait_all();
         __syncthreads();
 
         // W S and Q S for this warp's 16 token rows.
@@ -459,13 +509,15 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
     extern "C" __global__ void __launch_bounds__(TC_NT) chunk_gdn_tc_intra_##NAME##_k##KD(const ChunkParams p) { \
         tc_intra<E, KD>(p);                                                                     \
     }
-#define TC_FWD(E, NAME, KD, BV, BVW, CH)                                                        \
+#define TC_FWD(E, NAME, KD, BV, BVW, CH, ST)                                                    \
     extern "C" __global__ void __launch_bounds__(TC_NT * CH) chunk_gdn_tc_fwd_##NAME##_k##KD##_v##BV(const ChunkParams p) { \
-        tc_fwd<E, KD, BVW, CH>(p);                                                              \
+        tc_fwd<E, KD, BVW, CH, ST>(p);                                                          \
     }
-// Value blocks of 16 (4 warps), 32 (8 warps of 16 columns) and 64 (8 warps of 32 columns); keep
-// in sync with `tc_fwd_threads` in fla-ops/src/cuda.rs.
-#define TC_FWD_ALL(E, NAME, KD) TC_FWD(E, NAME, KD, 16, 16, 1) TC_FWD(E, NAME, KD, 32, 16, 2) TC_FWD(E, NAME, KD, 64, 32, 2)
+// Value blocks of 16 (4 warps, inputs double-buffered: the block for few sequences and heads),
+// 32 (8 warps of 16 columns) and 64 (8 warps of 32 columns); keep in sync with
+// `tc_fwd_threads` and `tc_fwd_stages` in fla-ops/src/cuda.rs.
+#define TC_FWD_ALL(E, NAME, KD) \
+    TC_FWD(E, NAME, KD, 16, 16, 1, 2) TC_FWD(E, NAME, KD, 32, 16, 2, 1) TC_FWD(E, NAME, KD, 64, 32, 2, 1)
 
 TC_INTRA(FlaBf16, bf16, 64)
 TC_INTRA(FlaBf16, bf16, 128)

@@ -368,15 +368,27 @@ fn tc_fwd_threads(bv: usize) -> u32 {
     }
 }
 
-/// Dynamic shared memory of `chunk_gdn_tc_fwd_*` (`TC_FWD_SMEM`): three [C] vectors, Q, K and W
-/// tiles, the P tile, and U, S, Vn and scaled Vn blocks of `bv` columns.
+/// Dynamic shared memory of `chunk_gdn_tc_fwd_*` (`TC_FWD_SMEM`): per input stage three [C]
+/// vectors and the Q, K, W, P and U tiles; then the S, Vn and scaled Vn blocks of `bv` columns.
 fn tc_fwd_smem(k: usize, bv: usize) -> u32 {
-    (3 * 64 * 4 + 3 * 64 * (k + 8) * 2 + 64 * 72 * 2 + (3 * 64 + k) * (bv + 8) * 2) as u32
+    let stage = 3 * 64 * 4 + 3 * 64 * (k + 8) * 2 + 64 * 72 * 2 + 64 * (bv + 8) * 2;
+    (tc_fwd_stages(bv) * stage + (k + 128) * (bv + 8) * 2) as u32
+}
+
+/// Input stages of `chunk_gdn_tc_fwd_*_v{bv}` (`TC_FWD_ALL`): the 16-column block, chosen when
+/// there are few sequences and heads, loads the next chunk while it computes one.
+fn tc_fwd_stages(bv: usize) -> usize {
+    if bv == 16 {
+        2
+    } else {
+        1
+    }
 }
 
 /// Value columns per CTA of the tensor-core forward: `FLA_CHUNK_BV` (16, 32 or 64) when set
-/// and valid, else the widest block that still gives every SM two CTAs (`ctas(bv)` CTAs for a
-/// block of `bv`), else 16.
+/// and valid, else the widest block that still gives every SM a CTA (`ctas(bv)` CTAs for a
+/// block of `bv`), else 16. (On an H200 at K = V = 128: 64 for 128 heads of 2048 tokens, 16
+/// for 16 heads of 32768.)
 fn tc_block_v(v: usize, sms: usize, ctas: impl Fn(usize) -> usize) -> usize {
     let valid = |bv: usize| v % bv == 0;
     if let Some(bv) = std::env::var("FLA_CHUNK_BV").ok().and_then(|s| s.parse().ok()) {
@@ -384,7 +396,7 @@ fn tc_block_v(v: usize, sms: usize, ctas: impl Fn(usize) -> usize) -> usize {
             return bv;
         }
     }
-    [64, 32].into_iter().find(|&bv| valid(bv) && ctas(bv) >= 2 * sms).unwrap_or(16)
+    [64, 32].into_iter().find(|&bv| valid(bv) && ctas(bv) >= sms).unwrap_or(16)
 }
 
 /// Chunk table of a call: first token and length of every chunk (sequence by sequence), and

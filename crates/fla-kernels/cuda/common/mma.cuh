@@ -100,6 +100,8 @@ __device__ __forceinline__ void fla_cp16(void* dst, const void* src, bool valid)
 }
 __device__ __forceinline__ void fla_cp_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void fla_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// Waits for all but the most recently committed group.
+__device__ __forceinline__ void fla_cp_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
 // Starts copying ROWS x COLS 16-bit elements (COLS a multiple of 8) from global rows
 // `src + r * gstride` into the shared tile `dst` (row stride `ld`); rows >= `valid` read as zero.
