@@ -68,6 +68,12 @@ pub struct GdnCache {
     pub state: Option<Tensor>,
 }
 
+/// The four projections of a layer's input: `(qkv, z, b, a)`, row-major over tokens.
+type Projected = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+// One per layer, built once and never moved in a loop: the size gap between the variants costs
+// nothing, boxing would cost an indirection per projection.
+#[allow(clippy::large_enum_variant)]
 enum Proj {
     Split { qkv: Linear, z: Linear, b: Linear, a: Linear },
     Interleaved { qkvz: Linear, ba: Linear },
@@ -127,7 +133,7 @@ impl GatedDeltaNet {
     }
 
     /// `(qkv [T, conv_dim], z [T, value_total], b [T, HV], a [T, HV])`.
-    fn project(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
+    fn project(&self, x: &[f32]) -> Result<Projected> {
         match &self.proj {
             Proj::Split { qkv, z, b, a } => Ok((qkv.forward(x)?, z.forward(x)?, b.forward(x)?, a.forward(x)?)),
             Proj::Interleaved { qkvz, ba } => {

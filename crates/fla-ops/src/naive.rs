@@ -44,8 +44,9 @@ pub(crate) fn head_forward<F: Float>(x: &HeadData<F>) -> HeadOut<F> {
             let decay = if x.channel { x.g[t * dk + c] } else { x.g[t] }.exp();
             s[c * dv..][..dv].iter_mut().for_each(|e| *e *= decay);
         }
-        for j in 0..dv {
-            u[j] = x.w[t * dv + j] * x.v[t * dv + j];
+        let row = t * dv..(t + 1) * dv;
+        for ((u, &w), &v) in u.iter_mut().zip(&x.w[row.clone()]).zip(&x.v[row]) {
+            *u = w * v;
         }
         if let Some(b) = &x.b {
             for c in 0..dk {
