@@ -366,16 +366,18 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
         fla_cp_commit();
     };
 
+    // This thread's state elements: s[mt][nt][r] is S[row][col] of the block (C-fragment layout).
     float s[MT][NTV][4];
+    auto each_state = [&](auto&& f) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < NTV; ++nt)
+            for (int nt = 0; nt < NTV; ++nt)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int c = s0 + mt * 16 + gq + 8 * (r >> 1), x = cw + nt * 8 + 2 * tq + (r & 1);
-                s[mt][nt][r] = p.h0 ? p.h0[sbase + (long long)c * V + v0 + x] : 0.0f;
-            }
+                for (int r = 0; r < 4; ++r)
+                    f(s[mt][nt][r], s0 + mt * 16 + gq + 8 * (r >> 1), cw + nt * 8 + 2 * tq + (r & 1));
+    };
+    each_state([&](float& e, int row, int col) { e = p.h0 ? p.h0[sbase + (long long)row * V + v0 + col] : 0.0f; });
 
     const int first = chunk_first(p, n), last = chunk_first(p, n + 1);
     if (ST == 2 && first < last) load(first, 0);
@@ -467,12 +469,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
 
         // S <- e^{G_L} S + K^T (Vn rk e^{G_L - G}).
         const float el = __expf(gl);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NTV; ++nt)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) s[mt][nt][r] *= el;
+        each_state([&](float& e, int, int) { e *= el; });
 #pragma unroll
         for (int kt = 0; kt < FLA_C / 16; ++kt) {
             if (kt * 16 < l) {
@@ -492,17 +489,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
         }
         __syncthreads();
     }
-    if (p.ht) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NTV; ++nt)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    const int c = s0 + mt * 16 + gq + 8 * (r >> 1), x = cw + nt * 8 + 2 * tq + (r & 1);
-                    p.ht[sbase + (long long)c * V + v0 + x] = s[mt][nt][r];
-                }
-    }
+    if (p.ht) each_state([&](float& e, int row, int col) { p.ht[sbase + (long long)row * V + v0 + col] = e; });
 }
 
 #define TC_INTRA(E, NAME, KD)                                                                   \
