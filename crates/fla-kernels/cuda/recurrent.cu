@@ -12,6 +12,7 @@
 // call, which is what bounds the decode step (it is memory-bound). Reductions over K (e and o)
 // go through warp shuffles and a 4-warp shared-memory step.
 #include "common/dtype.cuh"
+#include "common/math.cuh"
 
 // Keep in sync with `RecurrentParams` in fla-ops/src/cuda.rs (repr(C)).
 struct RecurrentParams {
@@ -36,10 +37,6 @@ struct RecurrentParams {
     int l2norm, beta_sigmoid, use_gate, dt_per_channel;
     float scale;
 };
-
-
-__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float softplusf_(float x) { return x > 20.0f ? x : logf(1.0f + expf(x)); }
 
 // Where one CTA tile (sequence n, value head hv, column block vb) lives.
 struct Tile {
@@ -185,25 +182,25 @@ struct Step {
                 if (c < KMAX) {
                     float dec = 1.0f;
                     if (p.decay == 2 && c < p.dk) {
-                        const float g = p.use_gate ? neg_ea * softplusf_(gv[m] + dtc[m]) : gv[m];
+                        const float g = p.use_gate ? neg_ea * fla_softplusf(gv[m] + dtc[m]) : gv[m];
                         dec = expf(g);
                     }
                     sm.sq[c] = qv[m];
                     sm.sk[c] = kv[m];
                     sm.sdec[c] = dec;
-                    sm.sb[c] = p.beta_sigmoid && c < p.dk ? sigmoidf_(bv[m]) : bv[m];
+                    sm.sb[c] = p.beta_sigmoid && c < p.dk ? fla_sigmoidf(bv[m]) : bv[m];
                 }
                 ssq += qv[m] * qv[m];
                 ssk += kv[m] * kv[m];
             }
             float dech = 1.0f;
-            if (p.decay == 1) dech = expf(p.use_gate ? neg_ea * softplusf_(gh + dth) : gh);
-            const float beta = p.beta_sigmoid ? sigmoidf_(beta_raw) : beta_raw;
+            if (p.decay == 1) dech = expf(p.use_gate ? neg_ea * fla_softplusf(gh + dth) : gh);
+            const float beta = p.beta_sigmoid ? fla_sigmoidf(beta_raw) : beta_raw;
 #pragma unroll
             for (int x = 0; x < VW; ++x) {
                 if (p.write == 0) ww[x] = 1.0f;
                 else if (p.write == 1) ww[x] = beta;
-                else if (p.beta_sigmoid) ww[x] = sigmoidf_(ww[x]);
+                else if (p.beta_sigmoid) ww[x] = fla_sigmoidf(ww[x]);
             }
             float rq = 1.0f, rk = 1.0f;
             if (p.l2norm) {

@@ -1,6 +1,8 @@
 // Parameters and small helpers shared by the chunk kernels (chunk_gdn.cu: f32 scalar path;
 // chunk_gdn_tc.cu: tensor-core path for 16-bit inputs).
 #pragma once
+#include "common/dtype.cuh"
+#include "common/math.cuh"
 
 #define FLA_C 64  // chunk length
 
@@ -42,8 +44,6 @@ struct ChunkParams {
     float scale;
 };
 
-__device__ __forceinline__ float chunk_sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float chunk_softplusf(float x) { return x > 20.0f ? x : logf(1.0f + expf(x)); }
 
 // The log decay and beta of token `i` (index into [tokens, HV]) of value head `hv`, with the
 // in-op gate and sigmoid applied; no decay (0) when `g` is null.
@@ -52,10 +52,10 @@ __device__ __forceinline__ void chunk_gate_beta(const ChunkParams& p, long long 
     if (p.g) {
         g = fla_load(p.g, p.dtype, i);
         if (p.use_gate)
-            g = -expf(fla_load(p.a_log, p.a_log_dtype, hv)) * chunk_softplusf(g + fla_load(p.dt_bias, p.dt_bias_dtype, hv));
+            g = -expf(fla_load(p.a_log, p.a_log_dtype, hv)) * fla_softplusf(g + fla_load(p.dt_bias, p.dt_bias_dtype, hv));
     }
     b = fla_load(p.beta, p.dtype, i);
-    if (p.beta_sigmoid) b = chunk_sigmoidf(b);
+    if (p.beta_sigmoid) b = fla_sigmoidf(b);
 }
 
 // First token `bos` and length `l` of chunk `ci`.

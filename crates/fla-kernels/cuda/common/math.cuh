@@ -1,0 +1,7 @@
+// Scalar functions shared by the kernels (the in-op beta sigmoid and gate softplus).
+#pragma once
+
+__device__ __forceinline__ float fla_sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// softplus(x) = log(1 + e^x), exact to f32 for x > 20 (as in FLA and PyTorch's threshold).
+__device__ __forceinline__ float fla_softplusf(float x) { return x > 20.0f ? x : logf(1.0f + expf(x)); }
