@@ -20,9 +20,28 @@ What it does, in one run:
                         (random cotangent) at B=8 T=2048 H=16 K=V=128: FLA reference numbers,
                         ours has no GPU backward yet
        hbm_ceiling      a 1 GiB torch device-to-device copy next to ours (same machine check)
-  3. prints the GPU, the versions and an aligned table last: case, shape, ours ms, FLA ms,
-     FLA/ours (> 1: ours is faster), and writes the raw numbers as JSON lines to --out
-     (default $OUT/side_by_side.jsonl when $OUT is set).
+  3. measures FLA's GPU time without its Python launch cost (FLA's eager call rate is host-bound
+     on the chunk rows: ~1.1 ms of Python per call), --gpu-method auto (default):
+       graph       one call (decode rows: one call per state copy, the whole rotation; the
+                   fwd_bwd cases: forward + backward) captured in a torch.cuda.CUDAGraph after
+                   the eager warm-up (Triton has compiled and autotuned by then) and a warm-up on
+                   a side stream; inputs are the same static tensors; graph.replay() timed back to
+                   back like the eager calls (CUDA events, ~1 ms batches, median), divided by the
+                   calls in the graph. Gaps between kernels inside the graph are counted.
+       kernel-sum  fallback when capture fails (or an eager call synchronizes the host, checked
+                   first with torch.cuda.set_sync_debug_mode("error")): the sum of the GPU
+                   activity durations (kernels, memsets, copies) that torch.profiler records over
+                   >= 20 calls, divided by the calls. Gaps between kernels are not counted.
+     The varlen row passes FLA's chunk_indices precomputed (prepare_chunk_indices, outside the
+     timing): computing them from a CUDA cu_seqlens syncs the host (repeat_interleave);
+     FLA's @tensor_cache would also serve the eager warm-up's copy, this does not depend on it.
+  4. prints the GPU, the versions and an aligned table last: case, shape, ours ms, our host ms
+     per call (from our row's note), FLA call ms (eager, host-bound where FLA's Python is slower
+     than its kernels), FLA host ms per call, FLA GPU ms, FLA GPU/ours (> 1: ours is faster),
+     the method of the GPU number and a note; and writes the raw numbers as JSON lines to --out
+     (default $OUT/side_by_side.jsonl when $OUT is set): fla_ms / fla_host_ms (eager),
+     fla_gpu_ms, fla_gpu_method ("graph", "kernel-sum" or null), fla_gpu_note, fla_gpu_error,
+     gpu_ratio, ours_host_ms.
 
 On Hopper with Triton < 3.7.1, FLA 0.6.0 refuses the gated backward (its issue #640: wrong
 results) in fla/ops/common/chunk_o.py:chunk_bwd_dqkwg; this script bypasses that guard by setting
@@ -33,14 +52,18 @@ Run (on the GPU machine, from the repository root, after `scripts/gpu-run.sh pre
 or directly:
   python3 scripts/fla_side_by_side.py --fla-bin .device/fla --pylib .device/pylib [--seconds 1]
       [--only decode,kda_decode,chunk_fwd,gdn_fwd_bwd] [--no-ours] [--out FILE]
+      [--gpu-method auto|graph|kernel-sum|none]
 --only takes our row names (decode, decode1, decode64, decode256, kda_decode, chunk_fwd,
 chunk_fwd_long, chunk_fwd_gva, chunk_fwd_varlen, delta_chunk_fwd) and the FLA-only cases
 (kda_decode_pool, gdn_fwd_bwd, kda_fwd_bwd, fwd_bwd); hbm_ceiling always runs. A full run takes
 a few minutes on a fresh machine, most of it Triton compiling and autotuning FLA's kernels.
 """
 import argparse
+import contextlib
+import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -121,6 +144,26 @@ def parse_ours(stdout):
     return rows
 
 
+HOST_NOTE = re.compile(r"host ([0-9]+(?:\.[0-9]*)?) (ms|µs|us)/call")
+
+
+def host_ms_of(row):
+    """Our host ms per call from a row's note ("host 0.041 ms/call", "host 3.2 µs/call"), or None."""
+    if not row:
+        return None
+    m = HOST_NOTE.search(str(row.get("note") or ""))
+    if not m:
+        return None
+    return float(m.group(1)) / (1.0 if m.group(2) == "ms" else 1e3)
+
+
+def short_error(e, limit=160):
+    """`Type: first line of the message` (cut at `limit` characters)."""
+    text = str(e).strip()
+    first = text.splitlines()[0][:limit] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def find_ours(rows, c):
     """Our row for case c, or None."""
     if c["ours"] is None:
@@ -171,16 +214,22 @@ def fmt_ratio(fla_ms, ours_ms):
 
 
 def table(results):
-    """Aligned table lines for result dicts with keys case, shape, ours_ms, fla_ms, note."""
-    head = ["case", "shape", "ours ms", "FLA ms", "FLA/ours", "FLA form / note"]
-    body = [[r["case"], r["shape"], fmt_ms(r.get("ours_ms")), fmt_ms(r.get("fla_ms")),
-             fmt_ratio(r.get("fla_ms"), r.get("ours_ms")), r.get("note", "")] for r in results]
-    widths = [max(len(x[i]) for x in [head] + body) for i in range(5)]
+    """Aligned table lines for result dicts (keys case, shape, ours_ms, ours_host_ms, fla_ms,
+    fla_host_ms, fla_gpu_ms, fla_gpu_method, note; missing ones print as "—")."""
+    head = ["case", "shape", "ours ms", "ours host", "FLA call ms", "FLA host", "FLA GPU ms",
+            "FLA GPU/ours", "method", "FLA form / note"]
+    body = [[r["case"], r["shape"], fmt_ms(r.get("ours_ms")), fmt_ms(r.get("ours_host_ms")),
+             fmt_ms(r.get("fla_ms")), fmt_ms(r.get("fla_host_ms")), fmt_ms(r.get("fla_gpu_ms")),
+             fmt_ratio(r.get("fla_gpu_ms"), r.get("ours_ms")), r.get("fla_gpu_method") or "—",
+             r.get("note", "")] for r in results]
+    last = len(head) - 1
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(last)]
     lines = []
     for row in [head] + body:
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [row[i].rjust(widths[i]) for i in (2, 3, 4)]
-        lines.append("  ".join(cells + [row[5]]).rstrip())
+        cells += [row[i].rjust(widths[i]) for i in range(2, last - 1)]
+        cells += [row[last - 1].ljust(widths[last - 1])]
+        lines.append("  ".join(cells + [row[last]]).rstrip())
     return lines
 
 
@@ -236,12 +285,14 @@ def import_fla(pylib):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
     from fla.ops.kda import chunk_kda, fused_recurrent_kda
     from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd
+    from fla.ops.utils.index import prepare_chunk_indices
     return {
         "torch": torch, "triton": triton, "fla": fla,
         "chunk_gated_delta_rule": chunk_gated_delta_rule, "chunk_delta_rule": chunk_delta_rule,
         "fused_recurrent_gated_delta_rule": fused_recurrent_gated_delta_rule,
         "chunk_kda": chunk_kda, "fused_recurrent_kda": fused_recurrent_kda,
         "fused_recurrent_kda_fwd": fused_recurrent_kda_fwd,
+        "prepare_chunk_indices": prepare_chunk_indices,
     }
 
 
@@ -268,9 +319,50 @@ def bypass_640_guard():
     return ""
 
 
+def device_activity_us(events, cuda_device_type):
+    """(sum of durations in µs, count) of the GPU-side events (kernels, memsets, copies) of a
+    torch.profiler event list: those whose device_type is `cuda_device_type`."""
+    total, count = 0.0, 0
+    for e in events:
+        if getattr(e, "device_type", None) != cuda_device_type:
+            continue
+        tr = e.time_range
+        total += max(0.0, tr.end - tr.start)
+        count += 1
+    return total, count
+
+
+def host_sync_check(torch, fn):
+    """Runs fn(0) once with torch.cuda.set_sync_debug_mode("error"): the message of the first
+    host-synchronizing CUDA call it makes (.item(), a blocking copy, ...), or None. Such a call
+    cannot be captured in a CUDA graph."""
+    try:
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+    except Exception:  # noqa: BLE001 - no sync debug mode in this torch: let capture find out
+        return None
+    try:
+        fn(0)
+        return None
+    except RuntimeError as e:
+        if "synchroniz" not in str(e):
+            raise
+        return short_error(e)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+        torch.cuda.synchronize()
+
+
+class HostSync(RuntimeError):
+    pass
+
+
 class Fla:
-    def __init__(self, m, seconds):
-        self.m, self.seconds = m, seconds
+    """One case is built as (fn, period, grad): fn(i) is one FLA call on static inputs (rotating
+    through `period` state copies / pool slices by i), grad False runs it under inference_mode."""
+
+    def __init__(self, m, seconds, gpu_method="auto"):
+        self.m, self.seconds, self.gpu_method = m, seconds, gpu_method
         self.torch = m["torch"]
         self.dev = "cuda"
         self.gen = self.torch.Generator(device=self.dev)
@@ -285,8 +377,13 @@ class Fla:
     def time(self, fn):
         return time_gpu_ms(self.torch, self.seconds, fn)
 
+    def mode(self, grad):
+        return contextlib.nullcontext() if grad else self.torch.inference_mode()
+
     def states(self, n, hv, d):
         return [self.rand((n, hv, d, d), -0.1, 0.1, self.torch.float32) for _ in range(copies_for(n * hv * d * d * 4))]
+
+    # -- the cases: each returns (fn, period, grad) ------------------------------------------
 
     def decode(self, n, kda=False, h=32, d=128):
         hv = h
@@ -301,8 +398,7 @@ class Fla:
             # keyword arguments: fused_recurrent_gated_delta_rule's positional order is q, k, v, g, gk, gv, beta
             op(q=q, k=k, v=v, g=g, beta=beta, initial_state=states[i % len(states)],
                output_final_state=True, use_qk_l2norm_in_kernel=True)
-        with self.torch.inference_mode():
-            return self.time(fn)
+        return fn, len(states), False
 
     def kda_decode_pool(self, n, h=32, d=128):
         torch = self.torch
@@ -320,8 +416,7 @@ class Fla:
         def fn(i):
             op(q=q, k=k, v=v, g=g, beta=beta, initial_state=pool, inplace_final_state=True,
                ssm_state_indices=index[i % copies], use_qk_l2norm_in_kernel=True, out=out)
-        with torch.inference_mode():
-            return self.time(fn)
+        return fn, copies, False
 
     def chunk_fwd(self, b, t, h, hv, cu_seqlens=None, d=128, delta=False):
         torch = self.torch
@@ -329,14 +424,20 @@ class Fla:
         v = self.rand((b, t, hv, d), -1, 1)
         gate = {} if delta else {"g": self.rand((b, t, hv), -0.2, -0.01)}
         beta = self.rand((b, t, hv), 0.1, 0.9)
-        cu = torch.tensor(cu_seqlens, dtype=torch.long, device=self.dev) if cu_seqlens else None
+        extra = {}
+        if cu_seqlens:
+            extra["cu_seqlens"] = torch.tensor(cu_seqlens, dtype=torch.long, device=self.dev)
+            extra["cu_seqlens_cpu"] = torch.tensor(cu_seqlens, dtype=torch.long)
+            if not delta:
+                # chunk_gated_delta_rule takes them precomputed; from a CUDA cu_seqlens their
+                # construction syncs the host (repeat_interleave reads the total on the host)
+                extra["chunk_indices"] = self.m["prepare_chunk_indices"](extra["cu_seqlens"], 64)
         op = self.m["chunk_delta_rule" if delta else "chunk_gated_delta_rule"]
 
         def fn(i):
             op(q=q, k=k, v=v, beta=beta, output_final_state=True, use_qk_l2norm_in_kernel=True,
-               cu_seqlens=cu, **gate)
-        with torch.inference_mode():
-            return self.time(fn)
+               **gate, **extra)
+        return fn, 1, False
 
     def fwd_bwd(self, kda, b=8, t=2048, h=16, d=128):
         torch = self.torch
@@ -351,16 +452,15 @@ class Fla:
         def fn(i):
             o, _ = op(q=q, k=k, v=v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
             torch.autograd.grad(o, inputs, do)
-        return self.time(fn)
+        return fn, 1, True
 
     def hbm_ceiling(self):
         torch = self.torch
         src = torch.empty(1 << 30, dtype=torch.uint8, device=self.dev).random_(generator=self.gen)
         dst = torch.empty_like(src)
-        return self.time(lambda i: dst.copy_(src))
+        return (lambda i: dst.copy_(src)), 1, False
 
-    def run(self, key):
-        """(ms, host ms) of case `key`."""
+    def build(self, key):
         if key.startswith("decode"):
             return self.decode(int(key[len("decode"):]))
         return {
@@ -376,6 +476,117 @@ class Fla:
             "hbm_ceiling": self.hbm_ceiling,
         }[key]()
 
+    # -- FLA's GPU time without its Python ----------------------------------------------------
+
+    def graph_ms(self, fn, period, grad):
+        """(ms per call, note): `period` calls (one rotation) captured in one CUDA graph, replays
+        timed back to back. Raises HostSync when an eager call synchronizes the host."""
+        torch = self.torch
+        with self.mode(grad):
+            sync = host_sync_check(torch, fn)
+        if sync:
+            raise HostSync(f"an eager call syncs the host ({sync})")
+        # warm-up on a side stream (as torch's docs ask before capturing autograd work); Triton
+        # compiled and autotuned during the eager timing already
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), self.mode(grad):
+            for i in range(max(period, 3)):
+                fn(i)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graphs = [torch.cuda.CUDAGraph()]
+        try:
+            with self.mode(grad):
+                with torch.cuda.graph(graphs[0]):
+                    for i in range(period):
+                        fn(i)
+            torch.cuda.synchronize()
+            ms, _host = time_gpu_ms(torch, self.seconds, lambda i: graphs[0].replay())
+        finally:
+            graphs.clear()  # frees the graph and its memory pool
+            gc.collect()
+            with contextlib.suppress(Exception):  # the caller reports the first error
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+        return ms / period, (f"{period} calls/graph" if period > 1 else "")
+
+    def kernel_sum_ms(self, fn, period, grad, min_calls=20):
+        """(ms per call, note): GPU activity durations summed over >= min_calls calls (whole
+        rotations) recorded by torch.profiler, over the calls."""
+        torch = self.torch
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        n = period * max(1, -(-min_calls // period))
+        with self.mode(grad):
+            for i in range(min(period, 3)):
+                fn(i)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for i in range(n):
+                    fn(i)
+                torch.cuda.synchronize()
+        us, count = device_activity_us(prof.events(), DeviceType.CUDA)
+        if count == 0:
+            raise RuntimeError("torch.profiler recorded no GPU activity (CUPTI unavailable?)")
+        return us / 1e3 / n, (f"{count / n:.0f} GPU ops/call (kernels, memsets, copies) over {n} calls, "
+                              "gaps not counted")
+
+    def recover(self):
+        """After a failed capture: back on the default stream (torch.cuda.graph's __exit__ does
+        not leave its capture stream when capture_end raises), clear what is left; a broken
+        context shows as an error."""
+        gc.collect()
+        try:
+            self.torch.cuda.set_stream(self.torch.cuda.default_stream())
+            self.torch.cuda.synchronize()
+            self.torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - reported by the caller's next step
+            print(f"FLA: CUDA after the failed capture: {short_error(e)}", file=sys.stderr)
+
+    def gpu_time(self, fn, period, grad):
+        """{fla_gpu_ms, fla_gpu_method, fla_gpu_note, fla_gpu_error} by self.gpu_method: auto
+        (graph, else kernel-sum), graph, kernel-sum or none. Never raises."""
+        r = {"fla_gpu_ms": None, "fla_gpu_method": None, "fla_gpu_note": "", "fla_gpu_error": None}
+        if self.gpu_method == "none":
+            return r
+        notes = []
+        if self.gpu_method in ("auto", "graph"):
+            try:
+                r["fla_gpu_ms"], note = self.graph_ms(fn, period, grad)
+                r["fla_gpu_method"], r["fla_gpu_note"] = "graph", note
+                return r
+            except Exception as e:  # noqa: BLE001 - fall back / report
+                notes.append(f"graph failed: {short_error(e)}")
+                print(f"FLA: CUDA graph failed: {short_error(e, 400)}", file=sys.stderr)
+                if not isinstance(e, HostSync):
+                    self.recover()
+                if self.gpu_method == "graph":
+                    r["fla_gpu_error"] = notes[0]
+                    r["fla_gpu_note"] = notes[0]
+                    return r
+        try:
+            r["fla_gpu_ms"], note = self.kernel_sum_ms(fn, period, grad)
+            r["fla_gpu_method"] = "kernel-sum"
+            notes.append(note)
+        except Exception as e:  # noqa: BLE001 - one failing measurement must not stop the others
+            msg = f"kernel-sum failed: {short_error(e)}"
+            print(f"FLA: {msg}", file=sys.stderr)
+            notes.append(msg)
+            r["fla_gpu_error"] = "; ".join(notes)
+        r["fla_gpu_note"] = "; ".join(notes)
+        return r
+
+    def run(self, key):
+        """Dict of case `key`: fla_ms and fla_host_ms (eager calls; raises if they fail) and the
+        gpu_time fields (which never raise)."""
+        fn, period, grad = self.build(key)
+        with self.mode(grad):
+            ms, host = self.time(fn)
+        r = {"fla_ms": ms, "fla_host_ms": host}
+        r.update(self.gpu_time(fn, period, grad))
+        return r
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -387,6 +598,9 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="comma-separated case / row names (see above)")
     ap.add_argument("--no-ours", action="store_true", help="time FLA alone (do not run our binary)")
     ap.add_argument("--out", default=None, help="JSON lines file (default $OUT/side_by_side.jsonl if $OUT is set)")
+    ap.add_argument("--gpu-method", choices=["auto", "graph", "kernel-sum", "none"], default="auto",
+                    help="how FLA's GPU time is measured: auto (CUDA graph, else profiler kernel sum), "
+                         "graph, kernel-sum, or none (eager call time only)")
     args = ap.parse_args(argv)
     if not args.seconds > 0:
         ap.error("--seconds must be > 0")
@@ -410,7 +624,7 @@ def main(argv=None):
     pylib = args.pylib or first_existing([".device/pylib", os.path.join(HERE, "pylib"),
                                           os.path.join(HERE, "..", ".device", "pylib")])
     meta = {"gpu": None, "torch": None, "triton": None, "fla": None, "fla_path": None,
-            "ours_error": ours_error, "seconds": args.seconds}
+            "ours_error": ours_error, "seconds": args.seconds, "gpu_method": args.gpu_method}
     fla_error, guard_note, bench = None, "", None
     try:
         m = import_fla(pylib)
@@ -421,7 +635,7 @@ def main(argv=None):
             raise RuntimeError("torch sees no CUDA device")
         meta["gpu"] = torch.cuda.get_device_name(0)
         guard_note = bypass_640_guard()
-        bench = Fla(m, args.seconds)
+        bench = Fla(m, args.seconds, args.gpu_method)
     except Exception as e:  # noqa: BLE001 - report and still print ours
         fla_error = f"FLA unavailable: {type(e).__name__}: {e} (pylib: {pylib}; install the wheels: " \
                     "scripts/gpu-run.sh side does it)"
@@ -433,18 +647,20 @@ def main(argv=None):
     for c in cases:
         row = find_ours(ours_rows, c)
         r = {"case": c["case"], "shape": c["shape"], "ours_ms": row["ms"] if row else None,
-             "fla_ms": None, "fla_host_ms": None, "fla_form": c["form"], "note": c["form"], "ours_row": row}
+             "ours_host_ms": host_ms_of(row), "fla_ms": None, "fla_host_ms": None,
+             "fla_gpu_ms": None, "fla_gpu_method": None, "fla_gpu_note": "", "fla_gpu_error": None,
+             "fla_form": c["form"], "note": c["form"], "ours_row": row}
         if bench is not None:
             print(f"FLA: timing {c['case']} ({c['form']}) ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             try:
-                r["fla_ms"], r["fla_host_ms"] = bench.run(c["case"])
-                if "decode" in c["case"]:
-                    r["note"] += f"; host {r['fla_host_ms'] * 1e3:.1f} µs/call"
+                r.update(bench.run(c["case"]))
+                if r["fla_gpu_note"]:
+                    r["note"] += "; " + r["fla_gpu_note"]
                 if c["case"].endswith("fwd_bwd") and not c["case"].startswith("kda") and guard_note:
                     r["note"] += "; " + guard_note
             except Exception as e:  # noqa: BLE001 - one failing case must not stop the others
-                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                msg = short_error(e)
                 r["error"] = msg
                 r["note"] += "; FLA failed: " + msg
                 print(f"FLA: {c['case']} failed: {msg}", file=sys.stderr)
@@ -452,9 +668,11 @@ def main(argv=None):
                 bench.torch.cuda.empty_cache()
             except Exception:  # noqa: BLE001 - a broken context shows in the next case's error
                 pass
-            print(f"FLA: {c['case']}: {fmt_ms(r['fla_ms'])} ms ({time.perf_counter() - t0:.0f} s with warm-up)",
-                  file=sys.stderr, flush=True)
+            print(f"FLA: {c['case']}: call {fmt_ms(r['fla_ms'])} ms (host {fmt_ms(r['fla_host_ms'])} ms), "
+                  f"GPU {fmt_ms(r['fla_gpu_ms'])} ms ({r['fla_gpu_method'] or '—'}) "
+                  f"({time.perf_counter() - t0:.0f} s with warm-up)", file=sys.stderr, flush=True)
         r["ratio"] = (r["fla_ms"] / r["ours_ms"]) if r["fla_ms"] and r["ours_ms"] else None
+        r["gpu_ratio"] = (r["fla_gpu_ms"] / r["ours_ms"]) if r["fla_gpu_ms"] and r["ours_ms"] else None
         results.append(r)
 
     if out_path:
@@ -477,7 +695,11 @@ def main(argv=None):
         print(fla_error)
     if guard_note:
         print(f"note: {guard_note} (gdn_fwd_bwd; FLA issue #640: Triton < 3.7.1 on Hopper)")
-    print("FLA/ours > 1: ours is faster. Decode rows rotate state copies over 512 MiB (HBM-bound).")
+    print("FLA call ms: FLA's eager call rate (host-bound where FLA's Python takes longer than its kernels; "
+          "FLA host: Python ms per call). FLA GPU ms: graph = one call (decode: one per state copy) "
+          "captured in a CUDA graph, replays back to back; kernel-sum = GPU kernel durations from "
+          "torch.profiler, gaps between kernels not counted. FLA GPU/ours > 1: ours is faster. "
+          "Decode rows rotate state copies over 512 MiB (HBM-bound).")
     for line in table(results):
         print(line)
     return 0 if (bench is not None or not args.no_ours) else 1
