@@ -96,9 +96,17 @@ fn hbm_ceiling(dev: &Arc<CudaDevice>, seconds: f64) -> Result<Row> {
     })
 }
 
-/// One decode row: `T = 1` for each of `n` sequences, bf16 inputs, f32 state, in-op L2 norm.
-fn decode_row(dev: &Arc<CudaDevice>, seconds: f64, family: Family, n: usize, hbm: f64) -> Result<Row> {
-    let (h, hv, d) = (32, 32, 128);
+/// One decode row: `T = 1` for each of `n` sequences with `h` query/key and `hv` value heads,
+/// bf16 inputs, f32 state, in-op L2 norm.
+fn decode_row(
+    dev: &Arc<CudaDevice>,
+    seconds: f64,
+    family: Family,
+    n: usize,
+    [h, hv]: [usize; 2],
+    hbm: f64,
+) -> Result<Row> {
+    let d = 128;
     let up = |t: Tensor| -> Result<CudaTensor> { Ok(CudaTensor::from_host(&t.to_dtype(DType::BF16)?, dev)?) };
     let q = up(random(&[n, 1, h, d], 1, -1.0, 1.0))?;
     let k = up(random(&[n, 1, h, d], 2, -1.0, 1.0))?;
@@ -122,9 +130,15 @@ fn decode_row(dev: &Arc<CudaDevice>, seconds: f64, family: Family, n: usize, hbm
     let in_out = n * (2 * h * d + 2 * hv * d + hv * if family == Family::Kda { d + 1 } else { 2 }) * 2;
     let bytes = (2 * state_bytes + in_out) as f64;
     let rate = bytes / ms / 1e6;
+    let name = match family {
+        Family::Kda => "kda_decode",
+        _ if h != hv => "decode_gva",
+        _ => "decode",
+    };
+    let heads = if h == hv { format!("H=HV={hv}") } else { format!("H={h} HV={hv}") };
     Ok(Row {
-        name: if family == Family::Kda { "kda_decode".into() } else { "decode".into() },
-        shape: format!("N={n} H=HV={hv} K=V={d} T=1 bf16 in, f32 state {family}"),
+        name: name.into(),
+        shape: format!("N={n} {heads} K=V={d} T=1 bf16 in, f32 state {family}"),
         ms,
         rate,
         unit: "GB/s",
@@ -206,11 +220,18 @@ pub(crate) fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
     let mut out = Vec::new();
     for n in [1, 64, 256] {
         if want("decode") || want(&format!("decode{n}")) {
-            out.push(decode_row(&dev, seconds, Family::GatedDeltaRule, n, hbm.rate).context("decode row")?);
+            out.push(decode_row(&dev, seconds, Family::GatedDeltaRule, n, [32, 32], hbm.rate).context("decode row")?);
+        }
+    }
+    // Grouped value heads: 16 query/key heads shared by 32 and 64 value heads.
+    for hv in [32, 64] {
+        if want("decode_gva") {
+            let row = decode_row(&dev, seconds, Family::GatedDeltaRule, 64, [16, hv], hbm.rate);
+            out.push(row.context("decode_gva row")?);
         }
     }
     if want("kda_decode") {
-        out.push(decode_row(&dev, seconds, Family::Kda, 64, hbm.rate).context("kda_decode row")?);
+        out.push(decode_row(&dev, seconds, Family::Kda, 64, [32, 32], hbm.rate).context("kda_decode row")?);
     }
     for case in CHUNK_CASES {
         if want(case.name) {
