@@ -11,8 +11,11 @@
 //!
 //! Head decay forms `A` and `P` with one GEMM each and scales by the `C×C` matrix `E`. Channel
 //! decay cannot factor `exp(G_i − G_j)` into `exp(G_i)·exp(−G_j)` without overflow under strong
-//! decay, so it forms each pair's decay vector as a running product of `exp(g)` from `i` down to
-//! `j` (always ≤ 1 for a decay), which is exact to rounding for any gate strength.
+//! decay. Within each 16-row sub-chunk it forms each pair's decay vector as a running product of
+//! `exp(g)` from `i` down to `j`; between sub-chunks it splits at `r`, the first row of `i`'s
+//! sub-chunk: `exp(G_i − G_j) = exp(G_i − G_r)·exp(G_r − G_j)` with `j < r ≤ i`, both factors
+//! ≤ 1 for a decay, so the blocks below the diagonal are GEMMs of rescaled rows (FLA's sub-chunk
+//! form). Both are exact to rounding for any gate strength.
 use fla_core::cpu::{dot, gemm, MatMut, MatRef};
 use fla_core::Float;
 
@@ -20,6 +23,9 @@ use crate::prepare::HeadData;
 
 /// Chunk length of the chunk form (as FLA's default).
 pub const CHUNK: usize = 64;
+
+/// Rows of a sub-chunk in the channel-decay `A` and `P` (as FLA's KDA).
+const SUB: usize = 16;
 
 /// Workspace for one chunk of one head: allocated once per head, reused across chunks.
 pub(crate) struct Intra<F> {
@@ -53,6 +59,12 @@ pub(crate) struct Intra<F> {
     pub e: Vec<F>,
     /// Channel decay: `exp(g)` of the raw gate `[l, K]`.
     pub eg_step: Vec<F>,
+    /// Channel decay, blocks below the diagonal: `scale·Q ⊙ exp(G − G_r)` `[SUB, K]`.
+    sub_q: Vec<F>,
+    /// `b ⊙ K ⊙ exp(G − G_r)` `[SUB, K]`.
+    sub_bk: Vec<F>,
+    /// `K ⊙ exp(G_r − G)` of the rows before `r` `[C, K]`.
+    sub_k: Vec<F>,
 }
 
 impl<F: Float> Intra<F> {
@@ -76,6 +88,9 @@ impl<F: Float> Intra<F> {
             t: z(CHUNK * CHUNK),
             e: z(CHUNK * CHUNK),
             eg_step: z(ck),
+            sub_q: z(SUB * dk),
+            sub_bk: z(SUB * dk),
+            sub_k: z(ck),
         }
     }
 
@@ -181,19 +196,57 @@ impl<F: Float> Intra<F> {
         self.p[..l * CHUNK].iter_mut().for_each(|v| *v = F::zero());
         self.a[..l * CHUNK].iter_mut().for_each(|v| *v = F::zero());
         let erase = x.b.is_some();
+        // Diagonal sub-chunks: running products of exp(g) per pair.
         let (p, a, bk) = (&mut self.p, &mut self.a, &self.bk);
         let mut kd = vec![F::zero(); dk];
-        for_each_pair(&self.eg_step, l, dk, |i, j, run| {
-            for ((d, &k), &r) in kd.iter_mut().zip(&k[j * dk..][..dk]).zip(run) {
-                *d = k * r;
+        for r in (0..l).step_by(SUB) {
+            let sl = SUB.min(l - r);
+            for_each_pair(&self.eg_step[r * dk..], sl, dk, |i, j, run| {
+                let (i, j) = (r + i, r + j);
+                for ((d, &k), &e) in kd.iter_mut().zip(&k[j * dk..][..dk]).zip(run) {
+                    *d = k * e;
+                }
+                if with_p {
+                    p[i * CHUNK + j] = x.scale * dot(&q[i * dk..][..dk], &kd);
+                }
+                if erase && j < i {
+                    a[i * CHUNK + j] = dot(&bk[i * dk..][..dk], &kd);
+                }
+            });
+        }
+        // Below the diagonal: rows i of the sub-chunk starting at r against every row j < r.
+        let g = &self.g;
+        for r in (SUB..l).step_by(SUB) {
+            let sl = SUB.min(l - r);
+            let gr = &g[r * dk..][..dk];
+            for (j, row) in self.sub_k[..r * dk].chunks_exact_mut(dk).enumerate() {
+                row.iter_mut().zip(gr).zip(&g[j * dk..][..dk]).for_each(|((d, &gr), &gj)| *d = gr - gj);
+            }
+            F::exp_in_place(&mut self.sub_k[..r * dk]);
+            self.sub_k[..r * dk].iter_mut().zip(&k[..r * dk]).for_each(|(d, &k)| *d *= k);
+            for (i, row) in self.sub_q[..sl * dk].chunks_exact_mut(dk).enumerate() {
+                row.iter_mut().zip(&g[(r + i) * dk..][..dk]).zip(gr).for_each(|((d, &gi), &gr)| *d = gi - gr);
+            }
+            F::exp_in_place(&mut self.sub_q[..sl * dk]);
+            let rows = r * dk..(r + sl) * dk;
+            if erase {
+                for ((d, &e), &bk) in
+                    self.sub_bk[..sl * dk].iter_mut().zip(&self.sub_q[..sl * dk]).zip(&bk[rows.clone()])
+                {
+                    *d = e * bk;
+                }
+            }
+            let kr = MatRef::new(&self.sub_k, r, dk, dk, 1).t();
+            if erase {
+                let out = MatMut::new(&mut self.a[r * CHUNK..], sl, r, CHUNK, 1);
+                gemm(F::one(), MatRef::new(&self.sub_bk, sl, dk, dk, 1), kr, F::zero(), out);
             }
             if with_p {
-                p[i * CHUNK + j] = x.scale * dot(&q[i * dk..][..dk], &kd);
+                self.sub_q[..sl * dk].iter_mut().zip(&q[rows]).for_each(|(d, &q)| *d *= q);
+                let out = MatMut::new(&mut self.p[r * CHUNK..], sl, r, CHUNK, 1);
+                gemm(x.scale, MatRef::new(&self.sub_q, sl, dk, dk, 1), kr, F::zero(), out);
             }
-            if erase && j < i {
-                a[i * CHUNK + j] = dot(&bk[i * dk..][..dk], &kd);
-            }
-        });
+        }
     }
 
     /// `T = (I + A)⁻¹` by forward substitution (A strictly lower triangular).
