@@ -226,7 +226,7 @@ fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
         note: "chunk-form FLOPs".into(),
     });
 
-    // KDA: per-channel decay takes the pairwise intra-chunk path.
+    // KDA: per-channel decay (per-pair products inside 16-row sub-chunks, GEMMs between them).
     let gk = random(&[b, t, h, d], 7, -0.2, -0.01);
     let xk = Inputs { g: Some(&gk), ..x };
     let kda_ms = skip("kda_chunk_fwd", &mut || {
@@ -234,16 +234,26 @@ fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
             chunk::forward(Family::Kda, &xk, &opts).expect("valid inputs");
         })
     });
-    let kda_rate = gflops(CHUNK_FWD_FLOP, kda_ms);
-    out.push(Row {
-        name: "kda_chunk_fwd".into(),
-        shape: format!("B={b} T={t} H=HV={h} K=V={d} f32 kda"),
-        ms: kda_ms,
-        rate: kda_rate,
-        unit: "GFLOP/s",
-        fraction: Some(kda_rate / gemm.rate),
-        note: String::new(),
+    let kda_fb_ms = skip("kda_chunk_fwd_bwd", &mut || {
+        time_ms(seconds, || {
+            chunk::forward(Family::Kda, &xk, &opts).expect("valid inputs");
+            chunk::backward(Family::Kda, &xk, &opts, &d_o, None).expect("valid inputs");
+        })
     });
+    for (name, ms, flop) in
+        [("kda_chunk_fwd", kda_ms, CHUNK_FWD_FLOP), ("kda_chunk_fwd_bwd", kda_fb_ms, CHUNK_FWD_BWD_FLOP)]
+    {
+        let rate = gflops(flop, ms);
+        out.push(Row {
+            name: name.into(),
+            shape: format!("B={b} T={t} H=HV={h} K=V={d} f32 kda"),
+            ms,
+            rate,
+            unit: "GFLOP/s",
+            fraction: Some(rate / gemm.rate),
+            note: "GDN's FLOP count".into(),
+        });
+    }
 
     // Decode: one token for each of N sequences against an f32 state pool.
     let (n, hv) = (64, 16);

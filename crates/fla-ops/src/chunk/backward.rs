@@ -13,7 +13,7 @@
 use fla_core::cpu::{dot, gemm, MatMut, MatRef};
 use fla_core::{Element, Float, Result, Tensor};
 
-use super::intra::{for_each_pair, Intra, CHUNK};
+use super::intra::{for_each_pair, Intra, CHUNK, SUB};
 use super::{chunk_states, new_values};
 use crate::prepare::{HeadData, HeadGrads, Prepared};
 use crate::{Grads, Inputs, Options, Problem};
@@ -277,7 +277,9 @@ fn decay_grad<F: Float>(l: usize, dx: &[F], x: &[F], e: &[F], factor: F, strict:
 }
 
 /// Channel decay: per pair `(i, j ≤ i)` with `e = exp(G_i − G_j)` per channel,
-/// `P_ij = scale·Σ q_i k_j e` and `A_ij = Σ bk_i k_j e` (`j < i`).
+/// `P_ij = scale·Σ q_i k_j e` and `A_ij = Σ bk_i k_j e` (`j < i`). As in the forward
+/// ([`Intra::compute`]): per pair inside the 16-row sub-chunks, GEMMs below them with
+/// `e = exp(G_i − G_r)·exp(G_r − G_j)` split at the first row `r` of `i`'s sub-chunk.
 fn channel_ap_backward<F: Float>(
     x: &HeadData<F>,
     w: &Intra<F>,
@@ -289,32 +291,92 @@ fn channel_ap_backward<F: Float>(
 ) {
     let (dk, l) = (x.dk, w.l);
     let erase = x.b.is_some();
-    let (dp, da, dbk, dgc) = (&s.dp, &s.da, &mut s.dbk, &mut s.dgc);
+    let Scratch { dp, da, dbk, dgc, .. } = s;
     let zeros = vec![F::zero(); dk];
     let bk_all = if erase { &w.bk[..] } else { &zeros[..] };
-    for_each_pair(&w.eg_step, l, dk, |i, j, run| {
-        let dpij = x.scale * dp[i * CHUNK + j];
-        let (qi, kj) = (&q[i * dk..][..dk], &k[j * dk..][..dk]);
-        if i == j {
-            // Diagonal of P only (A is strictly lower); its gate terms cancel.
-            dq[i * dk..][..dk].iter_mut().zip(kj).for_each(|(d, &k)| *d += dpij * k);
-            dkk[j * dk..][..dk].iter_mut().zip(qi).for_each(|(d, &q)| *d += dpij * q);
-            return;
+    for r in (0..l).step_by(SUB) {
+        for_each_pair(&w.eg_step[r * dk..], SUB.min(l - r), dk, |i, j, run| {
+            let (i, j) = (r + i, r + j);
+            let dpij = x.scale * dp[i * CHUNK + j];
+            let (qi, kj) = (&q[i * dk..][..dk], &k[j * dk..][..dk]);
+            if i == j {
+                // Diagonal of P only (A is strictly lower); its gate terms cancel.
+                dq[i * dk..][..dk].iter_mut().zip(kj).for_each(|(d, &k)| *d += dpij * k);
+                dkk[j * dk..][..dk].iter_mut().zip(qi).for_each(|(d, &q)| *d += dpij * q);
+                return;
+            }
+            let daij = if erase { da[i * CHUNK + j] } else { F::zero() };
+            let bki = if erase { &bk_all[i * dk..][..dk] } else { &zeros[..] };
+            let (lo, hi) = dgc.split_at_mut(i * dk);
+            let (dgj, dgi) = (&mut lo[j * dk..][..dk], &mut hi[..dk]);
+            let (dqi, dkj, dbki) = (&mut dq[i * dk..][..dk], &mut dkk[j * dk..][..dk], &mut dbk[i * dk..][..dk]);
+            for c in 0..dk {
+                let kd = kj[c] * run[c];
+                let coef = dpij * qi[c] + daij * bki[c];
+                dqi[c] += dpij * kd;
+                dkj[c] += coef * run[c];
+                dbki[c] += daij * kd;
+                let t = coef * kd;
+                dgi[c] += t;
+                dgj[c] -= t;
+            }
+        });
+    }
+    if l <= SUB {
+        return;
+    }
+    // Below the diagonal sub-chunks, with E1 = exp(G_i − G_r) (rows i ≥ r) and E2 = exp(G_r − G_j)
+    // (rows j < r): dq_i += E1 ⊙ (scale·dP Ks), dbk_i += E1 ⊙ (dA Ks) with Ks = K ⊙ E2;
+    // dk_j += E2 ⊙ (scale·dPᵀ (Q ⊙ E1) + dAᵀ (bk ⊙ E1)); the gate takes q ⊙ Δdq + bk ⊙ Δdbk at
+    // row i and −k ⊙ Δdk at row j.
+    let z = |n: usize| vec![F::zero(); n];
+    let (mut e2, mut ks, mut tk) = (z(l * dk), z(l * dk), z(l * dk));
+    let (mut e1, mut qs, mut bs, mut tq, mut tb) = (z(SUB * dk), z(SUB * dk), z(SUB * dk), z(SUB * dk), z(SUB * dk));
+    let g = &w.g;
+    for r in (SUB..l).step_by(SUB) {
+        let sl = SUB.min(l - r);
+        let gr = &g[r * dk..][..dk];
+        for (j, row) in e2[..r * dk].chunks_exact_mut(dk).enumerate() {
+            row.iter_mut().zip(gr).zip(&g[j * dk..][..dk]).for_each(|((d, &gr), &gj)| *d = gr - gj);
         }
-        let daij = if erase { da[i * CHUNK + j] } else { F::zero() };
-        let bki = if erase { &bk_all[i * dk..][..dk] } else { &zeros[..] };
-        let (lo, hi) = dgc.split_at_mut(i * dk);
-        let (dgj, dgi) = (&mut lo[j * dk..][..dk], &mut hi[..dk]);
-        let (dqi, dkj, dbki) = (&mut dq[i * dk..][..dk], &mut dkk[j * dk..][..dk], &mut dbk[i * dk..][..dk]);
-        for c in 0..dk {
-            let kd = kj[c] * run[c];
-            let coef = dpij * qi[c] + daij * bki[c];
-            dqi[c] += dpij * kd;
-            dkj[c] += coef * run[c];
-            dbki[c] += daij * kd;
-            let t = coef * kd;
-            dgi[c] += t;
-            dgj[c] -= t;
+        F::exp_in_place(&mut e2[..r * dk]);
+        ks[..r * dk].iter_mut().zip(&e2[..r * dk]).zip(&k[..r * dk]).for_each(|((d, &e), &k)| *d = e * k);
+        for (i, row) in e1[..sl * dk].chunks_exact_mut(dk).enumerate() {
+            row.iter_mut().zip(&g[(r + i) * dk..][..dk]).zip(gr).for_each(|((d, &gi), &gr)| *d = gi - gr);
         }
-    });
+        F::exp_in_place(&mut e1[..sl * dk]);
+        let rows = r * dk..(r + sl) * dk;
+        let ksm = MatRef::new(&ks, r, dk, dk, 1);
+        let dpm = MatRef::new(&dp[r * CHUNK..], sl, r, CHUNK, 1);
+        let dam = MatRef::new(&da[r * CHUNK..], sl, r, CHUNK, 1);
+        // Rows i: Δdq and Δdbk.
+        gemm(x.scale, dpm, ksm, F::zero(), MatMut::new(&mut tq, sl, dk, dk, 1));
+        if erase {
+            gemm(F::one(), dam, ksm, F::zero(), MatMut::new(&mut tb, sl, dk, dk, 1));
+        }
+        for (idx, c) in rows.clone().enumerate() {
+            let (t, e) = (tq[idx] * e1[idx], e1[idx]);
+            dq[c] += t;
+            dgc[c] += q[c] * t;
+            qs[idx] = q[c] * e;
+            if erase {
+                let tb = tb[idx] * e;
+                dbk[c] += tb;
+                dgc[c] += bk_all[c] * tb;
+                bs[idx] = bk_all[c] * e;
+            }
+        }
+        // Rows j < r: Δdk.
+        let tkm = MatMut::new(&mut tk, r, dk, dk, 1);
+        gemm(x.scale, dpm.t(), MatRef::new(&qs, sl, dk, dk, 1), F::zero(), tkm);
+        if erase {
+            let tkm = MatMut::new(&mut tk, r, dk, dk, 1);
+            gemm(F::one(), dam.t(), MatRef::new(&bs, sl, dk, dk, 1), F::one(), tkm);
+        }
+        for c in 0..r * dk {
+            let t = tk[c] * e2[c];
+            dkk[c] += t;
+            dgc[c] -= k[c] * t;
+        }
+    }
 }

@@ -25,7 +25,7 @@ use crate::prepare::HeadData;
 pub const CHUNK: usize = 64;
 
 /// Rows of a sub-chunk in the channel-decay `A` and `P` (as FLA's KDA).
-const SUB: usize = 16;
+pub(crate) const SUB: usize = 16;
 
 /// Workspace for one chunk of one head: allocated once per head, reused across chunks.
 pub(crate) struct Intra<F> {
