@@ -2,7 +2,7 @@
 //! a 3:1 layout, plain RMSNorm, a dense first layer and DeepSeek-V3-style sigmoid-routed experts.
 use fla_core::Result;
 use fla_nn::embedding::Embedding;
-use fla_nn::kda::{KdaConfig, KimiDeltaAttention};
+use fla_nn::kda::{KdaConfig, KdaGate, KimiDeltaAttention};
 use fla_nn::mla::{MlaConfig, MultiLatentAttention};
 use fla_nn::mlp::Mlp;
 use fla_nn::moe::{KimiMoe, KimiMoeConfig};
@@ -76,6 +76,30 @@ impl KimiConfig {
             }
         };
         let eps = f.opt_f64("rms_norm_eps")?.unwrap_or(1e-5) as f32;
+        // Later Kimi Linear variants: the bounded "safe" gate (top level or in
+        // linear_attn_config), and an MLA output gate this crate does not implement.
+        let lin_or_top = |key: &str| lin.as_ref().and_then(|l| l.get(key)).or_else(|| f.get(key));
+        let safe = match lin_or_top("safe_gate") {
+            None => false,
+            Some(v) => v.as_bool().ok_or_else(|| unsupported("safe_gate", format!("expected a boolean, got {v}")))?,
+        };
+        let gate = if safe {
+            let lb = match lin_or_top("gate_lower_bound") {
+                None => -5.0,
+                Some(v) => {
+                    v.as_f64().ok_or_else(|| unsupported("gate_lower_bound", format!("expected a number, got {v}")))?
+                }
+            };
+            KdaGate::Safe { lower_bound: lb as f32 }
+        } else {
+            KdaGate::Softplus
+        };
+        if f.opt_bool("mla_use_output_gate")? == Some(true) {
+            return Err(unsupported(
+                "mla_use_output_gate",
+                "the gated MLA output of later Kimi variants is not supported",
+            ));
+        }
         let kda = KdaConfig {
             hidden,
             heads: lin_usize("num_heads", "linear_num_heads")?,
@@ -83,6 +107,7 @@ impl KimiConfig {
             conv_kernel: lin_usize("short_conv_kernel_size", "linear_conv_kernel_dim")?,
             rms_norm_eps: eps,
             low_rank: None,
+            gate,
         };
         let mla = MlaConfig {
             hidden,

@@ -369,8 +369,46 @@ fn unsupported_config_kimi_linear() {
         vec![
             ("gelu", set("hidden_act", json!("gelu")), "hidden_act"),
             ("layers as a string", set("num_hidden_layers", json!("four")), "num_hidden_layers"),
+            ("gated MLA output", set("mla_use_output_gate", json!(true)), "mla_use_output_gate"),
+            ("safe_gate as a string", set("safe_gate", json!("yes")), "safe_gate"),
+            (
+                "safe gate, lower bound 0",
+                set_all(&[("safe_gate", json!(true)), ("gate_lower_bound", json!(0.0))]),
+                "gate_lower_bound",
+            ),
         ],
     );
+}
+
+/// The safe gate of later Kimi variants changes the model (it is read, not ignored), and
+/// `mla_use_output_gate: false` is the release's behaviour.
+#[test]
+fn kimi_linear_gate_variants() {
+    let fixture = "kimi_linear_tiny";
+    let want = fixture_logits(fixture);
+    let dir = build(&case_name(fixture, "no output gate"), fixture, set("mla_use_output_gate", json!(false)), |_| {});
+    let same = ref_logits(&try_load(dir.path(), "no output gate").unwrap(), fixture);
+    assert!(rel(&same, &want) < 1e-4, "mla_use_output_gate: false changed the logits");
+    let edit = set_all(&[("safe_gate", json!(true)), ("gate_lower_bound", json!(-5.0))]);
+    let dir = build(&case_name(fixture, "safe gate"), fixture, edit, |_| {});
+    let safe = ref_logits(&try_load(dir.path(), "safe gate").unwrap(), fixture);
+    assert!(safe.iter().all(|x| x.is_finite()));
+    assert!(rel(&safe, &want) > 1e-3, "safe_gate: true left the logits unchanged");
+}
+
+fn set_all(kv: &[(&'static str, Value)]) -> Edit {
+    let kv = kv.to_vec();
+    Box::new(move |c: &mut Value| {
+        for (k, v) in &kv {
+            c[*k] = v.clone();
+        }
+    })
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    (num / den).sqrt()
 }
 
 #[test]

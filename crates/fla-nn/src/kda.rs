@@ -4,6 +4,7 @@
 //! ```text
 //! q,k,v = silu(conv_{q,k,v}(W_{q,k,v} x))                    three depthwise short convs, [.., H, dk]
 //! g     = −exp(A_log[h])·softplus(f_b(f_a(x)) + dt_bias)     per channel, computed in the op
+//!   or (safe gate) lower_bound·sigmoid(exp(A_log[h])·(f_b(f_a(x)) + dt_bias)), here
 //! β     = sigmoid(b_proj x)                                  per head, computed in the op
 //! o     = KDA(l2norm(q)·dk^-1/2, l2norm(k), v, g, β)         chunk form (prefill) | recurrent step (decode)
 //! y     = o_proj(RMSNorm_w(o) · sigmoid(g_b(g_a(x))))        per head: norm first, then gate
@@ -36,6 +37,22 @@ pub struct KdaConfig {
     /// Inner width of the low-rank projections `f_a/f_b` and `g_a/g_b`; `None` reads it from
     /// the rows of `f_a_proj.weight` and `g_a_proj.weight` (it equals `head_dim` in Kimi Linear).
     pub low_rank: Option<usize>,
+    /// How the decay comes from `f = f_b(f_a(x))`.
+    pub gate: KdaGate,
+}
+
+/// The decay of a KDA layer, per head `h` and key channel, from `f = f_b(f_a(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum KdaGate {
+    /// `g = −exp(A_log[h])·softplus(f + dt_bias)` (Kimi Linear's release; FLA's default).
+    #[default]
+    Softplus,
+    /// `g = lower_bound·sigmoid(exp(A_log[h])·(f + dt_bias))`, bounded to `(lower_bound, 0)`
+    /// (FLA's `safe_gate`; config `safe_gate` with `gate_lower_bound`, FLA allows `[−5, 0)`).
+    Safe {
+        /// The most negative log decay per token, `< 0`.
+        lower_bound: f32,
+    },
 }
 
 /// The cache of a KDA layer for a batch of `N` sequences.
@@ -99,6 +116,14 @@ impl KimiDeltaAttention {
                 return Err(Error::Config { field: field.into(), msg: "must be positive".into() });
             }
         }
+        if let KdaGate::Safe { lower_bound } = cfg.gate {
+            if !(lower_bound < 0.0 && lower_bound.is_finite()) {
+                return Err(Error::Config {
+                    field: "gate_lower_bound".into(),
+                    msg: format!("the safe gate needs a finite negative lower bound, got {lower_bound}"),
+                });
+            }
+        }
         let dim = h * d;
         let lin = |name: &str, i: usize, o: usize| Linear::load(&vb.pp(name), i, o, false);
         let conv = |name: &str| ShortConv::load(&vb.pp(name), dim, cfg.conv_kernel);
@@ -125,6 +150,19 @@ impl KimiDeltaAttention {
             o_proj: lin("o_proj", dim, cfg.hidden)?,
             cfg: cfg.clone(),
         })
+    }
+
+    /// `f ← lower_bound·sigmoid(exp(A_log[h])·(f + dt_bias))` over `f [tokens, H, dk]`.
+    fn safe_gate(&self, f: &mut [f32], lower_bound: f32) -> Result<()> {
+        let (h, d) = (self.cfg.heads, self.cfg.head_dim);
+        let (a_log, dt) = (self.a_log.as_slice::<f32>()?, self.dt_bias.as_slice::<f32>()?);
+        for row in f.chunks_exact_mut(h * d) {
+            for (c, v) in row.iter_mut().enumerate() {
+                let z = a_log[c / d].exp() * (*v + dt[c]);
+                *v = lower_bound / (1.0 + (-z).exp());
+            }
+        }
+        Ok(())
     }
 
     /// The layer's sizes.
@@ -171,14 +209,18 @@ impl KimiDeltaAttention {
         let q = self.q_conv.forward(&self.q_proj.forward(x)?, batch, &mut cache.q_conv);
         let k = self.k_conv.forward(&self.k_proj.forward(x)?, batch, &mut cache.k_conv);
         let v = self.v_conv.forward(&self.v_proj.forward(x)?, batch, &mut cache.v_conv);
-        let f = self.f_b_proj.forward(&self.f_a_proj.forward(x)?)?;
+        let mut f = self.f_b_proj.forward(&self.f_a_proj.forward(x)?)?;
+        if let KdaGate::Safe { lower_bound } = c.gate {
+            self.safe_gate(&mut f, lower_bound)?;
+        }
+        let in_op_gate = c.gate == KdaGate::Softplus;
         let b = self.b_proj.forward(x)?;
         let opts = Options {
             scale: Some(1.0 / (d as f64).sqrt()),
             output_final_state: true,
             use_qk_l2norm_in_kernel: true,
             use_beta_sigmoid_in_kernel: true,
-            use_gate_in_kernel: true,
+            use_gate_in_kernel: in_op_gate,
         };
         let state = cache
             .state
@@ -194,8 +236,8 @@ impl KimiDeltaAttention {
         let inputs = Inputs {
             g: Some(&gt),
             beta: Some(&bt),
-            a_log: Some(&self.a_log),
-            dt_bias: Some(&self.dt_bias),
+            a_log: in_op_gate.then_some(&self.a_log),
+            dt_bias: in_op_gate.then_some(&self.dt_bias),
             ..Inputs::new(&qt, &kt, &vt)
         };
         let mut o: Vec<f32> = if batch.is_decode() {
@@ -273,7 +315,15 @@ mod tests {
     const EPS: f32 = 1e-5;
 
     fn cfg() -> KdaConfig {
-        KdaConfig { hidden: HIDDEN, heads: H, head_dim: D, conv_kernel: KER, rms_norm_eps: EPS, low_rank: None }
+        KdaConfig {
+            hidden: HIDDEN,
+            heads: H,
+            head_dim: D,
+            conv_kernel: KER,
+            rms_norm_eps: EPS,
+            low_rank: None,
+            gate: KdaGate::Softplus,
+        }
     }
 
     fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
@@ -312,7 +362,12 @@ mod tests {
     }
 
     fn layer(m: &HashMap<String, Tensor>) -> KimiDeltaAttention {
-        KimiDeltaAttention::load(&cfg(), &VarBuilder::from_tensors(m.clone()).pp("self_attn")).unwrap()
+        layer_with(m, KdaGate::Softplus)
+    }
+
+    fn layer_with(m: &HashMap<String, Tensor>, gate: KdaGate) -> KimiDeltaAttention {
+        let cfg = KdaConfig { gate, ..cfg() };
+        KimiDeltaAttention::load(&cfg, &VarBuilder::from_tensors(m.clone()).pp("self_attn")).unwrap()
     }
 
     fn w64(m: &HashMap<String, Tensor>, name: &str) -> Vec<f64> {
@@ -325,7 +380,7 @@ mod tests {
     }
 
     /// Token-by-token f64 reference of one sequence from scratch: `x [T, hidden]` → `[T, hidden]`.
-    fn reference(m: &HashMap<String, Tensor>, x: &[f32]) -> Vec<f64> {
+    fn reference(m: &HashMap<String, Tensor>, x: &[f32], decay: KdaGate) -> Vec<f64> {
         let dim = H * D;
         let t_len = x.len() / HIDDEN;
         let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
@@ -376,7 +431,11 @@ mod tests {
                 let beta = sig(b[hh]);
                 let sh = &mut s[hh * D * D..][..D * D];
                 for i in 0..D {
-                    let g = -a_log[hh].exp() * softplus(f[hh * D + i] + dt[hh * D + i]);
+                    let z = f[hh * D + i] + dt[hh * D + i];
+                    let g = match decay {
+                        KdaGate::Softplus => -a_log[hh].exp() * softplus(z),
+                        KdaGate::Safe { lower_bound } => lower_bound as f64 * sig(a_log[hh].exp() * z),
+                    };
                     (0..D).for_each(|j| sh[i * D + j] *= g.exp());
                 }
                 for j in 0..D {
@@ -419,11 +478,51 @@ mod tests {
         let mut cache = KdaCache::empty();
         let y = layer.forward(&x, &batch, &mut cache).unwrap();
         for r in batch.seqs.clone() {
-            let want = reference(&m, rows(&x, r.clone()));
+            let want = reference(&m, rows(&x, r.clone()), KdaGate::Softplus);
             let err = rel_err(rows(&y, r.clone()), &want);
             assert!(err < 1e-4, "rows {r:?}: rel err {err}");
         }
         assert_eq!(cache.state.as_ref().unwrap().shape(), [3, H, D, D]);
+    }
+
+    /// The safe gate (`lower_bound·sigmoid(exp(A_log)(f + dt_bias))`, computed in the layer) against
+    /// the f64 loop, and prefill + decode of it against one pass.
+    #[test]
+    fn safe_gate_matches_f64_token_loop() {
+        let m = weights(5);
+        let gate = KdaGate::Safe { lower_bound: -5.0 };
+        let layer = layer_with(&m, gate);
+        let mut rng = StdRng::seed_from_u64(6);
+        let lens = [70usize, 3];
+        let x = rand_vec(&mut rng, 73 * HIDDEN, 1.0);
+        let batch = Batch::new(&lens, &[0, 0]);
+        let y = layer.forward(&x, &batch, &mut KdaCache::empty()).unwrap();
+        for r in batch.seqs.clone() {
+            let want = reference(&m, rows(&x, r.clone()), gate);
+            let err = rel_err(rows(&y, r.clone()), &want);
+            assert!(err < 1e-4, "rows {r:?}: rel err {err}");
+            // The softplus gate gives something else on the same weights.
+            let other = reference(&m, rows(&x, r.clone()), KdaGate::Softplus);
+            assert!(rel_err(rows(&y, r.clone()), &other) > 1e-2, "rows {r:?}: the gate made no difference");
+        }
+        // Prefill 66 tokens of the first sequence, then decode 4 one at a time.
+        let mut cache = KdaCache::empty();
+        let mut got = layer.forward(rows(&x, 0..66), &Batch::new(&[66], &[0]), &mut cache).unwrap();
+        for t in 66..70 {
+            got.extend(layer.forward(rows(&x, t..t + 1), &Batch::new(&[1], &[t]), &mut cache).unwrap());
+        }
+        let err = rel_err(&got, &reference(&m, rows(&x, 0..70), gate));
+        assert!(err < 1e-4, "prefill + decode: rel err {err}");
+    }
+
+    #[test]
+    fn safe_gate_needs_a_negative_lower_bound() {
+        let m = weights(7);
+        for lower_bound in [0.0, 1.0, f32::NAN] {
+            let cfg = KdaConfig { gate: KdaGate::Safe { lower_bound }, ..cfg() };
+            let e = KimiDeltaAttention::load(&cfg, &VarBuilder::from_tensors(m.clone()).pp("self_attn")).err();
+            assert!(matches!(&e, Some(Error::Config { field, .. }) if field == "gate_lower_bound"), "{e:?}");
+        }
     }
 
     #[test]
@@ -471,11 +570,11 @@ mod tests {
         // Slot 0 restarts with a new sequence of 5 tokens; slot 1 continues with 2.
         let x1 = rand_vec(&mut rng, 7 * HIDDEN, 1.0);
         let y = layer.forward(&x1, &Batch::new(&[5, 2], &[0, 4]), &mut cache).unwrap();
-        let err = rel_err(rows(&y, 0..5), &reference(&m, rows(&x1, 0..5)));
+        let err = rel_err(rows(&y, 0..5), &reference(&m, rows(&x1, 0..5), KdaGate::Softplus));
         assert!(err < 1e-4, "restarted slot: rel err {err}");
         let mut seq1 = rows(&x0, 3..7).to_vec();
         seq1.extend_from_slice(rows(&x1, 5..7));
-        let want = reference(&m, &seq1);
+        let want = reference(&m, &seq1, KdaGate::Softplus);
         let err = rel_err(rows(&y, 5..7), &want[4 * HIDDEN..]);
         assert!(err < 1e-4, "continued slot: rel err {err}");
     }
@@ -529,7 +628,15 @@ mod tests {
     #[test]
     fn loads_the_tiny_kimi_checkpoint() {
         let vb = crate::fixture_weights("kimi_linear_tiny");
-        let cfg = KdaConfig { hidden: 64, heads: 4, head_dim: 16, conv_kernel: 4, rms_norm_eps: 1e-5, low_rank: None };
+        let cfg = KdaConfig {
+            hidden: 64,
+            heads: 4,
+            head_dim: 16,
+            conv_kernel: 4,
+            rms_norm_eps: 1e-5,
+            low_rank: None,
+            gate: KdaGate::Softplus,
+        };
         let x: Vec<f32> = (0..3 * 64).map(|i| ((i * 37 % 23) as f32 / 23.0 - 0.5) * 2.0).collect();
         for i in 0..3 {
             let layer = KimiDeltaAttention::load(&cfg, &vb.pp(format!("model.layers.{i}.self_attn"))).unwrap();
