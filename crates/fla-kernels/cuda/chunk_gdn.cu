@@ -39,11 +39,7 @@ extern "C" __global__ void __launch_bounds__(128) chunk_gdn_prep(const ChunkPara
         }
         float rq = 1.0f, rk = 1.0f;
         if (p.l2norm) {
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-                sq += __shfl_xor_sync(0xffffffffu, sq, off);
-                sk += __shfl_xor_sync(0xffffffffu, sk, off);
-            }
+            fla_warp_sum2(sq, sk);
             rq = chunk_rnorm(sq);
             rk = chunk_rnorm(sk);
         }

@@ -204,11 +204,7 @@ struct Step {
             }
             float rq = 1.0f, rk = 1.0f;
             if (p.l2norm) {
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) {
-                    ssq += __shfl_xor_sync(0xffffffffu, ssq, off);
-                    ssk += __shfl_xor_sync(0xffffffffu, ssk, off);
-                }
+                fla_warp_sum2(ssq, ssk);
                 if (lane == 0) {
                     sm.red_n[warp][0] = ssq;
                     sm.red_n[warp][1] = ssk;

@@ -5,3 +5,12 @@ __device__ __forceinline__ float fla_sigmoidf(float x) { return 1.0f / (1.0f + e
 
 // softplus(x) = log(1 + e^x), exact to f32 for x > 20 (as in FLA and PyTorch's threshold).
 __device__ __forceinline__ float fla_softplusf(float x) { return x > 20.0f ? x : logf(1.0f + expf(x)); }
+
+// a and b summed over the 32 lanes of the warp (butterfly: every lane gets both sums).
+__device__ __forceinline__ void fla_warp_sum2(float& a, float& b) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, off);
+        b += __shfl_xor_sync(0xffffffffu, b, off);
+    }
+}
