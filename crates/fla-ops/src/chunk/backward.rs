@@ -55,6 +55,17 @@ struct Scratch<F> {
     dgl: Vec<F>,
     ds0: Vec<F>,
     m: Vec<F>,
+    /// Channel decay below the diagonal sub-chunks: `exp(G_r − G)`, `K ⊙ exp(G_r − G)` and
+    /// `Δdk` over the rows before `r` (`[C, K]` each).
+    sub_e2: Vec<F>,
+    sub_ks: Vec<F>,
+    sub_dk: Vec<F>,
+    /// `exp(G − G_r)`, `Q ⊙` and `bk ⊙` it, `Δdq`, `Δdbk` over one sub-chunk (`[SUB, K]` each).
+    sub_e1: Vec<F>,
+    sub_q: Vec<F>,
+    sub_bk: Vec<F>,
+    sub_dq: Vec<F>,
+    sub_dbk: Vec<F>,
 }
 
 pub(crate) fn head_backward<F: Float>(x: &HeadData<F>, d_o: &[F], mut ds: Vec<F>) -> HeadGrads<F> {
@@ -89,6 +100,14 @@ pub(crate) fn head_backward<F: Float>(x: &HeadData<F>, d_o: &[F], mut ds: Vec<F>
         dgl: z(dk),
         ds0: z(dk * dv),
         m: z(cc),
+        sub_e2: z(ck),
+        sub_ks: z(ck),
+        sub_dk: z(ck),
+        sub_e1: z(SUB * dk),
+        sub_q: z(SUB * dk),
+        sub_bk: z(SUB * dk),
+        sub_dq: z(SUB * dk),
+        sub_dbk: z(SUB * dk),
     };
     let mut w = Intra::new(dk);
     let n_chunks = len.div_ceil(CHUNK);
@@ -291,7 +310,21 @@ fn channel_ap_backward<F: Float>(
 ) {
     let (dk, l) = (x.dk, w.l);
     let erase = x.b.is_some();
-    let Scratch { dp, da, dbk, dgc, .. } = s;
+    let Scratch {
+        dp,
+        da,
+        dbk,
+        dgc,
+        sub_e2: e2,
+        sub_ks: ks,
+        sub_dk: tk,
+        sub_e1: e1,
+        sub_q: qs,
+        sub_bk: bs,
+        sub_dq: tq,
+        sub_dbk: tb,
+        ..
+    } = s;
     let zeros = vec![F::zero(); dk];
     let bk_all = if erase { &w.bk[..] } else { &zeros[..] };
     for r in (0..l).step_by(SUB) {
@@ -329,9 +362,6 @@ fn channel_ap_backward<F: Float>(
     // (rows j < r): dq_i += E1 ⊙ (scale·dP Ks), dbk_i += E1 ⊙ (dA Ks) with Ks = K ⊙ E2;
     // dk_j += E2 ⊙ (scale·dPᵀ (Q ⊙ E1) + dAᵀ (bk ⊙ E1)); the gate takes q ⊙ Δdq + bk ⊙ Δdbk at
     // row i and −k ⊙ Δdk at row j.
-    let z = |n: usize| vec![F::zero(); n];
-    let (mut e2, mut ks, mut tk) = (z(l * dk), z(l * dk), z(l * dk));
-    let (mut e1, mut qs, mut bs, mut tq, mut tb) = (z(SUB * dk), z(SUB * dk), z(SUB * dk), z(SUB * dk), z(SUB * dk));
     let g = &w.g;
     for r in (SUB..l).step_by(SUB) {
         let sl = SUB.min(l - r);
@@ -346,13 +376,13 @@ fn channel_ap_backward<F: Float>(
         }
         F::exp_in_place(&mut e1[..sl * dk]);
         let rows = r * dk..(r + sl) * dk;
-        let ksm = MatRef::new(&ks, r, dk, dk, 1);
+        let ksm = MatRef::new(ks, r, dk, dk, 1);
         let dpm = MatRef::new(&dp[r * CHUNK..], sl, r, CHUNK, 1);
         let dam = MatRef::new(&da[r * CHUNK..], sl, r, CHUNK, 1);
         // Rows i: Δdq and Δdbk.
-        gemm(x.scale, dpm, ksm, F::zero(), MatMut::new(&mut tq, sl, dk, dk, 1));
+        gemm(x.scale, dpm, ksm, F::zero(), MatMut::new(tq, sl, dk, dk, 1));
         if erase {
-            gemm(F::one(), dam, ksm, F::zero(), MatMut::new(&mut tb, sl, dk, dk, 1));
+            gemm(F::one(), dam, ksm, F::zero(), MatMut::new(tb, sl, dk, dk, 1));
         }
         for (idx, c) in rows.clone().enumerate() {
             let (t, e) = (tq[idx] * e1[idx], e1[idx]);
@@ -367,11 +397,11 @@ fn channel_ap_backward<F: Float>(
             }
         }
         // Rows j < r: Δdk.
-        let tkm = MatMut::new(&mut tk, r, dk, dk, 1);
-        gemm(x.scale, dpm.t(), MatRef::new(&qs, sl, dk, dk, 1), F::zero(), tkm);
+        let tkm = MatMut::new(tk, r, dk, dk, 1);
+        gemm(x.scale, dpm.t(), MatRef::new(qs, sl, dk, dk, 1), F::zero(), tkm);
         if erase {
-            let tkm = MatMut::new(&mut tk, r, dk, dk, 1);
-            gemm(F::one(), dam.t(), MatRef::new(&bs, sl, dk, dk, 1), F::one(), tkm);
+            let tkm = MatMut::new(tk, r, dk, dk, 1);
+            gemm(F::one(), dam.t(), MatRef::new(bs, sl, dk, dk, 1), F::one(), tkm);
         }
         for c in 0..r * dk {
             let t = tk[c] * e2[c];
