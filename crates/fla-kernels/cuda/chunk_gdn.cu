@@ -1,5 +1,5 @@
-// Chunk forward of Gated DeltaNet and DeltaNet (scalar decay per head or none, erase = write =
-// beta), chunk C = 64: the f32 path (f32 arithmetic throughout, no tensor cores), serving f32
+// Chunk forward of Gated DeltaNet, DeltaNet and KDA (decay per head, none, or per key channel with
+// `p.channel`; erase = write = beta), chunk C = 64: the f32 path (f32 arithmetic throughout, no tensor cores), serving f32
 // inputs and the head dims the tensor-core path (chunk_gdn_tc.cu) does not; see
 // fla-ops/src/chunk/{mod.rs,intra.rs} for the CPU form it matches:
 //
@@ -52,14 +52,32 @@ extern "C" __global__ void __launch_bounds__(128) chunk_gdn_prep(const ChunkPara
             }
         }
     }
-    for (int j = threadIdx.x; j < p.hv; j += blockDim.x) {
-        const long long i = tok * p.hv + j;
-        chunk_gate_beta(p, i, j, p.gf[i], p.bf[i]);
+    if (!p.channel) {
+        for (int j = threadIdx.x; j < p.hv; j += blockDim.x) {
+            const long long i = tok * p.hv + j;
+            chunk_gate_beta(p, i, j, p.gf[i], p.bf[i]);
+        }
+        return;
+    }
+    // Per key channel: g [tokens, HV, K], dt_bias [HV] or [HV·K].
+    for (int e = threadIdx.x; e < p.hv * p.dk; e += blockDim.x) {
+        const int j = e / p.dk, c = e % p.dk;
+        const long long i = tok * p.hv + j, gi = i * p.dk + c;
+        float g = fla_load(p.g, p.dtype, gi);
+        if (p.use_gate) {
+            const float dt = fla_load(p.dt_bias, p.dt_bias_dtype, p.dt_per_channel ? j * p.dk + c : j);
+            g = -expf(fla_load(p.a_log, p.a_log_dtype, j)) * fla_softplusf(g + dt);
+        }
+        p.gf[gi] = g;
+        if (c == 0) {
+            const float b = fla_load(p.beta, p.dtype, i);
+            p.bf[i] = p.beta_sigmoid ? fla_sigmoidf(b) : b;
+        }
     }
 }
 
 // Bytes of dynamic shared memory of chunk_gdn_intra.
-#define FLA_INTRA_SMEM ((FLA_C * FLA_KS + FLA_C * FLA_C + 4 * FLA_C) * 4)
+#define FLA_INTRA_SMEM ((FLA_C * FLA_KS + FLA_C * FLA_C + 3 * FLA_C + FLA_C * FLA_KMAX) * 4)
 
 // One CTA per (chunk, value head): G, A, T = (I + A)^-1 (forward substitution in shared
 // memory), then W and U into the scratch buffers.
@@ -68,41 +86,46 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_intra(const Chunk
     float* ks = sm;                   // [C][KS]: k rows, later beta.V column blocks
     float* at = ks + FLA_C * FLA_KS;  // [C][C]: A, then T in place
     float* arow = at + FLA_C * FLA_C; // [C]
-    float* gcs = arow + FLA_C;        // [C] cumulative log decay
-    float* coef = gcs + FLA_C;        // [C] beta exp(G)
+    float* coef = arow + FLA_C;       // [C] beta exp(G) (decay per head)
     float* bs = coef + FLA_C;         // [C] beta
+    float* gcs = bs + FLA_C;          // [C][KG] cumulative log decay
     const int ci = blockIdx.x, hv = blockIdx.y, tid = threadIdx.x;
     long long bos;
     int l;
     chunk_at(p, ci, bos, l);
     const int hk = hv / (p.hv / p.h);
-    const int K = p.dk, V = p.dv;
+    const int K = p.dk, V = p.dv, KG = p.channel ? K : 1;
 
     for (int e = tid; e < FLA_C * K; e += FLA_NT) {
         const int i = e / K, c = e % K;
         ks[i * FLA_KS + c] = i < l ? p.kn[((bos + i) * p.h + hk) * K + c] : 0.0f;
     }
     if (tid < FLA_C) bs[tid] = tid < l ? p.bf[(bos + tid) * p.hv + hv] : 0.0f;
-    if (tid == 0) {
+    // Cumulative gate, a thread per channel.
+    if (tid < KG) {
         float acc = 0.0f;
         for (int i = 0; i < FLA_C; ++i) {
-            if (i < l) acc += p.gf[(bos + i) * p.hv + hv];
-            gcs[i] = acc;
+            if (i < l) acc += p.gf[((bos + i) * p.hv + hv) * KG + tid];
+            gcs[i * KG + tid] = acc;
         }
     }
     __syncthreads();
-    if (tid < l) {
-        coef[tid] = bs[tid] * expf(gcs[tid]);
-        p.gc[(bos + tid) * p.hv + hv] = gcs[tid];
-    }
-    // A, strictly lower.
+    for (int e = tid; e < l * KG; e += FLA_NT) p.gc[((bos + e / KG) * p.hv + hv) * KG + e % KG] = gcs[e];
+    if (tid < l && !p.channel) coef[tid] = bs[tid] * expf(gcs[tid]);
+    // A, strictly lower: beta_i sum_c k_ic k_jc exp(G_ic - G_jc) (G_i - G_j <= 0 for j < i).
     for (int e = tid; e < FLA_C * FLA_C; e += FLA_NT) {
         const int i = e / FLA_C, j = e % FLA_C;
         float a = 0.0f;
         if (j < i && i < l) {
             float d = 0.0f;
-            for (int c = 0; c < K; ++c) d += ks[i * FLA_KS + c] * ks[j * FLA_KS + c];
-            a = bs[i] * d * expf(gcs[i] - gcs[j]);
+            if (p.channel) {
+                for (int c = 0; c < K; ++c)
+                    d += ks[i * FLA_KS + c] * ks[j * FLA_KS + c] * expf(gcs[i * K + c] - gcs[j * K + c]);
+                a = bs[i] * d;
+            } else {
+                for (int c = 0; c < K; ++c) d += ks[i * FLA_KS + c] * ks[j * FLA_KS + c];
+                a = bs[i] * d * expf(gcs[i] - gcs[j]);
+            }
         }
         at[e] = a;
     }
@@ -124,7 +147,11 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_intra(const Chunk
     for (int e = tid; e < l * K; e += FLA_NT) {
         const int i = e / K, c = e % K;
         float s = 0.0f;
-        for (int j = 0; j <= i; ++j) s += at[i * FLA_C + j] * coef[j] * ks[j * FLA_KS + c];
+        if (p.channel) {
+            for (int j = 0; j <= i; ++j) s += at[i * FLA_C + j] * bs[j] * expf(gcs[j * K + c]) * ks[j * FLA_KS + c];
+        } else {
+            for (int j = 0; j <= i; ++j) s += at[i * FLA_C + j] * coef[j] * ks[j * FLA_KS + c];
+        }
         p.w[((bos + i) * p.hv + hv) * K + c] = s;
     }
     // U = T (beta V), in blocks of 128 columns staged through `ks`.
@@ -146,7 +173,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_intra(const Chunk
 }
 
 // Bytes of dynamic shared memory of chunk_gdn_fwd.
-#define FLA_FWD_SMEM ((FLA_KMAX * FLA_BV + 2 * FLA_C * FLA_KS + FLA_C * FLA_BV + FLA_C * FLA_C + FLA_C) * 4)
+#define FLA_FWD_SMEM ((FLA_KMAX * FLA_BV + 2 * FLA_C * FLA_KS + FLA_C * FLA_BV + FLA_C * FLA_C + FLA_C * FLA_KMAX) * 4)
 
 // One CTA per (sequence, value head, block of 64 value columns), walking the sequence's chunks
 // in order with the state block S [K][64] in shared memory.
@@ -157,9 +184,9 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
     float* kb = qb + FLA_C * FLA_KS;   // [C][KS]: W rows, then k rows
     float* vn = kb + FLA_C * FLA_KS;   // [C][BV]
     float* P = vn + FLA_C * FLA_BV;    // [C][C]
-    float* gcs = P + FLA_C * FLA_C;    // [C]
+    float* gcs = P + FLA_C * FLA_C;    // [C][KG]
     const int tid = threadIdx.x;
-    const int K = p.dk, V = p.dv;
+    const int K = p.dk, V = p.dv, KG = p.channel ? K : 1;
     const int nvb = (V + FLA_BV - 1) / FLA_BV;
     const int vb = blockIdx.x % nvb;
     const int hv = (blockIdx.x / nvb) % p.hv;
@@ -183,7 +210,8 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
             kb[i * FLA_KS + c] = ok ? p.w[((bos + i) * p.hv + hv) * K + c] : 0.0f;
             qb[i * FLA_KS + c] = ok ? p.qn[((bos + i) * p.h + hk) * K + c] : 0.0f;
         }
-        if (tid < FLA_C) gcs[tid] = tid < l ? p.gc[(bos + tid) * p.hv + hv] : 0.0f;
+        for (int e = tid; e < FLA_C * KG; e += FLA_NT)
+            gcs[e] = e / KG < l ? p.gc[((bos + e / KG) * p.hv + hv) * KG + e % KG] : 0.0f;
         __syncthreads();
         // Vn = U - W S.
         for (int e = tid; e < FLA_C * FLA_BV; e += FLA_NT) {
@@ -207,8 +235,14 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
             float a = 0.0f;
             if (j <= i && i < l) {
                 float d = 0.0f;
-                for (int c = 0; c < K; ++c) d += qb[i * FLA_KS + c] * kb[j * FLA_KS + c];
-                a = p.scale * d * expf(gcs[i] - gcs[j]);
+                if (p.channel) {
+                    for (int c = 0; c < K; ++c)
+                        d += qb[i * FLA_KS + c] * kb[j * FLA_KS + c] * expf(gcs[i * K + c] - gcs[j * K + c]);
+                    a = p.scale * d;
+                } else {
+                    for (int c = 0; c < K; ++c) d += qb[i * FLA_KS + c] * kb[j * FLA_KS + c];
+                    a = p.scale * d * expf(gcs[i] - gcs[j]);
+                }
             }
             P[e] = a;
         }
@@ -218,18 +252,23 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
             const int i = e / FLA_BV, x = e % FLA_BV;
             if (x >= nv) continue;
             float a = 0.0f;
-            for (int c = 0; c < K; ++c) a += qb[i * FLA_KS + c] * S[c * FLA_BV + x];
+            if (p.channel) {
+                for (int c = 0; c < K; ++c) a += qb[i * FLA_KS + c] * expf(gcs[i * K + c]) * S[c * FLA_BV + x];
+            } else {
+                for (int c = 0; c < K; ++c) a += qb[i * FLA_KS + c] * S[c * FLA_BV + x];
+                a *= expf(gcs[i]);
+            }
             float b = 0.0f;
             for (int j = 0; j <= i; ++j) b += P[i * FLA_C + j] * vn[j * FLA_BV + x];
-            fla_store(p.o, p.dtype, ((bos + i) * p.hv + hv) * V + v0 + x, p.scale * expf(gcs[i]) * a + b);
+            fla_store(p.o, p.dtype, ((bos + i) * p.hv + hv) * V + v0 + x, p.scale * a + b);
         }
         __syncthreads();
-        // S <- exp(G_L) S + (K exp(G_L - G))^T Vn.
-        const float gl = gcs[l - 1], el = expf(gl);
+        // S <- exp(G_L) S + (K exp(G_L - G))^T Vn, G per row c of S with channel decay.
         for (int e = tid; e < K * FLA_BV; e += FLA_NT) {
-            const int c = e / FLA_BV, x = e % FLA_BV;
-            float s = el * S[e];
-            for (int i = 0; i < l; ++i) s += kb[i * FLA_KS + c] * expf(gl - gcs[i]) * vn[i * FLA_BV + x];
+            const int c = e / FLA_BV, x = e % FLA_BV, cg = p.channel ? c : 0;
+            const float gl = gcs[(l - 1) * KG + cg];
+            float s = expf(gl) * S[e];
+            for (int i = 0; i < l; ++i) s += kb[i * FLA_KS + c] * expf(gl - gcs[i * KG + cg]) * vn[i * FLA_BV + x];
             S[e] = s;
         }
     }

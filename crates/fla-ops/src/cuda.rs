@@ -322,6 +322,8 @@ struct ChunkParams {
     chunk_start: u64,
     chunk_len: u64,
     seq_chunk: u64,
+    channel: i32,
+    dt_per_channel: i32,
     dtype: i32,
     a_log_dtype: i32,
     dt_bias_dtype: i32,
@@ -346,10 +348,11 @@ unsafe impl DeviceRepr for ChunkParams {}
 const GPU_CHUNK: usize = 64;
 /// Value columns per CTA of `chunk_gdn_fwd` (`FLA_BV`).
 const GPU_CHUNK_BV: usize = 64;
-/// Dynamic shared memory of `chunk_gdn_intra` (`FLA_INTRA_SMEM`): `[C][129] + [C][C] + 4·[C]` f32.
-const INTRA_SMEM: u32 = ((64 * 129 + 64 * 64 + 4 * 64) * 4) as u32;
+/// Dynamic shared memory of `chunk_gdn_intra` (`FLA_INTRA_SMEM`): `[C][129] + [C][C] + 3·[C]`
+/// and the cumulative gate `[C][128]` (per channel for KDA), f32.
+const INTRA_SMEM: u32 = ((64 * 129 + 64 * 64 + 3 * 64 + 64 * 128) * 4) as u32;
 /// Dynamic shared memory of `chunk_gdn_fwd` (`FLA_FWD_SMEM`).
-const FWD_SMEM: u32 = ((128 * 64 + 2 * 64 * 129 + 64 * 64 + 64 * 64 + 64) * 4) as u32;
+const FWD_SMEM: u32 = ((128 * 64 + 2 * 64 * 129 + 64 * 64 + 64 * 64 + 64 * 128) * 4) as u32;
 
 /// Dynamic shared memory of `chunk_gdn_tc_intra_*` for key dim `k` (`TC_INTRA_SMEM` in
 /// chunk_gdn_tc.cu): A and T in f32, block products, four [C] vectors, K and Q tiles (row
@@ -435,12 +438,14 @@ pub(crate) fn chunk_forward(
 ) -> Result<(CudaTensor, Option<CudaTensor>)> {
     use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
     const OP: &str = "chunk::forward_cuda";
-    if !matches!(family, Family::GatedDeltaRule | Family::DeltaRule) {
+    if !matches!(family, Family::GatedDeltaRule | Family::DeltaRule | Family::Kda) {
         return Err(Error::Unsupported {
             op: OP,
-            msg: format!("the GPU chunk forward serves gated_delta_rule and delta_rule so far, not {family}"),
+            msg: format!("the GPU chunk forward serves gated_delta_rule, delta_rule and kda so far, not {family}"),
         });
     }
+    // KDA's per-channel decay runs on the f32 path only so far.
+    let channel = family == Family::Kda;
     let p = Problem::new(OP, family, x, opts)?;
     let d = p.dims;
     let dev: std::sync::Arc<CudaDevice> = x.q.cuda_device().clone();
@@ -463,7 +468,9 @@ pub(crate) fn chunk_forward(
     let (starts, lens, seq_chunk) = chunk_table(OP, &p.seqs)?;
     let nc = starts.len();
     let dtype = x.q.dtype();
-    let tensor_cores = matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && d.v % 16 == 0;
+    let tensor_cores =
+        !channel && matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && d.v % 16 == 0;
+    let kg = if channel { d.k } else { 1 };
     let bv = if tensor_cores { tc_block_v(d.v, dev.sm_count(), |bv| d.n * d.hv * d.v / bv) } else { GPU_CHUNK_BV };
     let tiles = d.n * d.hv * d.v.div_ceil(bv);
     let tiles = u32::try_from(tiles)
@@ -495,7 +502,7 @@ pub(crate) fn chunk_forward(
         None => None,
     };
     let table_addr = |offset: usize| table.as_ref().map_or(0, |t| t.device_ptr(&stream).0 + 4 * offset as u64);
-    let mut gc = scratch(tokens * d.hv, DType::F32)?;
+    let mut gc = scratch(tokens * d.hv * kg, DType::F32)?;
     let mut params = ChunkParams {
         q: addr(x.q),
         k: addr(x.k),
@@ -511,6 +518,8 @@ pub(crate) fn chunk_forward(
         chunk_start: table_addr(0),
         chunk_len: table_addr(nc),
         seq_chunk: table_addr(2 * nc),
+        channel: channel as i32,
+        dt_per_channel: x.dt_bias.is_some_and(|t| t.elem_count() != d.hv) as i32,
         dtype: dt_code,
         a_log_dtype,
         dt_bias_dtype,
@@ -533,7 +542,8 @@ pub(crate) fn chunk_forward(
     // for delta_rule: no decay), beta [tokens,HV]; A_log, dt_bias [HV] (read only with use_gate,
     // which Problem requires them for); initial_state and ht [N,HV,K,V] f32 (h0 checked f32
     // above); the scratch buffers are allocated below with the sizes the kernels index
-    // (f32 path: qn, kn [tokens,H,K]; gf, bf, gc [tokens,HV]; w [tokens,HV,K]; u [tokens,HV,V];
+    // (f32 path: qn, kn [tokens,H,K]; gf, gc [tokens,HV] or, for KDA, [tokens,HV,K]; bf
+    // [tokens,HV]; w [tokens,HV,K]; u [tokens,HV,V];
     // tensor-core path: gc, rq, rk [tokens,HV] f32; w16 [tokens,HV,K], u16 [tokens,HV,V],
     // aqk [tokens,HV,64] in q's 16-bit dtype, which the kernel's name matches). The tensor-core
     // kernels take K = 64 or 128 (their template), V a multiple of 16 and of the block `bv`
@@ -582,7 +592,7 @@ pub(crate) fn chunk_forward(
         intra.set_attribute(MAX_DYN_SMEM, INTRA_SMEM as i32)?;
         fwd.set_attribute(MAX_DYN_SMEM, FWD_SMEM as i32)?;
         let (mut qn, mut kn) = (scratch(tokens * d.h * d.k, DType::F32)?, scratch(tokens * d.h * d.k, DType::F32)?);
-        let (mut gf, mut bf) = (scratch(tokens * d.hv, DType::F32)?, scratch(tokens * d.hv, DType::F32)?);
+        let (mut gf, mut bf) = (scratch(tokens * d.hv * kg, DType::F32)?, scratch(tokens * d.hv, DType::F32)?);
         let (mut w, mut u) = (scratch(tokens * d.hv * d.k, DType::F32)?, scratch(tokens * d.hv * d.v, DType::F32)?);
         params.qn = addr_mut(&mut qn);
         params.kn = addr_mut(&mut kn);
@@ -619,9 +629,9 @@ mod tests {
         // recurrent.cu occupies on the device.
         assert_eq!(std::mem::size_of::<RecurrentParams>(), 176);
         assert_eq!(std::mem::align_of::<RecurrentParams>(), 8);
-        // 25 pointers, 14 ints and a float, padded to 8 bytes: `ChunkParams` in
+        // 25 pointers, 16 ints and a float, padded to 8 bytes: `ChunkParams` in
         // common/chunk.cuh.
-        assert_eq!(std::mem::size_of::<ChunkParams>(), 264);
+        assert_eq!(std::mem::size_of::<ChunkParams>(), 272);
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub fn verify_fixture_on(path: &Path, cuda: bool) -> Result<Vec<FormReport>> {
     if cuda {
         let (o, ht) = recurrent_on_gpu(family, &inputs, &opts)?;
         out.push(FormReport { device: "cuda", ..report("recurrent", fwd_errors(&o, &ht)?) });
-        if family == Family::GatedDeltaRule {
+        if matches!(family, Family::GatedDeltaRule | Family::DeltaRule | Family::Kda) {
             let (o, ht) = chunk_on_gpu(family, &inputs, &opts)?;
             out.push(FormReport { device: "cuda", ..report("chunk", fwd_errors(&o, &ht)?) });
         }

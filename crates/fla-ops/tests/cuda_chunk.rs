@@ -1,4 +1,4 @@
-//! The GPU chunk forward (`chunk::forward_cuda`: Gated DeltaNet and DeltaNet) against the CPU
+//! The GPU chunk forward (`chunk::forward_cuda`: Gated DeltaNet, DeltaNet, KDA) against the CPU
 //! chunk forward on random inputs: T = 1, 63, 64, 65, 200, a varlen batch, grouped value heads,
 //! K = V = 64 and 128, dims that are not powers of two (and V > 128), with and without an initial
 //! state, the in-op options, strong decay, f32 / bf16 / f16 inputs — through both kernel paths
@@ -27,7 +27,7 @@ const TOL_TC: f64 = 1e-2;
 
 /// Whether the GPU forward takes the tensor-core path for these sizes and dtype.
 fn tensor_cores(spec: &Spec, dtype: DType) -> bool {
-    dtype != DType::F32 && matches!(spec.k, 64 | 128) && spec.v % 16 == 0
+    spec.family != Family::Kda && dtype != DType::F32 && matches!(spec.k, 64 | 128) && spec.v % 16 == 0
 }
 
 /// The cases: `[B, T, H, HV, K, V]`, `cu_seqlens`, initial state, strong decay, in-op options.
@@ -54,8 +54,10 @@ fn specs(fam: Family) -> Vec<Spec> {
     // In-op L2 norm, beta sigmoid and gate (gated_delta_rule: DeltaNet has no gate); an empty
     // sequence; V > 128 (two V blocks in the intra kernel); K below 64.
     let mut s = Spec::new(fam, [1, 150, 2, 4, 128, 128]).cu(&[0, 70, 70, 150]).h0(true).l2norm().sigmoid();
-    if fam == Family::GatedDeltaRule {
-        s = s.gate_in_kernel(DtBias::Head);
+    match fam {
+        Family::GatedDeltaRule => s = s.gate_in_kernel(DtBias::Head),
+        Family::Kda => s = s.gate_in_kernel(DtBias::Flat),
+        _ => {}
     }
     out.push(s.seed(next()));
     out.push(Spec::new(fam, [1, 100, 1, 2, 64, 200]).h0(true).l2norm().seed(next()));
@@ -142,6 +144,11 @@ fn delta_rule_chunk_forward_vs_cpu() {
     sweep("delta_rule_chunk_forward_vs_cpu", Family::DeltaRule);
 }
 
+#[test]
+fn kda_chunk_forward_vs_cpu() {
+    sweep("kda_chunk_forward_vs_cpu", Family::Kda);
+}
+
 /// Every value-block width of the tensor-core path (`FLA_CHUNK_BV`) gives the same result on a
 /// case with several blocks, a varlen batch and grouped value heads.
 #[test]
@@ -189,10 +196,10 @@ fn chunk_forward_without_final_state() {
 #[test]
 fn chunk_forward_cuda_errors() {
     let Some(dev) = gpu("chunk_forward_cuda_errors") else { return };
-    let kda = Spec::new(Family::Kda, [1, 8, 1, 1, 64, 64]).seed(3).data().cast(DType::F32);
-    let g = GpuData::new(&kda, &dev);
-    let e = chunk::forward_cuda(Family::Kda, &g.inputs(true), &Default::default()).unwrap_err();
-    assert!(matches!(&e, Error::Unsupported { msg, .. } if msg.contains("kda")), "{e}");
+    let gla = Spec::new(Family::Gla, [1, 8, 1, 1, 64, 64]).seed(3).data().cast(DType::F32);
+    let g = GpuData::new(&gla, &dev);
+    let e = chunk::forward_cuda(Family::Gla, &g.inputs(true), &Default::default()).unwrap_err();
+    assert!(matches!(&e, Error::Unsupported { msg, .. } if msg.contains("gla")), "{e}");
     let big = Spec::new(Family::GatedDeltaRule, [1, 8, 1, 1, 192, 64]).seed(4).data().cast(DType::F32);
     let g = GpuData::new(&big, &dev);
     let e = chunk::forward_cuda(Family::GatedDeltaRule, &g.inputs(true), &Default::default()).unwrap_err();

@@ -21,12 +21,12 @@ struct ChunkParams {
     // Scratch of the f32 path (chunk_gdn.cu).
     float* qn;            // [tokens, H, K]
     float* kn;            // [tokens, H, K]
-    float* gf;            // [tokens, HV]: log decay
+    float* gf;            // [tokens, HV(, K)]: log decay
     float* bf;            // [tokens, HV]: beta
     float* w;             // [tokens, HV, K]
     float* u;             // [tokens, HV, V]
     // Scratch of both paths.
-    float* gc;            // [tokens, HV]: in-chunk cumulative log decay
+    float* gc;            // [tokens, HV(, K)]: in-chunk cumulative log decay
     // Scratch of the tensor-core path (chunk_gdn_tc.cu), 16-bit in the dtype of q.
     void* w16;            // [tokens, HV, K]: W = T (beta exp(G) K)
     void* u16;            // [tokens, HV, V]: U = T (beta V)
@@ -37,6 +37,8 @@ struct ChunkParams {
     const int* chunk_start;  // [nc] first token of each chunk
     const int* chunk_len;    // [nc] tokens in each chunk (1..=64)
     const int* seq_chunk;    // [N+1] chunks of sequence n: seq_chunk[n] .. seq_chunk[n+1]
+    int channel;             // 1: per-key-channel decay (KDA), g / gf / gc are [.., HV, K] (f32 path)
+    int dt_per_channel;      // 1: dt_bias is [HV·K]
     int dtype, a_log_dtype, dt_bias_dtype;
     int tokens, n, nc, h, hv, dk, dv;
     int seq_len;             // tokens per sequence without a chunk table

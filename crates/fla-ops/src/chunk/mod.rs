@@ -43,8 +43,8 @@ fn run_forward<F: Float + Element>(p: Problem, x: &Inputs<'_>, opts: &Options) -
 /// The chunk forward on a CUDA device: `(o [B,T,HV,V] in the dtype of q, final state
 /// [N,HV,K,V] f32 when `output_final_state`)`.
 ///
-/// Gated DeltaNet and DeltaNet so far (other families: [`fla_core::Error::Unsupported`] naming
-/// the family). Inputs f32, bf16 or f16 on one device, `initial_state` f32; scale, `cu_seqlens`
+/// Gated DeltaNet, DeltaNet and KDA so far (other families: [`fla_core::Error::Unsupported`]
+/// naming the family); KDA's per-channel decay on the f32 path only. Inputs f32, bf16 or f16 on one device, `initial_state` f32; scale, `cu_seqlens`
 /// (B = 1), grouped value heads, K ≤ 128, any V, and the in-op L2 norm, beta sigmoid and gate.
 /// bf16 / f16 inputs with K = 64 or 128 and V a multiple of 16 run on tensor cores
 /// (`fla-kernels/cuda/chunk_gdn_tc.cu`: every chunk's `W`, `U`, `P` at once, then one sweep per
