@@ -16,9 +16,10 @@ What it does, in one run:
                         (inplace_final_state=True, ssm_state_indices: the vLLM form)
        chunk_fwd[_long|_gva|_varlen]   chunk_gated_delta_rule forward, final state out
        delta_chunk_fwd  chunk_delta_rule forward (DeltaNet, no decay), final state out
+       kda_chunk_fwd    chunk_kda forward, final state out
        gdn_fwd_bwd, kda_fwd_bwd        chunk_gated_delta_rule / chunk_kda forward + backward
-                        (random cotangent) at B=8 T=2048 H=16 K=V=128: FLA reference numbers,
-                        ours has no GPU backward yet
+                        (random cotangent) at B=8 T=2048 H=16 K=V=128; ours: chunk_fwd_bwd,
+                        kda_chunk_fwd_bwd
        hbm_ceiling      a 1 GiB torch device-to-device copy next to ours (same machine check)
   3. measures FLA's GPU time without its Python launch cost (FLA's eager call rate is host-bound
      on the chunk rows: ~1.1 ms of Python per call), --gpu-method auto (default):
@@ -77,7 +78,8 @@ VARLEN_CU = [0, 2048, 2048 + 8192, 2048 + 8192 + 512, 2048 + 8192 + 512 + 5632]
 
 def case(key, ours, aliases, shape, form):
     """ours: (row name, shape prefix or None) to find our row, or None (no row of ours)."""
-    return {"case": key, "ours": ours, "aliases": set(aliases) | {key}, "shape": shape, "form": form}
+    names = set(aliases) | {key} | ({ours[0]} if ours else set())
+    return {"case": key, "ours": ours, "aliases": names, "shape": shape, "form": form}
 
 
 CASES = [
@@ -101,9 +103,11 @@ CASES = [
          "chunk_gated_delta_rule fwd, cu_seqlens, ht out"),
     case("delta_chunk_fwd", ("delta_chunk_fwd", None), [], "B=8 T=2048 H=HV=16 K=V=128",
          "chunk_delta_rule fwd, ht out"),
-    case("gdn_fwd_bwd", None, ["fwd_bwd"], "B=8 T=2048 H=HV=16 K=V=128",
+    case("kda_chunk_fwd", ("kda_chunk_fwd", None), [], "B=8 T=2048 H=HV=16 K=V=128",
+         "chunk_kda fwd, ht out"),
+    case("gdn_fwd_bwd", ("chunk_fwd_bwd", None), ["fwd_bwd"], "B=8 T=2048 H=HV=16 K=V=128",
          "chunk_gated_delta_rule fwd+bwd"),
-    case("kda_fwd_bwd", None, ["fwd_bwd"], "B=8 T=2048 H=HV=16 K=V=128",
+    case("kda_fwd_bwd", ("kda_chunk_fwd_bwd", None), ["fwd_bwd"], "B=8 T=2048 H=HV=16 K=V=128",
          "chunk_kda fwd+bwd (no #640 guard on this path in 0.6.0)"),
     case("hbm_ceiling", ("hbm_ceiling", None), [], "1 GiB copy", "torch copy_ (not FLA)"),
 ]
@@ -418,11 +422,11 @@ class Fla:
                ssm_state_indices=index[i % copies], use_qk_l2norm_in_kernel=True, out=out)
         return fn, copies, False
 
-    def chunk_fwd(self, b, t, h, hv, cu_seqlens=None, d=128, delta=False):
+    def chunk_fwd(self, b, t, h, hv, cu_seqlens=None, d=128, delta=False, kda=False):
         torch = self.torch
         q, k = self.rand((b, t, h, d), -1, 1), self.rand((b, t, h, d), -1, 1)
         v = self.rand((b, t, hv, d), -1, 1)
-        gate = {} if delta else {"g": self.rand((b, t, hv), -0.2, -0.01)}
+        gate = {} if delta else {"g": self.rand((b, t, hv, d) if kda else (b, t, hv), -0.2, -0.01)}
         beta = self.rand((b, t, hv), 0.1, 0.9)
         extra = {}
         if cu_seqlens:
@@ -432,7 +436,7 @@ class Fla:
                 # chunk_gated_delta_rule takes them precomputed; from a CUDA cu_seqlens their
                 # construction syncs the host (repeat_interleave reads the total on the host)
                 extra["chunk_indices"] = self.m["prepare_chunk_indices"](extra["cu_seqlens"], 64)
-        op = self.m["chunk_delta_rule" if delta else "chunk_gated_delta_rule"]
+        op = self.m["chunk_delta_rule" if delta else "chunk_kda" if kda else "chunk_gated_delta_rule"]
 
         def fn(i):
             op(q=q, k=k, v=v, beta=beta, output_final_state=True, use_qk_l2norm_in_kernel=True,
@@ -471,6 +475,7 @@ class Fla:
             "chunk_fwd_gva": lambda: self.chunk_fwd(8, 2048, 16, 32),
             "chunk_fwd_varlen": lambda: self.chunk_fwd(1, VARLEN_CU[-1], 16, 16, cu_seqlens=VARLEN_CU),
             "delta_chunk_fwd": lambda: self.chunk_fwd(8, 2048, 16, 16, delta=True),
+            "kda_chunk_fwd": lambda: self.chunk_fwd(8, 2048, 16, 16, kda=True),
             "gdn_fwd_bwd": lambda: self.fwd_bwd(kda=False),
             "kda_fwd_bwd": lambda: self.fwd_bwd(kda=True),
             "hbm_ceiling": self.hbm_ceiling,
@@ -616,7 +621,12 @@ def main(argv=None):
         if fla_bin is None or not os.path.exists(fla_bin):
             ours_error = f"our binary not found ({args.fla_bin or '.device/fla'}): run scripts/gpu-run.sh prepare"
         else:
-            ours_rows, ours_error = run_ours(fla_bin, args.seconds, args.only)
+            # our row names of the selected cases (an FLA case name such as gdn_fwd_bwd maps
+            # to our row chunk_fwd_bwd)
+            ours_only = None if only is None else ",".join(
+                sorted({c["ours"][0] for c in CASES if c["ours"] and selected(c, only)})
+            )
+            ours_rows, ours_error = run_ours(fla_bin, args.seconds, ours_only)
         if ours_error:
             print(f"ours: {ours_error}", file=sys.stderr)
 

@@ -2,7 +2,7 @@
 # Builds the GPU tests and the `fla` binary here and runs them on a GPU machine that has no
 # Rust: `scripts/gpu-run.sh prepare` (here: build, copy into .device/, which git ignores), then
 # on the GPU machine, from the repository root, `scripts/gpu-run.sh run [OUTDIR]`: the CUDA
-# tests (recurrent step, chunk forward, cuBLAS GEMM), `fla verify --device cuda` on the kernel fixtures, a
+# tests (recurrent step, chunk forward and backward, cuBLAS GEMM), `fla verify --device cuda` on the kernel fixtures, a
 # compute-sanitizer pass, `fla bench ops --device cuda`, one profiled decode launch.
 # `scripts/gpu-run.sh side [OUTDIR] [--seconds S] [--only a,b]` (on the GPU machine): our
 # `fla bench ops --device cuda` next to FLA 0.6.0 (Python, Triton) on the same shapes, through
@@ -18,11 +18,12 @@ prepare)
   bin() { cargo test --release "$@" --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p' | tail -n 1; }
   cp "$(bin -p fla-ops --test cuda)" .device/cuda-tests
   cp "$(bin -p fla-ops --test cuda_chunk)" .device/cuda-chunk-tests
+  cp "$(bin -p fla-ops --test cuda_chunk_bwd)" .device/cuda-chunk-bwd-tests
   cp "$(bin -p fla-core --lib)" .device/fla-core-tests
   cp "$(bin -p fla-core --test cuda_gemm)" .device/cuda-gemm-tests
   cargo build --release -p fla-cli
   cp target/release/fla .device/fla
-  strip .device/cuda-tests .device/cuda-chunk-tests .device/fla-core-tests .device/cuda-gemm-tests .device/fla
+  strip .device/cuda-tests .device/cuda-chunk-tests .device/cuda-chunk-bwd-tests .device/fla-core-tests .device/cuda-gemm-tests .device/fla
   mkdir -p .device/fixtures && cp ../shared/fixtures/kernels/*.safetensors .device/fixtures/
   # for `side`: FLA 0.6.0 and its one pure-Python dependency, installed there without network
   mkdir -p .device/wheels
@@ -39,6 +40,7 @@ run)
   .device/fla-core-tests cuda --nocapture 2>&1 | tee "$out/core-tests.log"
   .device/cuda-tests --nocapture --test-threads=1 2>&1 | tee "$out/tests.log"
   .device/cuda-chunk-tests --nocapture --test-threads=1 2>&1 | tee "$out/chunk-tests.log"
+  .device/cuda-chunk-bwd-tests --nocapture --test-threads=1 2>&1 | tee "$out/chunk-bwd-tests.log"
   .device/cuda-gemm-tests --nocapture --test-threads=1 2>&1 | tee "$out/gemm-tests.log"
   .device/fla verify --device cuda .device/fixtures/*.safetensors 2>&1 | tee "$out/verify.log" | tail -n 1
   timeout 120 compute-sanitizer --tool memcheck --print-limit 10 .device/cuda-tests kda --test-threads=1 \

@@ -143,6 +143,8 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_intra(const Chunk
     }
     if (tid < FLA_C) at[tid * FLA_C + tid] = 1.0f;
     __syncthreads();
+    if (p.tm)
+        for (int e = tid; e < l * FLA_C; e += FLA_NT) p.tm[((bos + e / FLA_C) * p.hv + hv) * FLA_C + e % FLA_C] = at[e];
     // W = T (beta exp(G) K).
     for (int e = tid; e < l * K; e += FLA_NT) {
         const int i = e / K, c = e % K;
@@ -204,6 +206,11 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
         int l;
         chunk_at(p, ci, bos, l);
         __syncthreads();
+        if (p.hs)
+            for (int e = tid; e < K * FLA_BV; e += FLA_NT) {
+                const int c = e / FLA_BV, x = e % FLA_BV;
+                if (x < nv) p.hs[(((long long)ci * p.hv + hv) * K + c) * V + v0 + x] = S[e];
+            }
         for (int e = tid; e < FLA_C * K; e += FLA_NT) {
             const int i = e / K, c = e % K;
             const bool ok = i < l;
@@ -220,6 +227,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
             if (i < l && x < nv) {
                 s = p.u[((bos + i) * p.hv + hv) * V + v0 + x];
                 for (int c = 0; c < K; ++c) s -= kb[i * FLA_KS + c] * S[c * FLA_BV + x];
+                if (p.vn) p.vn[((bos + i) * p.hv + hv) * V + v0 + x] = s;
             }
             vn[e] = s;
         }
@@ -229,8 +237,9 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
             kb[i * FLA_KS + c] = i < l ? p.kn[((bos + i) * p.h + hk) * K + c] : 0.0f;
         }
         __syncthreads();
-        // P = scale Q K^T . exp(G_i - G_j), lower triangle including the diagonal.
-        for (int e = tid; e < FLA_C * FLA_C; e += FLA_NT) {
+        // P = scale Q K^T . exp(G_i - G_j), lower triangle including the diagonal (skipped,
+        // with the outputs, when only the states are wanted: the backward's recompute).
+        for (int e = tid; e < FLA_C * FLA_C && p.o; e += FLA_NT) {
             const int i = e / FLA_C, j = e % FLA_C;
             float a = 0.0f;
             if (j <= i && i < l) {
@@ -248,7 +257,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
         }
         __syncthreads();
         // O = scale exp(G) Q S + P Vn.
-        for (int e = tid; e < l * FLA_BV; e += FLA_NT) {
+        for (int e = tid; e < l * FLA_BV && p.o; e += FLA_NT) {
             const int i = e / FLA_BV, x = e % FLA_BV;
             if (x >= nv) continue;
             float a = 0.0f;

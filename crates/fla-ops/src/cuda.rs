@@ -319,6 +319,9 @@ struct ChunkParams {
     aqk: u64,
     rq: u64,
     rk: u64,
+    tm: u64,
+    hs: u64,
+    vn: u64,
     chunk_start: u64,
     chunk_len: u64,
     seq_chunk: u64,
@@ -426,74 +429,57 @@ fn launch_chunk(dev: &CudaDevice, f: &CudaFunction, cfg: LaunchConfig, params: &
     Ok(())
 }
 
-/// The chunk forward of Gated DeltaNet and DeltaNet on the GPU; see [`crate::chunk::forward_cuda`].
-///
-/// bf16 / f16 inputs with K = 64 or 128 and V a multiple of 16 take the tensor-core path
-/// (`chunk_gdn_tc.cu`); everything else (f32 inputs, other head dims up to K = 128) the f32
-/// path (`chunk_gdn.cu`).
-pub(crate) fn chunk_forward(
-    family: Family,
-    x: &Inputs<'_, CudaTensor>,
-    opts: &Options,
-) -> Result<(CudaTensor, Option<CudaTensor>)> {
-    use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
-    const OP: &str = "chunk::forward_cuda";
+/// A validated chunk call on the GPU: its sizes, the chunk table and the parameters every chunk
+/// kernel shares. The buffers the addresses in `params` point to (the table, the cumulative
+/// gate) live as long as the call.
+struct ChunkCall {
+    p: Problem,
+    dev: std::sync::Arc<CudaDevice>,
+    params: ChunkParams,
+    tokens: usize,
+    nc: usize,
+    /// Gate columns per (token, value head): K for KDA's per-channel decay, else 1.
+    kg: usize,
+    _table: Option<fla_core::cuda::cudarc::driver::CudaSlice<i32>>,
+    _gc: CudaTensor,
+}
+
+/// Checks a chunk call of `family` (forward or backward) and fills the shared parameters; the
+/// output and path-specific scratch addresses are left null.
+fn chunk_call(op: &'static str, family: Family, x: &Inputs<'_, CudaTensor>, opts: &Options) -> Result<ChunkCall> {
     if !matches!(family, Family::GatedDeltaRule | Family::DeltaRule | Family::Kda) {
         return Err(Error::Unsupported {
-            op: OP,
-            msg: format!("the GPU chunk forward serves gated_delta_rule, delta_rule and kda so far, not {family}"),
+            op,
+            msg: format!("the GPU chunk form serves gated_delta_rule, delta_rule and kda so far, not {family}"),
         });
     }
-    // KDA's per-channel decay runs on the f32 path only so far.
     let channel = family == Family::Kda;
-    let p = Problem::new(OP, family, x, opts)?;
+    let p = Problem::new(op, family, x, opts)?;
     let d = p.dims;
     let dev: std::sync::Arc<CudaDevice> = x.q.cuda_device().clone();
     if d.k > 128 {
-        return Err(Error::Unsupported { op: OP, msg: format!("K = {} > 128 in the GPU chunk forward", d.k) });
+        return Err(Error::Unsupported { op, msg: format!("K = {} > 128 in the GPU chunk form", d.k) });
     }
     if let Some(h0) = x.initial_state {
         if h0.dtype() != DType::F32 {
-            return Err(Error::DType { op: OP, arg: "initial_state", expected: "f32".into(), got: h0.dtype() });
+            return Err(Error::DType { op, arg: "initial_state", expected: "f32".into(), got: h0.dtype() });
         }
     }
-    // Problem::new checked that g is present for gated_delta_rule (absent for delta_rule) and
-    // beta for both; the error below is a defence that cannot trigger.
-    let g = x.g;
-    let beta = x.beta.ok_or_else(|| Error::Unsupported { op: OP, msg: "argument `beta` is required".into() })?;
+    // Problem::new checked that g is present for gated_delta_rule and kda (absent for
+    // delta_rule) and beta for all three; the error below is a defence that cannot trigger.
+    let beta = x.beta.ok_or_else(|| Error::Unsupported { op, msg: "argument `beta` is required".into() })?;
     let tokens = d.b * d.t;
-    to_i32(OP, "tokens·HV·max(K,V,64)", tokens * d.hv * d.k.max(d.v).max(GPU_CHUNK))?;
-    to_i32(OP, "tokens·H·K", tokens * d.h * d.k)?;
-    to_i32(OP, "N·HV·K·V", d.n * d.hv * d.k * d.v)?;
-    let (starts, lens, seq_chunk) = chunk_table(OP, &p.seqs)?;
+    to_i32(op, "tokens·HV·max(K,V,64)", tokens * d.hv * d.k.max(d.v).max(GPU_CHUNK))?;
+    to_i32(op, "tokens·H·K", tokens * d.h * d.k)?;
+    to_i32(op, "N·HV·K·V", d.n * d.hv * d.k * d.v)?;
+    let (starts, lens, seq_chunk) = chunk_table(op, &p.seqs)?;
     let nc = starts.len();
-    let dtype = x.q.dtype();
-    let tensor_cores =
-        !channel && matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && d.v % 16 == 0;
     let kg = if channel { d.k } else { 1 };
-    let bv = if tensor_cores { tc_block_v(d.v, dev.sm_count(), |bv| d.n * d.hv * d.v / bv) } else { GPU_CHUNK_BV };
-    let tiles = d.n * d.hv * d.v.div_ceil(bv);
-    let tiles = u32::try_from(tiles)
-        .ok()
-        .filter(|&t| t < i32::MAX as u32)
-        .ok_or_else(|| Error::size(OP, format!("N·HV·⌈V/{bv}⌉ = {tiles} CTAs is more than one launch takes")))?;
-    let dt_code = dtype_code(OP, "q", dtype)?;
     let (a_log_dtype, dt_bias_dtype) = match (x.a_log, x.dt_bias) {
-        (Some(a), Some(b)) => (dtype_code(OP, "A_log", a.dtype())?, dtype_code(OP, "dt_bias", b.dtype())?),
+        (Some(a), Some(b)) => (dtype_code(op, "A_log", a.dtype())?, dtype_code(op, "dt_bias", b.dtype())?),
         _ => (0, 0),
     };
-
     let stream = dev.stream().clone();
-    // SAFETY (the `uninit` buffers): `o` and `ht` are written whole by the last kernel (every
-    // token belongs to one chunk, every (sequence, head, column block) has a CTA); the scratch
-    // buffers are written by the first kernels for every token before the last one reads them.
-    let scratch = |n: usize, dt: DType| unsafe { CudaTensor::uninit(&[n.max(1)], dt, &dev) };
-    let mut o = unsafe { CudaTensor::uninit(&[d.b, d.t, d.hv, d.v], dtype, &dev)? };
-    let mut ht = if opts.output_final_state {
-        Some(unsafe { CudaTensor::uninit(&[d.n, d.hv, d.k, d.v], DType::F32, &dev)? })
-    } else {
-        None
-    };
     // The chunk table goes to the device only for cu_seqlens (one copy: starts, lengths, the
     // sequences' first chunks); equal-length sequences are indexed in the kernels. A copy from
     // pageable memory waits for the stream, so the common case avoids it.
@@ -502,121 +488,397 @@ pub(crate) fn chunk_forward(
         None => None,
     };
     let table_addr = |offset: usize| table.as_ref().map_or(0, |t| t.device_ptr(&stream).0 + 4 * offset as u64);
-    let mut gc = scratch(tokens * d.hv * kg, DType::F32)?;
-    let mut params = ChunkParams {
+    // SAFETY: every (token, value head, gate column) of `gc` is written by the first kernel of
+    // either path before it is read.
+    let mut gc = unsafe { CudaTensor::uninit(&[(tokens * d.hv * kg).max(1)], DType::F32, &dev)? };
+    let params = ChunkParams {
         q: addr(x.q),
         k: addr(x.k),
         v: addr(x.v),
-        g: opt_addr(g),
+        g: opt_addr(x.g),
         beta: addr(beta),
         a_log: opt_addr(x.a_log),
         dt_bias: opt_addr(x.dt_bias),
         h0: opt_addr(x.initial_state),
-        o: addr_mut(&mut o),
-        ht: ht.as_mut().map_or(0, addr_mut),
         gc: addr_mut(&mut gc),
         chunk_start: table_addr(0),
         chunk_len: table_addr(nc),
         seq_chunk: table_addr(2 * nc),
         channel: channel as i32,
         dt_per_channel: x.dt_bias.is_some_and(|t| t.elem_count() != d.hv) as i32,
-        dtype: dt_code,
+        dtype: dtype_code(op, "q", x.q.dtype())?,
         a_log_dtype,
         dt_bias_dtype,
-        tokens: to_i32(OP, "tokens", tokens)?,
-        n: to_i32(OP, "N", d.n)?,
-        nc: to_i32(OP, "chunks", nc)?,
-        h: to_i32(OP, "H", d.h)?,
-        hv: to_i32(OP, "HV", d.hv)?,
-        dk: to_i32(OP, "K", d.k)?,
-        dv: to_i32(OP, "V", d.v)?,
-        seq_len: to_i32(OP, "T", d.t)?,
+        tokens: to_i32(op, "tokens", tokens)?,
+        n: to_i32(op, "N", d.n)?,
+        nc: to_i32(op, "chunks", nc)?,
+        h: to_i32(op, "H", d.h)?,
+        hv: to_i32(op, "HV", d.hv)?,
+        dk: to_i32(op, "K", d.k)?,
+        dv: to_i32(op, "V", d.v)?,
+        seq_len: to_i32(op, "T", d.t)?,
         l2norm: opts.use_qk_l2norm_in_kernel as i32,
         beta_sigmoid: opts.use_beta_sigmoid_in_kernel as i32,
         use_gate: opts.use_gate_in_kernel as i32,
         scale: p.scale as f32,
         ..ChunkParams::default()
     };
-    // SAFETY (every launch below, through `launch_chunk`): Problem::new checked every shape, so
+    Ok(ChunkCall { p, dev, params, tokens, nc, kg, _table: table, _gc: gc })
+}
+
+impl ChunkCall {
+    /// CTAs of a sweep kernel with `bv` value columns per CTA.
+    fn tiles(&self, op: &'static str, bv: usize) -> Result<u32> {
+        let d = self.p.dims;
+        let tiles = d.n * d.hv * d.v.div_ceil(bv);
+        u32::try_from(tiles)
+            .ok()
+            .filter(|&t| t < i32::MAX as u32)
+            .ok_or_else(|| Error::size(op, format!("N·HV·⌈V/{bv}⌉ = {tiles} CTAs is more than one launch takes")))
+    }
+
+    /// An f32 scratch buffer of `n` elements on the call's device.
+    fn scratch(&self, n: usize, dt: DType) -> Result<CudaTensor> {
+        // SAFETY: each caller states which kernel writes every element it later reads.
+        unsafe { CudaTensor::uninit(&[n.max(1)], dt, &self.dev) }
+    }
+
+    /// Runs the f32 path's three kernels (`chunk_gdn.cu`): prep, intra, sweep. With `save` (the
+    /// backward's recompute) it also keeps T, the state entering each chunk and the new values,
+    /// and the sweep skips the outputs (`params.o` null). Returns the scratch the kernels wrote,
+    /// which later kernels of the call read through `self.params`.
+    fn f32_forward(&mut self, op: &'static str, save: bool) -> Result<Vec<CudaTensor>> {
+        use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
+        let d = self.p.dims;
+        let (tokens, nc) = (self.tokens, self.nc);
+        let tiles = self.tiles(op, GPU_CHUNK_BV)?;
+        let image = cubin("chunk_gdn")?;
+        let prep = self.dev.function("chunk_gdn", image, "chunk_gdn_prep")?;
+        let intra = self.dev.function("chunk_gdn", image, "chunk_gdn_intra")?;
+        let fwd = self.dev.function("chunk_gdn", image, "chunk_gdn_fwd")?;
+        intra.set_attribute(MAX_DYN_SMEM, INTRA_SMEM as i32)?;
+        fwd.set_attribute(MAX_DYN_SMEM, FWD_SMEM as i32)?;
+        // Written by chunk_gdn_prep for every token: qn, kn, gf, bf; by chunk_gdn_intra for every
+        // token of every chunk: w, u (and tm); by chunk_gdn_fwd for every chunk and column: hs,
+        // for every token and column: vn.
+        let mut qn = self.scratch(tokens * d.h * d.k, DType::F32)?;
+        let mut kn = self.scratch(tokens * d.h * d.k, DType::F32)?;
+        let mut gf = self.scratch(tokens * d.hv * self.kg, DType::F32)?;
+        let mut bf = self.scratch(tokens * d.hv, DType::F32)?;
+        let mut w = self.scratch(tokens * d.hv * d.k, DType::F32)?;
+        let mut u = self.scratch(tokens * d.hv * d.v, DType::F32)?;
+        let pr = &mut self.params;
+        pr.qn = addr_mut(&mut qn);
+        pr.kn = addr_mut(&mut kn);
+        pr.gf = addr_mut(&mut gf);
+        pr.bf = addr_mut(&mut bf);
+        pr.w = addr_mut(&mut w);
+        pr.u = addr_mut(&mut u);
+        let mut bufs = vec![qn, kn, gf, bf, w, u];
+        if save {
+            let mut tm = self.scratch(tokens * d.hv * GPU_CHUNK, DType::F32)?;
+            let mut hs = self.scratch(nc * d.hv * d.k * d.v, DType::F32)?;
+            let mut vn = self.scratch(tokens * d.hv * d.v, DType::F32)?;
+            let pr = &mut self.params;
+            pr.tm = addr_mut(&mut tm);
+            pr.hs = addr_mut(&mut hs);
+            pr.vn = addr_mut(&mut vn);
+            bufs.extend([tm, hs, vn]);
+        }
+        // SAFETY: see `chunk_forward`.
+        if tokens > 0 {
+            let cfg = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            launch_chunk(&self.dev, &prep, cfg, &self.params)?;
+        }
+        if nc > 0 {
+            let grid = (nc as u32, d.hv as u32, 1);
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: (256, 1, 1), shared_mem_bytes: INTRA_SMEM };
+            launch_chunk(&self.dev, &intra, cfg, &self.params)?;
+        }
+        if tiles > 0 {
+            let cfg = LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: FWD_SMEM };
+            launch_chunk(&self.dev, &fwd, cfg, &self.params)?;
+        }
+        Ok(bufs)
+    }
+}
+
+/// The chunk forward of Gated DeltaNet, DeltaNet and KDA on the GPU; see
+/// [`crate::chunk::forward_cuda`].
+///
+/// bf16 / f16 inputs of Gated DeltaNet and DeltaNet with K = 64 or 128 and V a multiple of 16
+/// take the tensor-core path (`chunk_gdn_tc.cu`); everything else (f32 inputs, KDA, other head
+/// dims up to K = 128) the f32 path (`chunk_gdn.cu`).
+pub(crate) fn chunk_forward(
+    family: Family,
+    x: &Inputs<'_, CudaTensor>,
+    opts: &Options,
+) -> Result<(CudaTensor, Option<CudaTensor>)> {
+    use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
+    const OP: &str = "chunk::forward_cuda";
+    let mut call = chunk_call(OP, family, x, opts)?;
+    let d = call.p.dims;
+    let dev = call.dev.clone();
+    let dtype = x.q.dtype();
+    // KDA's per-channel decay runs on the f32 path only so far.
+    let tensor_cores =
+        family != Family::Kda && matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && d.v % 16 == 0;
+    // SAFETY (`uninit`): `o` and `ht` are written whole by the last kernel (every token belongs
+    // to one chunk, every (sequence, head, column block) has a CTA).
+    let mut o = unsafe { CudaTensor::uninit(&[d.b, d.t, d.hv, d.v], dtype, &dev)? };
+    let mut ht = if opts.output_final_state {
+        Some(unsafe { CudaTensor::uninit(&[d.n, d.hv, d.k, d.v], DType::F32, &dev)? })
+    } else {
+        None
+    };
+    call.params.o = addr_mut(&mut o);
+    call.params.ht = ht.as_mut().map_or(0, addr_mut);
+    // SAFETY (every launch, through `launch_chunk`): Problem::new checked every shape, so
     // each address covers what the kernels index: q, k [tokens,H,K]; v, o [tokens,HV,V]; g (null
-    // for delta_rule: no decay), beta [tokens,HV]; A_log, dt_bias [HV] (read only with use_gate,
-    // which Problem requires them for); initial_state and ht [N,HV,K,V] f32 (h0 checked f32
-    // above); the scratch buffers are allocated below with the sizes the kernels index
-    // (f32 path: qn, kn [tokens,H,K]; gf, gc [tokens,HV] or, for KDA, [tokens,HV,K]; bf
-    // [tokens,HV]; w [tokens,HV,K]; u [tokens,HV,V];
-    // tensor-core path: gc, rq, rk [tokens,HV] f32; w16 [tokens,HV,K], u16 [tokens,HV,V],
-    // aqk [tokens,HV,64] in q's 16-bit dtype, which the kernel's name matches). The tensor-core
-    // kernels take K = 64 or 128 (their template), V a multiple of 16 and of the block `bv`
-    // (checked above), and load 16-byte pieces, aligned since K, V, 64 are multiples of 8
-    // elements and cudarc buffers start 256-byte aligned. The chunk table (with cu_seqlens)
+    // for delta_rule: no decay) [tokens,HV] or, for KDA, [tokens,HV,K]; beta [tokens,HV]; A_log
+    // [HV], dt_bias [HV] or [HV·K] (read only with use_gate, which Problem requires them for);
+    // initial_state and ht [N,HV,K,V] f32 (h0 checked f32 in `chunk_call`); the scratch buffers
+    // are allocated with the sizes the kernels index (f32 path: qn, kn [tokens,H,K]; gf, gc
+    // [tokens,HV(,K)]; bf [tokens,HV]; w [tokens,HV,K]; u, vn [tokens,HV,V]; tm [tokens,HV,64];
+    // hs [nc,HV,K,V]; tensor-core path: gc, rq, rk [tokens,HV] f32; w16 [tokens,HV,K], u16
+    // [tokens,HV,V], aqk [tokens,HV,64] in q's 16-bit dtype, which the kernel's name matches).
+    // The tensor-core kernels take K = 64 or 128 (their template), V a multiple of 16 and of the
+    // block `bv` (checked above), and load 16-byte pieces, aligned since K, V, 64 are multiples
+    // of 8 elements and cudarc buffers start 256-byte aligned. The chunk table (with cu_seqlens)
     // lists chunks of 1..=64 tokens inside [0, tokens) and `seq_chunk` has N+1 entries; without
-    // it the kernels split N = B sequences of T tokens the same way (tokens = B·T, nc = B·⌈T/64⌉
-    // chunks, as `chunk_table` counts them for the grid); every index fits i32
-    // (checked), K ≤ 128 (checked). The dynamic shared memory matches each kernel's
-    // *_SMEM macro and the attribute allowing it was set. Each output element (o, ht, scratch)
-    // is written by exactly one thread. All buffers outlive the launches in stream order
-    // (frees are stream-ordered on this stream).
+    // it the kernels split N = B sequences of T tokens the same way (tokens = B·T, nc =
+    // B·⌈T/64⌉ chunks, as `chunk_table` counts them for the grid); every index fits i32
+    // (checked in `chunk_call`), K ≤ 128 (checked). The dynamic shared memory matches each
+    // kernel's *_SMEM macro and the attribute allowing it was set. Each output element (o, ht,
+    // scratch) is written by exactly one thread. All buffers outlive the launches in stream
+    // order (frees are stream-ordered on this stream).
     if tensor_cores {
+        let bv = tc_block_v(d.v, dev.sm_count(), |bv| d.n * d.hv * d.v / bv);
+        let tiles = call.tiles(OP, bv)?;
         let name = if dtype == DType::BF16 { "bf16" } else { "f16" };
         let image = cubin("chunk_gdn_tc")?;
         let intra = dev.function("chunk_gdn_tc", image, &format!("chunk_gdn_tc_intra_{name}_k{}", d.k))?;
         let fwd = dev.function("chunk_gdn_tc", image, &format!("chunk_gdn_tc_fwd_{name}_k{}_v{bv}", d.k))?;
         intra.set_attribute(MAX_DYN_SMEM, tc_intra_smem(d.k) as i32)?;
         fwd.set_attribute(MAX_DYN_SMEM, tc_fwd_smem(d.k, bv) as i32)?;
-        let (mut rq, mut rk) = (scratch(tokens * d.hv, DType::F32)?, scratch(tokens * d.hv, DType::F32)?);
-        let mut w16 = scratch(tokens * d.hv * d.k, dtype)?;
-        let mut u16 = scratch(tokens * d.hv * d.v, dtype)?;
-        let mut aqk = scratch(tokens * d.hv * GPU_CHUNK, dtype)?;
-        params.rq = addr_mut(&mut rq);
-        params.rk = addr_mut(&mut rk);
-        params.w16 = addr_mut(&mut w16);
-        params.u16 = addr_mut(&mut u16);
-        params.aqk = addr_mut(&mut aqk);
-        if nc > 0 {
-            let grid = (nc as u32, d.hv as u32, 1);
+        let tokens = call.tokens;
+        // Written by the intra kernel for every token before the sweep reads them.
+        let mut rq = call.scratch(tokens * d.hv, DType::F32)?;
+        let mut rk = call.scratch(tokens * d.hv, DType::F32)?;
+        let mut w16 = call.scratch(tokens * d.hv * d.k, dtype)?;
+        let mut u16 = call.scratch(tokens * d.hv * d.v, dtype)?;
+        let mut aqk = call.scratch(tokens * d.hv * GPU_CHUNK, dtype)?;
+        let pr = &mut call.params;
+        pr.rq = addr_mut(&mut rq);
+        pr.rk = addr_mut(&mut rk);
+        pr.w16 = addr_mut(&mut w16);
+        pr.u16 = addr_mut(&mut u16);
+        pr.aqk = addr_mut(&mut aqk);
+        if call.nc > 0 {
+            let grid = (call.nc as u32, d.hv as u32, 1);
             let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: tc_intra_smem(d.k) };
-            launch_chunk(&dev, &intra, cfg, &params)?;
+            launch_chunk(&dev, &intra, cfg, &call.params)?;
         }
         if tiles > 0 {
             let smem = tc_fwd_smem(d.k, bv);
             let cfg =
                 LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (tc_fwd_threads(bv), 1, 1), shared_mem_bytes: smem };
-            launch_chunk(&dev, &fwd, cfg, &params)?;
+            launch_chunk(&dev, &fwd, cfg, &call.params)?;
         }
         drop((rq, rk, w16, u16, aqk));
     } else {
-        let image = cubin("chunk_gdn")?;
-        let prep = dev.function("chunk_gdn", image, "chunk_gdn_prep")?;
-        let intra = dev.function("chunk_gdn", image, "chunk_gdn_intra")?;
-        let fwd = dev.function("chunk_gdn", image, "chunk_gdn_fwd")?;
-        intra.set_attribute(MAX_DYN_SMEM, INTRA_SMEM as i32)?;
-        fwd.set_attribute(MAX_DYN_SMEM, FWD_SMEM as i32)?;
-        let (mut qn, mut kn) = (scratch(tokens * d.h * d.k, DType::F32)?, scratch(tokens * d.h * d.k, DType::F32)?);
-        let (mut gf, mut bf) = (scratch(tokens * d.hv * kg, DType::F32)?, scratch(tokens * d.hv, DType::F32)?);
-        let (mut w, mut u) = (scratch(tokens * d.hv * d.k, DType::F32)?, scratch(tokens * d.hv * d.v, DType::F32)?);
-        params.qn = addr_mut(&mut qn);
-        params.kn = addr_mut(&mut kn);
-        params.gf = addr_mut(&mut gf);
-        params.bf = addr_mut(&mut bf);
-        params.w = addr_mut(&mut w);
-        params.u = addr_mut(&mut u);
-        if tokens > 0 {
-            let cfg = LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            launch_chunk(&dev, &prep, cfg, &params)?;
-        }
-        if nc > 0 {
-            let grid = (nc as u32, d.hv as u32, 1);
-            let cfg = LaunchConfig { grid_dim: grid, block_dim: (256, 1, 1), shared_mem_bytes: INTRA_SMEM };
-            launch_chunk(&dev, &intra, cfg, &params)?;
-        }
-        if tiles > 0 {
-            let cfg = LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: FWD_SMEM };
-            launch_chunk(&dev, &fwd, cfg, &params)?;
-        }
-        drop((qn, kn, gf, bf, w, u));
+        drop(call.f32_forward(OP, false)?);
     }
-    drop((gc, table));
+    drop(call);
     Ok((o, ht))
+}
+
+/// Mirror of `ChunkBwdParams` in `cuda/chunk_bwd.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ChunkBwdParams {
+    f: ChunkParams,
+    d_o: u64,
+    dht: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    dg: u64,
+    dbeta: u64,
+    dh0: u64,
+    da_log: u64,
+    ddt_bias: u64,
+    dhs: u64,
+    du: u64,
+    dp: u64,
+    da: u64,
+    dqa: u64,
+    dka: u64,
+    dkb: u64,
+    dgl: u64,
+    dbh: u64,
+    dgh: u64,
+    gate_acc: u64,
+}
+
+// SAFETY: plain old data with the C layout the kernels read (a ChunkParams, then u64 addresses).
+unsafe impl DeviceRepr for ChunkBwdParams {}
+
+/// Dynamic shared memory of `chunk_bwd_dh` (`FLA_DH_SMEM`).
+const BWD_DH_SMEM: u32 = ((128 * 64 + 2 * 64 * 129 + 2 * 64 * 64 + 64 * 64 + 64 * 128) * 4) as u32;
+/// Dynamic shared memory of `chunk_bwd_dqk` (`FLA_DQK_SMEM`).
+const BWD_DQK_SMEM: u32 = ((3 * 64 * 65 + 3 * 64 * 129 + 4 * 64 * 33 + 2 * 128 * 33 + 2 * 64 + 128) * 4) as u32;
+/// Dynamic shared memory of `chunk_bwd_gate` (`FLA_GATE_SMEM`).
+const BWD_GATE_SMEM: u32 = ((3 * 64 * 129 + 64 * 128 + 2 * 64 * 65 + 3 * 64 + 128) * 4) as u32;
+
+/// The chunk backward on the GPU; see [`crate::chunk::backward_cuda`].
+pub(crate) fn chunk_backward(
+    family: Family,
+    x: &Inputs<'_, CudaTensor>,
+    opts: &Options,
+    d_o: &CudaTensor,
+    dht: Option<&CudaTensor>,
+) -> Result<crate::Grads<CudaTensor>> {
+    use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
+    const OP: &str = "chunk::backward_cuda";
+    let mut call = chunk_call(OP, family, x, opts)?;
+    let d = call.p.dims;
+    let dev = call.dev.clone();
+    let dtype = x.q.dtype();
+    let same_device = |arg: &'static str, t: &CudaTensor| -> Result<()> {
+        if t.device() != x.q.device() {
+            return Err(Error::Device {
+                op: OP,
+                arg,
+                expected: format!("{} (the device of q)", x.q.device()),
+                got: t.device().to_string(),
+            });
+        }
+        Ok(())
+    };
+    same_device("do", d_o)?;
+    if d_o.dtype() != dtype {
+        return Err(Error::DType {
+            op: OP,
+            arg: "do",
+            expected: format!("{dtype} (the dtype of q)"),
+            got: d_o.dtype(),
+        });
+    }
+    if d_o.shape() != [d.b, d.t, d.hv, d.v] {
+        let want = format!("o's shape [{}, {}, {}, {}]", d.b, d.t, d.hv, d.v);
+        return Err(Error::shape(OP, "do", want, d_o.shape()));
+    }
+    if let Some(dht) = dht {
+        same_device("dht", dht)?;
+        if dht.dtype() != DType::F32 {
+            return Err(Error::DType { op: OP, arg: "dht", expected: "f32".into(), got: dht.dtype() });
+        }
+        if dht.shape() != [d.n, d.hv, d.k, d.v] {
+            let want = format!("[N,HV,K,V] = [{}, {}, {}, {}]", d.n, d.hv, d.k, d.v);
+            return Err(Error::shape(OP, "dht", want, dht.shape()));
+        }
+    }
+    to_i32(OP, "chunks·HV·K·V", call.nc * d.hv * d.k * d.v)?;
+    let tiles = call.tiles(OP, GPU_CHUNK_BV)?;
+    let saved = call.f32_forward(OP, true)?;
+    let (tokens, nc) = (call.tokens, call.nc);
+    let image = cubin("chunk_bwd")?;
+    let f_dh = dev.function("chunk_bwd", image, "chunk_bwd_dh")?;
+    let f_dqk = dev.function("chunk_bwd", image, "chunk_bwd_dqk")?;
+    let f_gate = dev.function("chunk_bwd", image, "chunk_bwd_gate")?;
+    let f_post = dev.function("chunk_bwd", image, "chunk_bwd_post")?;
+    f_dh.set_attribute(MAX_DYN_SMEM, BWD_DH_SMEM as i32)?;
+    f_dqk.set_attribute(MAX_DYN_SMEM, BWD_DQK_SMEM as i32)?;
+    f_gate.set_attribute(MAX_DYN_SMEM, BWD_GATE_SMEM as i32)?;
+
+    // SAFETY (`uninit` outputs): chunk_bwd_post writes dq, dk, dbeta and dg for every token;
+    // chunk_bwd_dqk writes dv for every token and column; chunk_bwd_dh writes dh0 for every
+    // (sequence, head, column); chunk_bwd_gate_params writes dA_log and ddt_bias whole.
+    let out = |shape: &[usize], dt: DType| unsafe { CudaTensor::uninit(shape, dt, &dev) };
+    let mut dq = out(&[d.b, d.t, d.h, d.k], dtype)?;
+    let mut dk = out(&[d.b, d.t, d.h, d.k], dtype)?;
+    let mut dv = out(&[d.b, d.t, d.hv, d.v], dtype)?;
+    let mut dbeta = out(&[d.b, d.t, d.hv], dtype)?;
+    let mut dg = x.g.map(|g| out(g.shape(), dtype)).transpose()?;
+    let mut dh0 = x.initial_state.map(|_| out(&[d.n, d.hv, d.k, d.v], DType::F32)).transpose()?;
+    let gate = opts.use_gate_in_kernel.then_some((x.a_log, x.dt_bias));
+    let (mut da_log, mut ddt_bias) = match gate {
+        Some((Some(a), Some(b))) => (Some(out(a.shape(), a.dtype())?), Some(out(b.shape(), b.dtype())?)),
+        _ => (None, None),
+    };
+    // Scratch, each written before it is read: dhs by chunk_bwd_dh for every chunk and column,
+    // du for every token and column; dp, da, dqa, dka, dkb, dgl, dbh by chunk_bwd_dqk for every
+    // token (chunk); dgh by chunk_bwd_gate for every token; gate_acc zeroed.
+    let mut dhs = call.scratch(nc * d.hv * d.k * d.v, DType::F32)?;
+    let mut du = call.scratch(tokens * d.hv * d.v, DType::F32)?;
+    let mut dp = call.scratch(tokens * d.hv * GPU_CHUNK, DType::F32)?;
+    let mut da = call.scratch(tokens * d.hv * GPU_CHUNK, DType::F32)?;
+    let mut dqa = call.scratch(tokens * d.hv * d.k, DType::F32)?;
+    let mut dka = call.scratch(tokens * d.hv * d.k, DType::F32)?;
+    let mut dkb = call.scratch(tokens * d.hv * d.k, DType::F32)?;
+    let mut dgl = call.scratch(nc * d.hv * d.k, DType::F32)?;
+    let mut dbh = call.scratch(tokens * d.hv, DType::F32)?;
+    let mut dgh = call.scratch(tokens * d.hv * call.kg, DType::F32)?;
+    let mut gate_acc = CudaTensor::zeros(&[d.hv + d.hv * d.k], DType::F32, &dev)?;
+    let bp = ChunkBwdParams {
+        f: call.params,
+        d_o: addr(d_o),
+        dht: opt_addr(dht),
+        dq: addr_mut(&mut dq),
+        dk: addr_mut(&mut dk),
+        dv: addr_mut(&mut dv),
+        dg: dg.as_mut().map_or(0, addr_mut),
+        dbeta: addr_mut(&mut dbeta),
+        dh0: dh0.as_mut().map_or(0, addr_mut),
+        da_log: da_log.as_mut().map_or(0, addr_mut),
+        ddt_bias: ddt_bias.as_mut().map_or(0, addr_mut),
+        dhs: addr_mut(&mut dhs),
+        du: addr_mut(&mut du),
+        dp: addr_mut(&mut dp),
+        da: addr_mut(&mut da),
+        dqa: addr_mut(&mut dqa),
+        dka: addr_mut(&mut dka),
+        dkb: addr_mut(&mut dkb),
+        dgl: addr_mut(&mut dgl),
+        dbh: addr_mut(&mut dbh),
+        dgh: addr_mut(&mut dgh),
+        gate_acc: addr_mut(&mut gate_acc),
+    };
+    let launch = |f: &CudaFunction, grid: (u32, u32, u32), threads: u32, smem: u32| -> Result<()> {
+        let mut l = dev.stream().launch_builder(f);
+        l.arg(&bp);
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+        // SAFETY: every chunk_bwd kernel's signature is `(ChunkBwdParams)` by value, mirrored
+        // above. `bp.f` is the forward's parameters (see `chunk_forward` for what makes them
+        // sound), with the recompute's scratch from `f32_forward`, alive in `saved`. The
+        // backward's buffers are allocated above with the shapes the kernels index: do, dv
+        // [tokens,HV,V]; dht, dh0, dhs-per-chunk [N or nc,HV,K,V] f32 (dht checked); dq, dk
+        // [tokens,H,K]; dg in g's shape; dbeta, dbh [tokens,HV]; dA_log, ddt_bias in the shapes
+        // and dtypes of A_log, dt_bias (present with use_gate: Problem checked);
+        // dp, da [tokens,HV,64]; dqa, dka, dkb [tokens,HV,K]; dgl [nc,HV,K]; dgh [tokens,HV,KG];
+        // gate_acc [HV + HV·K]. Indices fit i32 where the kernels use 32 bits (checked). The
+        // dynamic shared memory matches each kernel's macro and the attribute was set. Each
+        // element is written by one thread, except the f32 atomics into gate_acc.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    };
+    if tiles > 0 {
+        launch(&f_dh, (tiles, 1, 1), 256, BWD_DH_SMEM)?;
+    }
+    if nc > 0 {
+        launch(&f_dqk, (nc as u32, d.hv as u32, 1), 256, BWD_DQK_SMEM)?;
+        launch(&f_gate, (nc as u32, d.hv as u32, 1), 256, BWD_GATE_SMEM)?;
+    }
+    if tokens > 0 {
+        launch(&f_post, (tokens as u32, 1, 1), 128, 0)?;
+    }
+    if da_log.is_some() {
+        let f = dev.function("chunk_bwd", image, "chunk_bwd_gate_params")?;
+        launch(&f, (1, 1, 1), 128, 0)?;
+    }
+    drop((saved, dhs, du, dp, da, dqa, dka, dkb, dgl, dbh, dgh, gate_acc, call));
+    Ok(crate::Grads { dq, dk, dv, dg, dbeta: Some(dbeta), db: None, dw: None, dh0, da_log, ddt_bias })
 }
 
 #[cfg(test)]
@@ -629,9 +891,10 @@ mod tests {
         // recurrent.cu occupies on the device.
         assert_eq!(std::mem::size_of::<RecurrentParams>(), 176);
         assert_eq!(std::mem::align_of::<RecurrentParams>(), 8);
-        // 25 pointers, 16 ints and a float, padded to 8 bytes: `ChunkParams` in
-        // common/chunk.cuh.
-        assert_eq!(std::mem::size_of::<ChunkParams>(), 272);
+        // 28 pointers, 17 ints and a float: `ChunkParams` in common/chunk.cuh; then 21
+        // pointers of `ChunkBwdParams` in chunk_bwd.cu.
+        assert_eq!(std::mem::size_of::<ChunkParams>(), 296);
+        assert_eq!(std::mem::size_of::<ChunkBwdParams>(), 296 + 21 * 8);
     }
 
     #[test]

@@ -88,29 +88,29 @@ pub struct Output {
 }
 
 /// Gradients of `Σ o·do + Σ ht·dht` with respect to every input that was given, each in its
-/// input's dtype (f32 for `dh0`).
+/// input's dtype (f32 for `dh0`). `T`: host [`Tensor`]s, or `CudaTensor`s from the GPU backward.
 #[derive(Debug, Clone)]
-pub struct Grads {
+pub struct Grads<T = Tensor> {
     /// Gradient of `q`.
-    pub dq: Tensor,
+    pub dq: T,
     /// Gradient of `k`.
-    pub dk: Tensor,
+    pub dk: T,
     /// Gradient of `v`.
-    pub dv: Tensor,
+    pub dv: T,
     /// Gradient of `g` (of the raw gate input with `use_gate_in_kernel`).
-    pub dg: Option<Tensor>,
+    pub dg: Option<T>,
     /// Gradient of `beta`.
-    pub dbeta: Option<Tensor>,
+    pub dbeta: Option<T>,
     /// Gradient of `b`.
-    pub db: Option<Tensor>,
+    pub db: Option<T>,
     /// Gradient of `w`.
-    pub dw: Option<Tensor>,
+    pub dw: Option<T>,
     /// Gradient of the initial state.
-    pub dh0: Option<Tensor>,
+    pub dh0: Option<T>,
     /// Gradient of `A_log`.
-    pub da_log: Option<Tensor>,
+    pub da_log: Option<T>,
     /// Gradient of `dt_bias`.
-    pub ddt_bias: Option<Tensor>,
+    pub ddt_bias: Option<T>,
 }
 
 /// Sizes of a validated call.

@@ -168,7 +168,35 @@ const CHUNK_CASES: &[ChunkCase] = &[
         cu_seqlens: Some(&[0, 2048, 10240, 10752, 16384]),
     },
     ChunkCase { name: "delta_chunk_fwd", family: Family::DeltaRule, bthv: [8, 2048, 16, 16], cu_seqlens: None },
+    ChunkCase { name: "kda_chunk_fwd", family: Family::Kda, bthv: [8, 2048, 16, 16], cu_seqlens: None },
 ];
+
+/// The forward + backward rows (issue 3's training shape), as FLA's autograd runs them: the
+/// forward, then the backward from a random `do`.
+const FWD_BWD_CASES: &[ChunkCase] = &[
+    ChunkCase { name: "chunk_fwd_bwd", family: Family::GatedDeltaRule, bthv: [8, 2048, 16, 16], cu_seqlens: None },
+    ChunkCase { name: "kda_chunk_fwd_bwd", family: Family::Kda, bthv: [8, 2048, 16, 16], cu_seqlens: None },
+];
+
+/// Random bf16 inputs of one case on the device: q, k, v, g (none for DeltaNet, per key channel
+/// for KDA), beta.
+fn chunk_inputs(dev: &Arc<CudaDevice>, case: &ChunkCase) -> Result<[Option<CudaTensor>; 5]> {
+    let [b, t, h, hv] = case.bthv;
+    let d = 128;
+    let up = |t: Tensor| -> Result<CudaTensor> { Ok(CudaTensor::from_host(&t.to_dtype(DType::BF16)?, dev)?) };
+    let g = match case.family {
+        Family::DeltaRule => None,
+        Family::Kda => Some(up(random(&[b, t, hv, d], 24, -0.2, -0.01))?),
+        _ => Some(up(random(&[b, t, hv], 24, -0.2, -0.01))?),
+    };
+    Ok([
+        Some(up(random(&[b, t, h, d], 21, -1.0, 1.0))?),
+        Some(up(random(&[b, t, h, d], 22, -1.0, 1.0))?),
+        Some(up(random(&[b, t, hv, d], 23, -1.0, 1.0))?),
+        g,
+        Some(up(random(&[b, t, hv], 25, 0.1, 0.9))?),
+    ])
+}
 
 /// The chunk forward of one case, bf16 inputs, K = V = 128, in-op L2 norm, final state out; the
 /// rate is tokens·heads per second, and the fraction is of the memory floor: the bytes a fused
@@ -176,13 +204,9 @@ const CHUNK_CASES: &[ChunkCase] = &[
 fn chunk_fwd_row(dev: &Arc<CudaDevice>, seconds: f64, case: &ChunkCase, hbm: f64) -> Result<Row> {
     let [b, t, h, hv] = case.bthv;
     let d = 128;
-    let up = |t: Tensor| -> Result<CudaTensor> { Ok(CudaTensor::from_host(&t.to_dtype(DType::BF16)?, dev)?) };
-    let q = up(random(&[b, t, h, d], 21, -1.0, 1.0))?;
-    let k = up(random(&[b, t, h, d], 22, -1.0, 1.0))?;
-    let v = up(random(&[b, t, hv, d], 23, -1.0, 1.0))?;
-    let g = if case.family == Family::GatedDeltaRule { Some(up(random(&[b, t, hv], 24, -0.2, -0.01))?) } else { None };
-    let beta = up(random(&[b, t, hv], 25, 0.1, 0.9))?;
-    let x = Inputs { g: g.as_ref(), beta: Some(&beta), cu_seqlens: case.cu_seqlens, ..Inputs::new(&q, &k, &v) };
+    let [q, k, v, g, beta] = chunk_inputs(dev, case)?;
+    let (q, k, v) = (q.expect("q"), k.expect("k"), v.expect("v"));
+    let x = Inputs { g: g.as_ref(), beta: beta.as_ref(), cu_seqlens: case.cu_seqlens, ..Inputs::new(&q, &k, &v) };
     let opts = Options { use_qk_l2norm_in_kernel: true, output_final_state: true, ..Options::default() };
     let (ms, host_ms) = time_gpu_ms(dev, seconds, |_| {
         chunk::forward_cuda(case.family, &x, &opts)?;
@@ -190,7 +214,12 @@ fn chunk_fwd_row(dev: &Arc<CudaDevice>, seconds: f64, case: &ChunkCase, hbm: f64
     })?;
     let n = case.cu_seqlens.map_or(b, |c| c.len() - 1);
     let tokens = b * t;
-    let bytes = tokens * (2 * h * d + 2 * hv * d + hv * if g.is_some() { 4 } else { 2 }) * 2 + n * hv * d * d * 4;
+    let g_per_token = match case.family {
+        Family::DeltaRule => 0,
+        Family::Kda => hv * d,
+        _ => hv,
+    };
+    let bytes = tokens * (2 * h * d + 2 * hv * d + hv + g_per_token) * 2 + n * hv * d * d * 4;
     let floor_ms = bytes as f64 / hbm / 1e6;
     let cu = case.cu_seqlens.map_or(String::new(), |c| format!(" cu_seqlens={c:?}"));
     Ok(Row {
@@ -204,6 +233,33 @@ fn chunk_fwd_row(dev: &Arc<CudaDevice>, seconds: f64, case: &ChunkCase, hbm: f64
             "host {host_ms:.3} ms/call; memory floor {floor_ms:.3} ms ({:.0} MB at the HBM rate)",
             bytes as f64 / 1e6
         ),
+    })
+}
+
+/// Forward + backward of one case, bf16 inputs, K = V = 128, in-op L2 norm, no final state (as
+/// FLA's autograd call in the side-by-side script); the rate is tokens·heads per second.
+fn chunk_fwd_bwd_row(dev: &Arc<CudaDevice>, seconds: f64, case: &ChunkCase) -> Result<Row> {
+    let [b, t, h, hv] = case.bthv;
+    let d = 128;
+    let [q, k, v, g, beta] = chunk_inputs(dev, case)?;
+    let (q, k, v) = (q.expect("q"), k.expect("k"), v.expect("v"));
+    let d_o = CudaTensor::from_host(&random(&[b, t, hv, d], 26, -1.0, 1.0).to_dtype(DType::BF16)?, dev)?;
+    let x = Inputs { g: g.as_ref(), beta: beta.as_ref(), ..Inputs::new(&q, &k, &v) };
+    let opts = Options { use_qk_l2norm_in_kernel: true, ..Options::default() };
+    let (ms, host_ms) = time_gpu_ms(dev, seconds, |_| {
+        chunk::forward_cuda(case.family, &x, &opts)?;
+        chunk::backward_cuda(case.family, &x, &opts, &d_o, None)?;
+        Ok(())
+    })?;
+    let tokens = b * t;
+    Ok(Row {
+        name: case.name.into(),
+        shape: format!("B={b} T={t} H={h} HV={hv} K=V={d} bf16 {}", case.family),
+        ms,
+        rate: tokens as f64 * hv as f64 / ms / 1e3,
+        unit: "Mtok·head/s",
+        fraction: None,
+        note: format!("host {host_ms:.3} ms/call; backward in f32 arithmetic (no tensor cores yet)"),
     })
 }
 
@@ -236,6 +292,11 @@ pub(crate) fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
     for case in CHUNK_CASES {
         if want(case.name) {
             out.push(chunk_fwd_row(&dev, seconds, case, hbm.rate).with_context(|| format!("{} row", case.name))?);
+        }
+    }
+    for case in FWD_BWD_CASES {
+        if want(case.name) {
+            out.push(chunk_fwd_bwd_row(&dev, seconds, case).with_context(|| format!("{} row", case.name))?);
         }
     }
     out.push(hbm);

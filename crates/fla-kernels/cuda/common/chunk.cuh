@@ -33,6 +33,10 @@ struct ChunkParams {
     void* aqk;            // [tokens, HV, C]: scale Q K^T . exp(G_i - G_j), lower incl. diagonal
     float* rq;            // [tokens, HV]: 1/|q| (1 without the in-op L2 norm)
     float* rk;            // [tokens, HV]: 1/|k|
+    // Saved by the f32 path for the backward (chunk_bwd.cu); null in a plain forward.
+    float* tm;            // [tokens, HV, C]: row i of T = (I + A)^-1 of the token's chunk
+    float* hs;            // [nc, HV, K, V]: state entering each chunk
+    float* vn;            // [tokens, HV, V]: new values Vn = U - W S
     // The chunk table (cu_seqlens given); null for N sequences of `seq_len` tokens each.
     const int* chunk_start;  // [nc] first token of each chunk
     const int* chunk_len;    // [nc] tokens in each chunk (1..=64)

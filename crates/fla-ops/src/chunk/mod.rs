@@ -59,6 +59,25 @@ pub fn forward_cuda(
     crate::cuda::chunk_forward(family, x, opts)
 }
 
+/// The chunk backward on a CUDA device: the gradients [`backward`] returns, as `CudaTensor`s in
+/// the dtypes of their inputs (`dh0` f32). `do` has `o`'s shape and dtype, `dht [N,HV,K,V]` is
+/// f32 (or omitted: zero).
+///
+/// Gated DeltaNet, DeltaNet and KDA, with everything [`forward_cuda`] accepts. Runs in f32
+/// arithmetic (`fla-kernels/cuda/chunk_bwd.cu`) after recomputing the forward on the f32 path
+/// (keeping `T`, the state entering each chunk and the new values): a reverse sweep carries the
+/// state gradient per (sequence, head, 64 value columns), then every chunk's gradients are
+/// computed at once. The work is queued on the device's stream.
+pub fn backward_cuda(
+    family: Family,
+    x: &Inputs<'_, fla_core::cuda::CudaTensor>,
+    opts: &Options,
+    d_o: &fla_core::cuda::CudaTensor,
+    dht: Option<&fla_core::cuda::CudaTensor>,
+) -> Result<Grads<fla_core::cuda::CudaTensor>> {
+    crate::cuda::chunk_backward(family, x, opts, d_o, dht)
+}
+
 /// Chunk backward for `family`: gradients of `Σ o·do + Σ ht·dht` with respect to every input
 /// given (`dht [N,HV,K,V]` may be omitted: zero). Recomputes the forward internally, so nothing
 /// needs to be kept from [`forward`].

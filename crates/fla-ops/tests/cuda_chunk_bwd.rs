@@ -1,0 +1,158 @@
+//! The GPU chunk backward (`chunk::backward_cuda`: Gated DeltaNet, DeltaNet, KDA) against the
+//! CPU chunk backward on the same inputs and upstream gradients: every gradient (q, k, v, g,
+//! beta, the initial state, A_log, dt_bias) for T = 1, 63, 64, 65, 200, a varlen batch with a
+//! sequence of one token and an empty one, grouped value heads, K = V = 64 and 128, dims that are
+//! not powers of two, strong decay, with and without an initial state and `dht`, the in-op
+//! options, f32 and bf16 inputs. Plus the typed errors of bad upstream gradients.
+//!
+//! Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
+mod common;
+
+use std::sync::Arc;
+
+use common::gpu::{gpu, GpuData};
+use common::{Checker, DtBias, Gate, Spec};
+use fla_core::cuda::{CudaDevice, CudaTensor};
+use fla_core::{DType, Error, Tensor};
+use fla_ops::{chunk, Family, Grads};
+
+/// f32 inputs: the same f32 arithmetic as the CPU in another order, through more sums than the
+/// forward (the state gradient over the whole sequence).
+const TOL_F32: f64 = 2e-4;
+/// bf16 inputs: the gradients are rounded to bf16 on both sides.
+const TOL_BF16: f64 = 1e-2;
+
+fn specs(fam: Family) -> Vec<Spec> {
+    let mut out = Vec::new();
+    let mut seed = 7000;
+    let mut next = || {
+        seed += 1;
+        seed
+    };
+    for (k, v) in [(64, 64), (128, 128), (100, 96)] {
+        for t in [1, 63, 64, 65, 200] {
+            let mut s = Spec::new(fam, [2, t, 2, 4, k, v]).h0(t != 63).seed(next());
+            if t == 65 || t == 200 {
+                s = s.gate(Gate::Strong);
+            }
+            out.push(s);
+        }
+        out.push(Spec::new(fam, [1, 130, 2, 4, k, v]).cu(&[0, 1, 65, 65, 130]).h0(true).seed(next()));
+    }
+    let mut s = Spec::new(fam, [1, 150, 2, 4, 128, 128]).cu(&[0, 70, 70, 150]).h0(true).l2norm().sigmoid();
+    match fam {
+        Family::GatedDeltaRule => s = s.gate_in_kernel(DtBias::Head),
+        Family::Kda => s = s.gate_in_kernel(DtBias::Flat),
+        _ => {}
+    }
+    out.push(s.seed(next()));
+    if fam == Family::Kda {
+        out.push(Spec::new(fam, [2, 90, 1, 3, 64, 64]).gate_in_kernel(DtBias::Matrix).sigmoid().seed(next()));
+    }
+    out.push(Spec::new(fam, [2, 70, 3, 3, 32, 50]).h0(true).gate(Gate::Strong).l2norm().seed(next()));
+    out.push(Spec::new(fam, [1, 140, 1, 4, 64, 200]).h0(true).l2norm().seed(next()));
+    out
+}
+
+fn to_host(g: Grads<CudaTensor>) -> Grads {
+    let h = |t: CudaTensor| t.to_host().unwrap();
+    let ho = |t: Option<CudaTensor>| t.map(h);
+    Grads {
+        dq: h(g.dq),
+        dk: h(g.dk),
+        dv: h(g.dv),
+        dg: ho(g.dg),
+        dbeta: ho(g.dbeta),
+        db: ho(g.db),
+        dw: ho(g.dw),
+        dh0: ho(g.dh0),
+        da_log: ho(g.da_log),
+        ddt_bias: ho(g.ddt_bias),
+    }
+}
+
+/// One spec in one dtype, with and without `dht`: every GPU gradient against the CPU's.
+fn check_case(c: &mut Checker, dev: &Arc<CudaDevice>, spec: &Spec, dtype: DType, with_dht: bool, worst: &mut f64) {
+    let ctx = format!("{} {dtype} dht={with_dht}", spec.label());
+    let x = spec.data().cast(dtype);
+    let opts = spec.opts();
+    let (d_o, dht) = spec.upstream();
+    let d_o = d_o.to_dtype(dtype).unwrap();
+    let dht = dht.to_dtype(DType::F32).unwrap();
+    let dht = with_dht.then_some(&dht);
+    let cpu = chunk::backward(spec.family, &x.inputs(), &opts, &d_o, dht).unwrap();
+    let g = GpuData::new(&x, dev);
+    let up = |t: &Tensor| CudaTensor::from_host(t, dev).unwrap();
+    let (d_o_gpu, dht_gpu) = (up(&d_o), dht.map(up));
+    let got = match chunk::backward_cuda(spec.family, &g.inputs(true), &opts, &d_o_gpu, dht_gpu.as_ref()) {
+        Ok(r) => to_host(r),
+        Err(e) => return c.fail(format!("{ctx}: {e}")),
+    };
+    assert_eq!(got.dq.dtype(), dtype);
+    let tol = if dtype == DType::F32 { TOL_F32 } else { TOL_BF16 };
+    c.grads(&ctx, &got, &cpu, tol);
+    for (name, (a, b)) in [("dq", (&got.dq, &cpu.dq)), ("dk", (&got.dk, &cpu.dk)), ("dv", (&got.dv, &cpu.dv))] {
+        if dtype == DType::F32 {
+            let e = a.rel_err(b).unwrap();
+            if e > *worst {
+                eprintln!("  worst so far: {ctx} {name} {e:.2e}");
+                *worst = e;
+            }
+        }
+    }
+}
+
+fn sweep(test: &str, family: Family) {
+    let Some(dev) = gpu(test) else { return };
+    let mut c = Checker::default();
+    let specs = specs(family);
+    let mut worst = 0.0f64;
+    for spec in &specs {
+        check_case(&mut c, &dev, spec, DType::F32, true, &mut worst);
+        check_case(&mut c, &dev, spec, DType::BF16, false, &mut worst);
+    }
+    eprintln!(
+        "{family} chunk backward: {} checks, {} failures; f32 largest rel err of dq/dk/dv {worst:.2e}",
+        c.checks,
+        c.failures.len()
+    );
+    for f in c.failures.iter().take(30) {
+        eprintln!("  {f}");
+    }
+    c.finish(8 * specs.len());
+}
+
+#[test]
+fn gated_delta_rule_chunk_backward_vs_cpu() {
+    sweep("gated_delta_rule_chunk_backward_vs_cpu", Family::GatedDeltaRule);
+}
+
+#[test]
+fn delta_rule_chunk_backward_vs_cpu() {
+    sweep("delta_rule_chunk_backward_vs_cpu", Family::DeltaRule);
+}
+
+#[test]
+fn kda_chunk_backward_vs_cpu() {
+    sweep("kda_chunk_backward_vs_cpu", Family::Kda);
+}
+
+#[test]
+fn bad_upstream_gradients_are_typed_errors() {
+    let Some(dev) = gpu("bad_upstream_gradients_are_typed_errors") else { return };
+    let spec = Spec::new(Family::GatedDeltaRule, [1, 70, 2, 2, 64, 64]);
+    let x = spec.data().cast(DType::F32);
+    let g = GpuData::new(&x, &dev);
+    let opts = spec.opts();
+    let zeros = |shape: &[usize], dt: DType| CudaTensor::zeros(shape, dt, &dev).unwrap();
+    let run = |d_o: &CudaTensor, dht: Option<&CudaTensor>| {
+        chunk::backward_cuda(Family::GatedDeltaRule, &g.inputs(true), &opts, d_o, dht).unwrap_err()
+    };
+    let good_do = zeros(&[1, 70, 2, 64], DType::F32);
+    assert!(matches!(run(&zeros(&[1, 69, 2, 64], DType::F32), None), Error::Shape { arg: "do", .. }));
+    assert!(matches!(run(&zeros(&[1, 70, 2, 64], DType::BF16), None), Error::DType { arg: "do", .. }));
+    assert!(matches!(run(&good_do, Some(&zeros(&[1, 2, 64, 63], DType::F32))), Error::Shape { arg: "dht", .. }));
+    assert!(matches!(run(&good_do, Some(&zeros(&[1, 2, 64, 64], DType::BF16))), Error::DType { arg: "dht", .. }));
+    let gla = chunk::backward_cuda(Family::Gla, &g.inputs(true), &opts, &good_do, None).unwrap_err();
+    assert!(matches!(gla, Error::Unsupported { .. }), "{gla}");
+}
