@@ -22,6 +22,7 @@
 //   5. chunk_bwd_gate_params.
 #include "common/dtype.cuh"
 #include "common/chunk.cuh"
+#include "common/chunk_bwd.cuh"
 
 #define FLA_KMAX 128  // largest K served
 #define FLA_KS 129    // row stride of [C][K] tiles in shared memory
@@ -31,32 +32,6 @@
 #define FLA_VS 33     // row stride of its [*][VB] tiles
 #define FLA_NT 256    // threads per CTA
 
-// Keep in sync with `ChunkBwdParams` in fla-ops/src/cuda.rs (repr(C)).
-struct ChunkBwdParams {
-    ChunkParams f;        // inputs, options and the forward's scratch (qn, kn, gf, bf, w, gc, tm, hs, vn)
-    const void* d_o;      // [tokens, HV, V], dtype of q
-    const float* dht;     // [N, HV, K, V] or null
-    void* dq;             // [tokens, H, K], dtype of q (as dk, dv, dg, dbeta)
-    void* dk;             // [tokens, H, K]
-    void* dv;             // [tokens, HV, V]
-    void* dg;             // [tokens, HV(, K)] or null (no decay)
-    void* dbeta;          // [tokens, HV]
-    float* dh0;           // [N, HV, K, V] or null
-    void* da_log;         // [HV] (dtype of A_log) or null
-    void* ddt_bias;       // [HV] or [HV K] (dtype of dt_bias) or null
-    // Scratch.
-    float* dhs;           // [nc, HV, K, V]: gradient of the state leaving each chunk
-    float* du;            // [tokens, HV, V]
-    float* dp;            // [tokens, HV, C]: dP rows
-    float* da;            // [tokens, HV, C]: dA rows
-    float* dqa;           // [tokens, HV, K]: dQg, then dq per value head
-    float* dka;           // [tokens, HV, K]: dKt, then dk per value head
-    float* dkb;           // [tokens, HV, K]: dKb
-    float* dgl;           // [nc, HV, K]: dG_L from the state decay
-    float* dbh;           // [tokens, HV]: dbeta before the sigmoid
-    float* dgh;           // [tokens, HV(, K)]: dg before the gate
-    float* gate_acc;      // [HV + HV K], zeroed: sums of dA_log, then of ddt_bias
-};
 
 // Bytes of dynamic shared memory of chunk_bwd_dh.
 #define FLA_DH_SMEM ((FLA_KMAX * FLA_BV + 2 * FLA_C * FLA_KS + 2 * FLA_C * FLA_BV + FLA_C * FLA_C + FLA_C * FLA_KMAX) * 4)
@@ -71,6 +46,8 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_bwd_dh(const ChunkBwd
     float* dub = dob + FLA_C * FLA_BV;  // [C][BV]: dU
     float* P = dub + FLA_C * FLA_BV;    // [C][C]
     float* gcs = P + FLA_C * FLA_C;     // [C][KG]
+    float* dhs = static_cast<float*>(bp.dhs);
+    float* du = static_cast<float*>(bp.du);
     const int tid = threadIdx.x;
     const int K = p.dk, V = p.dv, KG = p.channel ? K : 1;
     const int nvb = (V + FLA_BV - 1) / FLA_BV;
@@ -92,7 +69,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_bwd_dh(const ChunkBwd
         __syncthreads();
         for (int e = tid; e < K * FLA_BV; e += FLA_NT) {
             const int c = e / FLA_BV, x = e % FLA_BV;
-            if (x < nv) bp.dhs[(((long long)ci * p.hv + hv) * K + c) * V + v0 + x] = dS[e];
+            if (x < nv) dhs[(((long long)ci * p.hv + hv) * K + c) * V + v0 + x] = dS[e];
         }
         for (int e = tid; e < FLA_C * K; e += FLA_NT) {
             const int i = e / K, c = e % K;
@@ -135,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_bwd_dh(const ChunkBwd
                     const int cg = p.channel ? c : 0;
                     s += kb[i * FLA_KS + c] * expf(gcs[(l - 1) * KG + cg] - gcs[i * KG + cg]) * dS[c * FLA_BV + x];
                 }
-                bp.du[((bos + i) * p.hv + hv) * V + v0 + x] = s;
+                du[((bos + i) * p.hv + hv) * V + v0 + x] = s;
             }
             dub[e] = s;
         }
@@ -192,10 +169,15 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_bwd_dqk(const ChunkBw
     chunk_at(p, ci, bos, l);
     const int K = p.dk, V = p.dv;
     const long long sbase = ((long long)ci * p.hv + hv) * K * V;
+    const float* tm = static_cast<const float*>(p.tm);
+    const float* hs = static_cast<const float*>(p.hs);
+    const float* vn = static_cast<const float*>(p.vn);
+    const float* dhs = static_cast<const float*>(bp.dhs);
+    const float* du = static_cast<const float*>(bp.du);
 
     for (int e = tid; e < FLA_C * FLA_C; e += FLA_NT) {
         const int i = e / FLA_C, j = e % FLA_C;
-        T[i * FLA_CS + j] = i < l ? p.tm[((bos + i) * p.hv + hv) * FLA_C + j] : 0.0f;
+        T[i * FLA_CS + j] = i < l ? tm[((bos + i) * p.hv + hv) * FLA_C + j] : 0.0f;
         dPa[i * FLA_CS + j] = 0.0f;
         dAa[i * FLA_CS + j] = 0.0f;
     }
@@ -216,14 +198,14 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_bwd_dqk(const ChunkBw
             const bool ok = i < l && x < nv;
             const long long r = ((bos + i) * p.hv + hv) * V + v0 + x;
             dob[i * FLA_VS + x] = ok ? fla_load(bp.d_o, p.dtype, r) : 0.0f;
-            ub[i * FLA_VS + x] = ok ? p.vn[r] : 0.0f;
-            dub[i * FLA_VS + x] = ok ? bp.du[r] : 0.0f;
+            ub[i * FLA_VS + x] = ok ? vn[r] : 0.0f;
+            dub[i * FLA_VS + x] = ok ? du[r] : 0.0f;
         }
         for (int e = tid; e < K * FLA_VB; e += FLA_NT) {
             const int c = e / FLA_VB, x = e % FLA_VB;
             const bool ok = x < nv;
-            s0b[c * FLA_VS + x] = ok ? p.hs[sbase + (long long)c * V + v0 + x] : 0.0f;
-            dsb[c * FLA_VS + x] = ok ? bp.dhs[sbase + (long long)c * V + v0 + x] : 0.0f;
+            s0b[c * FLA_VS + x] = ok ? hs[sbase + (long long)c * V + v0 + x] : 0.0f;
+            dsb[c * FLA_VS + x] = ok ? dhs[sbase + (long long)c * V + v0 + x] : 0.0f;
         }
         __syncthreads();
         // dY = T^T dU; dv = beta dY; sum_v v dY per row.

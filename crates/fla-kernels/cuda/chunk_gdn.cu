@@ -144,7 +144,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_intra(const Chunk
     if (tid < FLA_C) at[tid * FLA_C + tid] = 1.0f;
     __syncthreads();
     if (p.tm)
-        for (int e = tid; e < l * FLA_C; e += FLA_NT) p.tm[((bos + e / FLA_C) * p.hv + hv) * FLA_C + e % FLA_C] = at[e];
+        for (int e = tid; e < l * FLA_C; e += FLA_NT) static_cast<float*>(p.tm)[((bos + e / FLA_C) * p.hv + hv) * FLA_C + e % FLA_C] = at[e];
     // W = T (beta exp(G) K).
     for (int e = tid; e < l * K; e += FLA_NT) {
         const int i = e / K, c = e % K;
@@ -209,7 +209,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
         if (p.hs)
             for (int e = tid; e < K * FLA_BV; e += FLA_NT) {
                 const int c = e / FLA_BV, x = e % FLA_BV;
-                if (x < nv) p.hs[(((long long)ci * p.hv + hv) * K + c) * V + v0 + x] = S[e];
+                if (x < nv) static_cast<float*>(p.hs)[(((long long)ci * p.hv + hv) * K + c) * V + v0 + x] = S[e];
             }
         for (int e = tid; e < FLA_C * K; e += FLA_NT) {
             const int i = e / K, c = e % K;
@@ -227,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
             if (i < l && x < nv) {
                 s = p.u[((bos + i) * p.hv + hv) * V + v0 + x];
                 for (int c = 0; c < K; ++c) s -= kb[i * FLA_KS + c] * S[c * FLA_BV + x];
-                if (p.vn) p.vn[((bos + i) * p.hv + hv) * V + v0 + x] = s;
+                if (p.vn) static_cast<float*>(p.vn)[((bos + i) * p.hv + hv) * V + v0 + x] = s;
             }
             vn[e] = s;
         }

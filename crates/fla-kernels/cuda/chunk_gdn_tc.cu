@@ -17,54 +17,7 @@
 #include "common/dtype.cuh"
 #include "common/chunk.cuh"
 #include "common/mma.cuh"
-
-#define TC_NT 128          // threads per CTA (4 warps)
-#define TC_LDC (FLA_C + 8)  // row stride of [C][C] 16-bit tiles (16-byte pad: conflict-free ldmatrix)
-#define TC_LDF (FLA_C + 1)  // row stride of [C][C] f32 tiles
-
-typedef unsigned short u16;
-
-// acc (this warp's 16 rows from 16 * warp, 64 columns from n0, ncols of them valid) = L X, for a
-// lower-triangular [C][C] tile L (stride TC_LDC; only the blocks on or below the diagonal are
-// read) and a row-major [C][..] tile X (stride ld).
-template <class E>
-__device__ __forceinline__ void tc_lower_times(float (&acc)[8][4], const u16* L, const u16* X, int ld, int n0,
-                                               int ncols) {
-    const int warp = threadIdx.x >> 5, m0 = warp * 16;
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[nt][r] = 0.0f;
-    for (int kt = 0; kt <= warp; ++kt) {
-        unsigned a[4];
-        fla_frag_a(a, L, TC_LDC, m0, kt * 16);
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-            if (np * 16 < ncols) {
-                unsigned b[4];
-                fla_frag_b_kn(b, X, ld, kt * 16, n0 + np * 16);
-                fla_mma<E>(acc[2 * np], a, b[0], b[1]);
-                fla_mma<E>(acc[2 * np + 1], a, b[2], b[3]);
-            }
-        }
-    }
-}
-
-// Stores the rows m0 + i (i < 16, m0 + i < l) of a warp's 16 x (8 NT) accumulator block to
-// dst + (m0 + i) * ld + j for the columns j < ncols, rounded to the element type.
-template <class E, int NT>
-__device__ __forceinline__ void tc_store_rows(const float (&acc)[NT][4], u16* dst, long long ld, int m0, int ncols,
-                                              int l) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int h2 = 0; h2 < 2; ++h2) {
-            const int i = m0 + (lane >> 2) + 8 * h2, j = nt * 8 + 2 * (lane & 3);
-            if (i < l && j < ncols)
-                *reinterpret_cast<unsigned*>(dst + i * ld + j) = fla_pack2<E>(acc[nt][2 * h2], acc[nt][2 * h2 + 1]);
-        }
-}
+#include "common/chunk_tc.cuh"
 
 // Dynamic shared memory of chunk_gdn_tc_intra; keep in sync with `tc_intra_smem` in
 // fla-ops/src/cuda.rs.
@@ -255,6 +208,14 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
     };
     load_v(0, vb);
 
+    if (p.tm) {
+        u16* tg = static_cast<u16*>(p.tm) + (bos * p.hv + hv) * FLA_C;
+        for (int e = tid; e < l * FLA_C / 2; e += TC_NT) {
+            const int i = e >> 5, j = (e & 31) * 2;
+            *reinterpret_cast<unsigned*>(tg + i * (long long)p.hv * FLA_C + j) =
+                fla_pack2<E>(tf[i * TC_LDF + j], tf[i * TC_LDF + j + 1]);
+        }
+    }
     // W = T diag(beta e^G rk) K, with the scaled T rounded to 16 bits where Q was.
     u16* tt = qs;
     for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
@@ -301,17 +262,9 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
     }
 }
 
-// One stage of chunk_gdn_tc_fwd's inputs in shared memory: the G / norm vectors and the Q, K,
-// W, P, U tiles of one chunk.
-#define TC_FWD_STAGE(KD, BV) (3 * FLA_C * 4 + 3 * FLA_C * ((KD) + 8) * 2 + FLA_C * TC_LDC * 2 + FLA_C * ((BV) + 8) * 2)
 // Dynamic shared memory of chunk_gdn_tc_fwd; keep in sync with `tc_fwd_smem` in
 // fla-ops/src/cuda.rs.
 #define TC_FWD_SMEM(KD, BV, ST) ((ST) * TC_FWD_STAGE(KD, BV) + ((KD) + 2 * FLA_C) * ((BV) + 8) * 2)
-
-// 4 bytes global -> shared, asynchronously; zero-filled when `valid` is false.
-__device__ __forceinline__ void tc_cp4(float* dst, const float* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(fla_smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
-}
 
 // CH groups of 4 warps share a CTA's tiles, each group taking BVW of its BV = CH BVW value
 // columns (warp w: token / state rows by w % 4, columns by w / 4). ST = 2 loads the next chunk's
@@ -338,33 +291,8 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
     const int s0 = warp * (KD / 4); // state rows of this warp
     const long long sbase = ((long long)n * p.hv + hv) * KD * V;
 
-    // Stage `st`: gs, rq, rk [C] f32, then the tiles.
     auto stage = [&](int st) { return smem + st * STAGE; };
-    auto load = [&](int ci, int st) {
-        long long bos;
-        int l;
-        chunk_at(p, ci, bos, l);
-        float* vec = reinterpret_cast<float*>(stage(st));
-        u16* qs = reinterpret_cast<u16*>(vec + 3 * FLA_C);
-        u16* ks = qs + FLA_C * LK;
-        u16* ws = ks + FLA_C * LK;
-        u16* ps = ws + FLA_C * LK;
-        u16* us = ps + FLA_C * TC_LDC;
-        const long long hrow = bos * p.hv + hv;
-        fla_load_tile<NT, FLA_C, KD>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
-        fla_load_tile<NT, FLA_C, KD>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
-        fla_load_tile<NT, FLA_C, KD>(ws, LK, static_cast<const u16*>(p.w16) + hrow * KD, (long long)p.hv * KD, l);
-        fla_load_tile<NT, FLA_C, FLA_C>(ps, TC_LDC, static_cast<const u16*>(p.aqk) + hrow * FLA_C, (long long)p.hv * FLA_C, l);
-        fla_load_tile<NT, FLA_C, BV>(us, LV, static_cast<const u16*>(p.u16) + hrow * V + v0, (long long)p.hv * V, l);
-        if (tid < FLA_C) {
-            const bool ok = tid < l;
-            const long long i = (bos + (ok ? tid : 0)) * p.hv + hv;
-            tc_cp4(vec + tid, p.gc + i, ok);
-            tc_cp4(vec + FLA_C + tid, p.rq + i, ok);
-            tc_cp4(vec + 2 * FLA_C + tid, p.rk + i, ok);
-        }
-        fla_cp_commit();
-    };
+    auto load = [&](int ci, int st) { tc_load_stage<NT, KD, BV>(p, p.u16, stage(st), ci, hv, hk, v0); };
 
     // This thread's state elements: s[mt][nt][r] is S[row][col] of the block (C-fragment layout).
     float s[MT][NTV][4];
@@ -392,23 +320,11 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
         int l;
         chunk_at(p, ci, bos, l);
         const long long hrow = bos * p.hv + hv;
-        const float* gs = reinterpret_cast<const float*>(stage(st));
-        const float* rq = gs + FLA_C;
-        const float* rk = rq + FLA_C;
-        const u16* qs = reinterpret_cast<const u16*>(rk + FLA_C);
-        const u16* ks = qs + FLA_C * LK;
-        const u16* ws = ks + FLA_C * LK;
-        const u16* ps = ws + FLA_C * LK;
-        const u16* us = ps + FLA_C * TC_LDC;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NTV; ++nt)
-#pragma unroll
-                for (int h2 = 0; h2 < 2; ++h2) {
-                    const int c = s0 + mt * 16 + gq + 8 * h2, x = cw + nt * 8 + 2 * tq;
-                    *reinterpret_cast<unsigned*>(sb + c * LV + x) = fla_pack2<E>(s[mt][nt][2 * h2], s[mt][nt][2 * h2 + 1]);
-                }
+        const TcStage<KD> sv(stage(st));
+        const float *gs = sv.gs, *rq = sv.rq, *rk = sv.rk;
+        const u16 *qs = sv.qs, *ks = sv.ks, *ws = sv.ws, *ps = sv.ps, *us = sv.vt;
+        tc_pack_state<E, MT, NTV>(s, sb, LV, s0, cw,
+                                  p.hs ? static_cast<u16*>(p.hs) + ((long long)ci * p.hv + hv) * KD * V + v0 : nullptr, V);
         // Wait for this chunk's group (the next chunk's, when issued, may stay in flight).
         if (ST == 2 && ci + 1 < last) fla_cp_wait_one();
         else fla_cp_wait_all();
@@ -445,6 +361,9 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
                 const float y0 = fla_to_f32<E>(us[i * LV + x]) - av[nt][2 * h2];
                 const float y1 = fla_to_f32<E>(us[i * LV + x + 1]) - av[nt][2 * h2 + 1];
                 *reinterpret_cast<unsigned*>(vn + i * LV + x) = fla_pack2<E>(y0, y1);
+                if (p.vn && i < l)
+                    *reinterpret_cast<unsigned*>(static_cast<u16*>(p.vn) + (hrow + i * p.hv) * V + v0 + x) =
+                        fla_pack2<E>(y0, y1);
                 const float f = i < l ? rk[i] * __expf(gl - gs[i]) : 0.0f;
                 *reinterpret_cast<unsigned*>(vs + i * LV + x) = fla_pack2<E>(y0 * f, y1 * f);
                 const float qf = p.scale * rq[i] * __expf(gs[i]);
@@ -453,8 +372,9 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
             }
         __syncthreads();
 
-        // O += P Vn (blocks on or below the diagonal), stored.
-        for (int kt = 0; kt <= warp; ++kt) {
+        // O += P Vn (blocks on or below the diagonal), stored (skipped when only the states and
+        // new values are wanted: the backward's recompute).
+        for (int kt = 0; kt <= warp && p.o; ++kt) {
             unsigned a[4];
             fla_frag_a(a, ps, TC_LDC, m0, kt * 16);
 #pragma unroll
@@ -465,7 +385,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
                 fla_mma<E>(ao[2 * np + 1], a, b[2], b[3]);
             }
         }
-        tc_store_rows<E, NTV>(ao, static_cast<u16*>(p.o) + hrow * V + v0 + cw, (long long)p.hv * V, m0, BVW, l);
+        if (p.o) tc_store_rows<E, NTV>(ao, static_cast<u16*>(p.o) + hrow * V + v0 + cw, (long long)p.hv * V, m0, BVW, l);
 
         // S <- e^{G_L} S + K^T (Vn rk e^{G_L - G}).
         const float el = __expf(gl);

@@ -5,6 +5,7 @@
 //! in f32, bf16 or f16 as told at run time; the state is always f32.
 use std::collections::HashSet;
 
+use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
 use fla_core::cuda::cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use fla_core::cuda::{CudaDevice, CudaStorage, CudaTensor};
 use fla_core::{DType, Error, Result};
@@ -440,6 +441,8 @@ struct ChunkCall {
     nc: usize,
     /// Gate columns per (token, value head): K for KDA's per-channel decay, else 1.
     kg: usize,
+    /// The dtype of q (and of every input but the state).
+    dtype: DType,
     _table: Option<fla_core::cuda::cudarc::driver::CudaSlice<i32>>,
     _gc: CudaTensor,
 }
@@ -523,7 +526,7 @@ fn chunk_call(op: &'static str, family: Family, x: &Inputs<'_, CudaTensor>, opts
         scale: p.scale as f32,
         ..ChunkParams::default()
     };
-    Ok(ChunkCall { p, dev, params, tokens, nc, kg, _table: table, _gc: gc })
+    Ok(ChunkCall { p, dev, params, tokens, nc, kg, dtype: x.q.dtype(), _table: table, _gc: gc })
 }
 
 impl ChunkCall {
@@ -548,7 +551,6 @@ impl ChunkCall {
     /// and the sweep skips the outputs (`params.o` null). Returns the scratch the kernels wrote,
     /// which later kernels of the call read through `self.params`.
     fn f32_forward(&mut self, op: &'static str, save: bool) -> Result<Vec<CudaTensor>> {
-        use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
         let d = self.p.dims;
         let (tokens, nc) = (self.tokens, self.nc);
         let tiles = self.tiles(op, GPU_CHUNK_BV)?;
@@ -601,6 +603,69 @@ impl ChunkCall {
         }
         Ok(bufs)
     }
+
+    /// Runs the tensor-core path's two kernels (`chunk_gdn_tc.cu`): intra, sweep. With `save`
+    /// it also keeps T, the state entering each chunk and the new values (16-bit), and the sweep
+    /// skips the outputs (`params.o` null). Returns the scratch, as [`Self::f32_forward`].
+    fn tc_forward(&mut self, op: &'static str, save: bool) -> Result<Vec<CudaTensor>> {
+        let d = self.p.dims;
+        let (tokens, nc) = (self.tokens, self.nc);
+        let dtype = self.dtype;
+        let bv = tc_block_v(d.v, self.dev.sm_count(), |bv| d.n * d.hv * d.v / bv);
+        let tiles = self.tiles(op, bv)?;
+        let name = dtype_name(dtype);
+        let image = cubin("chunk_gdn_tc")?;
+        let intra = self.dev.function("chunk_gdn_tc", image, &format!("chunk_gdn_tc_intra_{name}_k{}", d.k))?;
+        let fwd = self.dev.function("chunk_gdn_tc", image, &format!("chunk_gdn_tc_fwd_{name}_k{}_v{bv}", d.k))?;
+        intra.set_attribute(MAX_DYN_SMEM, tc_intra_smem(d.k) as i32)?;
+        fwd.set_attribute(MAX_DYN_SMEM, tc_fwd_smem(d.k, bv) as i32)?;
+        // Written by the intra kernel for every token before the sweep reads them (hs: by the
+        // sweep for every chunk and column; vn: for every token and column).
+        let mut rq = self.scratch(tokens * d.hv, DType::F32)?;
+        let mut rk = self.scratch(tokens * d.hv, DType::F32)?;
+        let mut w16 = self.scratch(tokens * d.hv * d.k, dtype)?;
+        let mut u16 = self.scratch(tokens * d.hv * d.v, dtype)?;
+        let mut aqk = self.scratch(tokens * d.hv * GPU_CHUNK, dtype)?;
+        let pr = &mut self.params;
+        pr.rq = addr_mut(&mut rq);
+        pr.rk = addr_mut(&mut rk);
+        pr.w16 = addr_mut(&mut w16);
+        pr.u16 = addr_mut(&mut u16);
+        pr.aqk = addr_mut(&mut aqk);
+        let mut bufs = vec![rq, rk, w16, u16, aqk];
+        if save {
+            let mut tm = self.scratch(tokens * d.hv * GPU_CHUNK, dtype)?;
+            let mut hs = self.scratch(nc * d.hv * d.k * d.v, dtype)?;
+            let mut vn = self.scratch(tokens * d.hv * d.v, dtype)?;
+            let pr = &mut self.params;
+            pr.tm = addr_mut(&mut tm);
+            pr.hs = addr_mut(&mut hs);
+            pr.vn = addr_mut(&mut vn);
+            bufs.extend([tm, hs, vn]);
+        }
+        // SAFETY: see `chunk_forward`.
+        if nc > 0 {
+            let grid = (nc as u32, d.hv as u32, 1);
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: tc_intra_smem(d.k) };
+            launch_chunk(&self.dev, &intra, cfg, &self.params)?;
+        }
+        if tiles > 0 {
+            let smem = tc_fwd_smem(d.k, bv);
+            let cfg =
+                LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (tc_fwd_threads(bv), 1, 1), shared_mem_bytes: smem };
+            launch_chunk(&self.dev, &fwd, cfg, &self.params)?;
+        }
+        Ok(bufs)
+    }
+}
+
+/// The kernel-name suffix of a 16-bit dtype.
+fn dtype_name(dt: DType) -> &'static str {
+    if dt == DType::BF16 {
+        "bf16"
+    } else {
+        "f16"
+    }
 }
 
 /// The chunk forward of Gated DeltaNet, DeltaNet and KDA on the GPU; see
@@ -614,7 +679,6 @@ pub(crate) fn chunk_forward(
     x: &Inputs<'_, CudaTensor>,
     opts: &Options,
 ) -> Result<(CudaTensor, Option<CudaTensor>)> {
-    use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
     const OP: &str = "chunk::forward_cuda";
     let mut call = chunk_call(OP, family, x, opts)?;
     let d = call.p.dims;
@@ -653,39 +717,7 @@ pub(crate) fn chunk_forward(
     // scratch) is written by exactly one thread. All buffers outlive the launches in stream
     // order (frees are stream-ordered on this stream).
     if tensor_cores {
-        let bv = tc_block_v(d.v, dev.sm_count(), |bv| d.n * d.hv * d.v / bv);
-        let tiles = call.tiles(OP, bv)?;
-        let name = if dtype == DType::BF16 { "bf16" } else { "f16" };
-        let image = cubin("chunk_gdn_tc")?;
-        let intra = dev.function("chunk_gdn_tc", image, &format!("chunk_gdn_tc_intra_{name}_k{}", d.k))?;
-        let fwd = dev.function("chunk_gdn_tc", image, &format!("chunk_gdn_tc_fwd_{name}_k{}_v{bv}", d.k))?;
-        intra.set_attribute(MAX_DYN_SMEM, tc_intra_smem(d.k) as i32)?;
-        fwd.set_attribute(MAX_DYN_SMEM, tc_fwd_smem(d.k, bv) as i32)?;
-        let tokens = call.tokens;
-        // Written by the intra kernel for every token before the sweep reads them.
-        let mut rq = call.scratch(tokens * d.hv, DType::F32)?;
-        let mut rk = call.scratch(tokens * d.hv, DType::F32)?;
-        let mut w16 = call.scratch(tokens * d.hv * d.k, dtype)?;
-        let mut u16 = call.scratch(tokens * d.hv * d.v, dtype)?;
-        let mut aqk = call.scratch(tokens * d.hv * GPU_CHUNK, dtype)?;
-        let pr = &mut call.params;
-        pr.rq = addr_mut(&mut rq);
-        pr.rk = addr_mut(&mut rk);
-        pr.w16 = addr_mut(&mut w16);
-        pr.u16 = addr_mut(&mut u16);
-        pr.aqk = addr_mut(&mut aqk);
-        if call.nc > 0 {
-            let grid = (call.nc as u32, d.hv as u32, 1);
-            let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: tc_intra_smem(d.k) };
-            launch_chunk(&dev, &intra, cfg, &call.params)?;
-        }
-        if tiles > 0 {
-            let smem = tc_fwd_smem(d.k, bv);
-            let cfg =
-                LaunchConfig { grid_dim: (tiles, 1, 1), block_dim: (tc_fwd_threads(bv), 1, 1), shared_mem_bytes: smem };
-            launch_chunk(&dev, &fwd, cfg, &call.params)?;
-        }
-        drop((rq, rk, w16, u16, aqk));
+        drop(call.tc_forward(OP, false)?);
     } else {
         drop(call.f32_forward(OP, false)?);
     }
@@ -731,6 +763,13 @@ const BWD_DQK_SMEM: u32 = ((3 * 64 * 65 + 3 * 64 * 129 + 4 * 64 * 33 + 2 * 128 *
 /// Dynamic shared memory of `chunk_bwd_gate` (`FLA_GATE_SMEM`).
 const BWD_GATE_SMEM: u32 = ((3 * 64 * 129 + 64 * 128 + 2 * 64 * 65 + 3 * 64 + 128) * 4) as u32;
 
+/// Dynamic shared memory of `chunk_bwd_tc_dqk_*` (`TC_DQK_SMEM` in chunk_bwd_tc.cu): the Q^, K^
+/// tiles, four [C][V+8] and two [K][V+8] tiles, four [C][C+8] (16-bit), seven [C] vectors and a
+/// sum (f32).
+fn tc_dqk_smem(k: usize, v: usize) -> u32 {
+    ((2 * 64 * (k + 8) + 4 * 64 * (v + 8) + 2 * k * (v + 8) + 4 * 64 * 72) * 2 + (7 * 64 + 4) * 4) as u32
+}
+
 /// The chunk backward on the GPU; see [`crate::chunk::backward_cuda`].
 pub(crate) fn chunk_backward(
     family: Family,
@@ -739,7 +778,6 @@ pub(crate) fn chunk_backward(
     d_o: &CudaTensor,
     dht: Option<&CudaTensor>,
 ) -> Result<crate::Grads<CudaTensor>> {
-    use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
     const OP: &str = "chunk::backward_cuda";
     let mut call = chunk_call(OP, family, x, opts)?;
     let d = call.p.dims;
@@ -780,18 +818,16 @@ pub(crate) fn chunk_backward(
         }
     }
     to_i32(OP, "chunks·HV·K·V", call.nc * d.hv * d.k * d.v)?;
-    let tiles = call.tiles(OP, GPU_CHUNK_BV)?;
-    let saved = call.f32_forward(OP, true)?;
+    // Tensor cores for 16-bit Gated DeltaNet / DeltaNet with K and V of 64 or 128; the f32
+    // path otherwise.
+    let tensor_cores = family != Family::Kda
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && matches!(d.k, 64 | 128)
+        && matches!(d.v, 64 | 128);
+    let saved = if tensor_cores { call.tc_forward(OP, true)? } else { call.f32_forward(OP, true)? };
     let (tokens, nc) = (call.tokens, call.nc);
     let image = cubin("chunk_bwd")?;
-    let f_dh = dev.function("chunk_bwd", image, "chunk_bwd_dh")?;
-    let f_dqk = dev.function("chunk_bwd", image, "chunk_bwd_dqk")?;
-    let f_gate = dev.function("chunk_bwd", image, "chunk_bwd_gate")?;
     let f_post = dev.function("chunk_bwd", image, "chunk_bwd_post")?;
-    f_dh.set_attribute(MAX_DYN_SMEM, BWD_DH_SMEM as i32)?;
-    f_dqk.set_attribute(MAX_DYN_SMEM, BWD_DQK_SMEM as i32)?;
-    f_gate.set_attribute(MAX_DYN_SMEM, BWD_GATE_SMEM as i32)?;
-
     // SAFETY (`uninit` outputs): chunk_bwd_post writes dq, dk, dbeta and dg for every token;
     // chunk_bwd_dqk writes dv for every token and column; chunk_bwd_dh writes dh0 for every
     // (sequence, head, column); chunk_bwd_gate_params writes dA_log and ddt_bias whole.
@@ -807,20 +843,23 @@ pub(crate) fn chunk_backward(
         Some((Some(a), Some(b))) => (Some(out(a.shape(), a.dtype())?), Some(out(b.shape(), b.dtype())?)),
         _ => (None, None),
     };
-    // Scratch, each written before it is read: dhs by chunk_bwd_dh for every chunk and column,
-    // du for every token and column; dp, da, dqa, dka, dkb, dgl, dbh by chunk_bwd_dqk for every
-    // token (chunk); dgh by chunk_bwd_gate for every token; gate_acc zeroed.
-    let mut dhs = call.scratch(nc * d.hv * d.k * d.v, DType::F32)?;
-    let mut du = call.scratch(tokens * d.hv * d.v, DType::F32)?;
-    let mut dp = call.scratch(tokens * d.hv * GPU_CHUNK, DType::F32)?;
-    let mut da = call.scratch(tokens * d.hv * GPU_CHUNK, DType::F32)?;
+    // Scratch, each written before it is read: dhs by the dh sweep for every chunk and column,
+    // du for every token and column; dqa, dka, dbh by chunk_bwd_dqk (or chunk_bwd_gate) for
+    // every token; dgh by chunk_bwd_tc_dqk or chunk_bwd_gate for every token; dp, da, dkb, dgl
+    // (f32 path only) by chunk_bwd_dqk for every token (chunk); gate_acc zeroed.
+    let saved_dt = if tensor_cores { dtype } else { DType::F32 };
+    let mut dhs = call.scratch(nc * d.hv * d.k * d.v, saved_dt)?;
+    let mut du = call.scratch(tokens * d.hv * d.v, saved_dt)?;
     let mut dqa = call.scratch(tokens * d.hv * d.k, DType::F32)?;
     let mut dka = call.scratch(tokens * d.hv * d.k, DType::F32)?;
-    let mut dkb = call.scratch(tokens * d.hv * d.k, DType::F32)?;
-    let mut dgl = call.scratch(nc * d.hv * d.k, DType::F32)?;
     let mut dbh = call.scratch(tokens * d.hv, DType::F32)?;
     let mut dgh = call.scratch(tokens * d.hv * call.kg, DType::F32)?;
     let mut gate_acc = CudaTensor::zeros(&[d.hv + d.hv * d.k], DType::F32, &dev)?;
+    let f32_only = |n: usize| call.scratch(if tensor_cores { 0 } else { n }, DType::F32);
+    let mut dp = f32_only(tokens * d.hv * GPU_CHUNK)?;
+    let mut da = f32_only(tokens * d.hv * GPU_CHUNK)?;
+    let mut dkb = f32_only(tokens * d.hv * d.k)?;
+    let mut dgl = f32_only(nc * d.hv * d.k)?;
     let bp = ChunkBwdParams {
         f: call.params,
         d_o: addr(d_o),
@@ -851,9 +890,11 @@ pub(crate) fn chunk_backward(
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem };
         // SAFETY: every chunk_bwd kernel's signature is `(ChunkBwdParams)` by value, mirrored
         // above. `bp.f` is the forward's parameters (see `chunk_forward` for what makes them
-        // sound), with the recompute's scratch from `f32_forward`, alive in `saved`. The
-        // backward's buffers are allocated above with the shapes the kernels index: do, dv
-        // [tokens,HV,V]; dht, dh0, dhs-per-chunk [N or nc,HV,K,V] f32 (dht checked); dq, dk
+        // sound), with the recompute's scratch from `f32_forward` / `tc_forward`, alive in
+        // `saved`. The backward's buffers are allocated above with the shapes the kernels index:
+        // do, dv [tokens,HV,V]; dht, dh0 [N,HV,K,V] f32 (dht checked); dhs [nc,HV,K,V] and du
+        // [tokens,HV,V] (16-bit on the tensor-core path, whose kernels take K, V of 64 or 128 by
+        // their names, and the value block `bv` dividing V, as the forward's sweep); dq, dk
         // [tokens,H,K]; dg in g's shape; dbeta, dbh [tokens,HV]; dA_log, ddt_bias in the shapes
         // and dtypes of A_log, dt_bias (present with use_gate: Problem checked);
         // dp, da [tokens,HV,64]; dqa, dka, dkb [tokens,HV,K]; dgl [nc,HV,K]; dgh [tokens,HV,KG];
@@ -863,12 +904,36 @@ pub(crate) fn chunk_backward(
         unsafe { l.launch(cfg) }?;
         Ok(())
     };
-    if tiles > 0 {
-        launch(&f_dh, (tiles, 1, 1), 256, BWD_DH_SMEM)?;
-    }
-    if nc > 0 {
-        launch(&f_dqk, (nc as u32, d.hv as u32, 1), 256, BWD_DQK_SMEM)?;
-        launch(&f_gate, (nc as u32, d.hv as u32, 1), 256, BWD_GATE_SMEM)?;
+    if tensor_cores {
+        let name = dtype_name(dtype);
+        let image = cubin("chunk_bwd_tc")?;
+        let bv = tc_block_v(d.v, dev.sm_count(), |bv| d.n * d.hv * d.v / bv);
+        let tiles = call.tiles(OP, bv)?;
+        let f_dh = dev.function("chunk_bwd_tc", image, &format!("chunk_bwd_tc_dh_{name}_k{}_v{bv}", d.k))?;
+        let f_dqk = dev.function("chunk_bwd_tc", image, &format!("chunk_bwd_tc_dqk_{name}_k{}_v{}", d.k, d.v))?;
+        f_dh.set_attribute(MAX_DYN_SMEM, tc_fwd_smem(d.k, bv) as i32)?;
+        f_dqk.set_attribute(MAX_DYN_SMEM, tc_dqk_smem(d.k, d.v) as i32)?;
+        if tiles > 0 {
+            launch(&f_dh, (tiles, 1, 1), tc_fwd_threads(bv), tc_fwd_smem(d.k, bv))?;
+        }
+        if nc > 0 {
+            launch(&f_dqk, (nc as u32, d.hv as u32, 1), 128, tc_dqk_smem(d.k, d.v))?;
+        }
+    } else {
+        let tiles = call.tiles(OP, GPU_CHUNK_BV)?;
+        let f_dh = dev.function("chunk_bwd", image, "chunk_bwd_dh")?;
+        let f_dqk = dev.function("chunk_bwd", image, "chunk_bwd_dqk")?;
+        let f_gate = dev.function("chunk_bwd", image, "chunk_bwd_gate")?;
+        f_dh.set_attribute(MAX_DYN_SMEM, BWD_DH_SMEM as i32)?;
+        f_dqk.set_attribute(MAX_DYN_SMEM, BWD_DQK_SMEM as i32)?;
+        f_gate.set_attribute(MAX_DYN_SMEM, BWD_GATE_SMEM as i32)?;
+        if tiles > 0 {
+            launch(&f_dh, (tiles, 1, 1), 256, BWD_DH_SMEM)?;
+        }
+        if nc > 0 {
+            launch(&f_dqk, (nc as u32, d.hv as u32, 1), 256, BWD_DQK_SMEM)?;
+            launch(&f_gate, (nc as u32, d.hv as u32, 1), 256, BWD_GATE_SMEM)?;
+        }
     }
     if tokens > 0 {
         launch(&f_post, (tokens as u32, 1, 1), 128, 0)?;

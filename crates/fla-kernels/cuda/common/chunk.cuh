@@ -33,10 +33,11 @@ struct ChunkParams {
     void* aqk;            // [tokens, HV, C]: scale Q K^T . exp(G_i - G_j), lower incl. diagonal
     float* rq;            // [tokens, HV]: 1/|q| (1 without the in-op L2 norm)
     float* rk;            // [tokens, HV]: 1/|k|
-    // Saved by the f32 path for the backward (chunk_bwd.cu); null in a plain forward.
-    float* tm;            // [tokens, HV, C]: row i of T = (I + A)^-1 of the token's chunk
-    float* hs;            // [nc, HV, K, V]: state entering each chunk
-    float* vn;            // [tokens, HV, V]: new values Vn = U - W S
+    // Saved for the backward (chunk_bwd.cu, chunk_bwd_tc.cu); null in a plain forward. f32 on
+    // the f32 path, 16-bit (the dtype of q) on the tensor-core path.
+    void* tm;             // [tokens, HV, C]: row i of T = (I + A)^-1 of the token's chunk
+    void* hs;             // [nc, HV, K, V]: state entering each chunk
+    void* vn;             // [tokens, HV, V]: new values Vn = U - W S
     // The chunk table (cu_seqlens given); null for N sequences of `seq_len` tokens each.
     const int* chunk_start;  // [nc] first token of each chunk
     const int* chunk_len;    // [nc] tokens in each chunk (1..=64)

@@ -63,11 +63,13 @@ pub fn forward_cuda(
 /// the dtypes of their inputs (`dh0` f32). `do` has `o`'s shape and dtype, `dht [N,HV,K,V]` is
 /// f32 (or omitted: zero).
 ///
-/// Gated DeltaNet, DeltaNet and KDA, with everything [`forward_cuda`] accepts. Runs in f32
-/// arithmetic (`fla-kernels/cuda/chunk_bwd.cu`) after recomputing the forward on the f32 path
-/// (keeping `T`, the state entering each chunk and the new values): a reverse sweep carries the
-/// state gradient per (sequence, head, 64 value columns), then every chunk's gradients are
-/// computed at once. The work is queued on the device's stream.
+/// Gated DeltaNet, DeltaNet and KDA, with everything [`forward_cuda`] accepts. The forward is
+/// recomputed first, keeping `T`, the state entering each chunk and the new values; a reverse
+/// sweep then carries the state gradient per (sequence, head, block of value columns), every
+/// chunk's gradients are computed at once, and a per-token pass sums grouped value heads and
+/// chains the in-op options. bf16 / f16 Gated DeltaNet and DeltaNet with K and V of 64 or 128
+/// run on tensor cores (`fla-kernels/cuda/chunk_bwd_tc.cu`, 16-bit operands as in FLA); the rest
+/// in f32 arithmetic (`chunk_bwd.cu`). The work is queued on the device's stream.
 pub fn backward_cuda(
     family: Family,
     x: &Inputs<'_, fla_core::cuda::CudaTensor>,

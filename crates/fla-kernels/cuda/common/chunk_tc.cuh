@@ -1,0 +1,132 @@
+// Tiles and helpers shared by the tensor-core chunk kernels (chunk_gdn_tc.cu: forward;
+// chunk_bwd_tc.cu: backward): 4-warp CTAs, [C][C] tiles, the per-chunk input stage of the sweeps.
+#pragma once
+#include "common/chunk.cuh"
+#include "common/mma.cuh"
+
+#define TC_NT 128          // threads per CTA (4 warps)
+#define TC_LDC (FLA_C + 8)  // row stride of [C][C] 16-bit tiles (16-byte pad: conflict-free ldmatrix)
+#define TC_LDF (FLA_C + 1)  // row stride of [C][C] f32 tiles
+
+typedef unsigned short u16;
+
+// acc (this warp's 16 rows from 16 * warp, 64 columns from n0, ncols of them valid) = L X, for a
+// lower-triangular [C][C] tile L (stride TC_LDC; only the blocks on or below the diagonal are
+// read) and a row-major [C][..] tile X (stride ld).
+template <class E>
+__device__ __forceinline__ void tc_lower_times(float (&acc)[8][4], const u16* L, const u16* X, int ld, int n0,
+                                               int ncols) {
+    const int warp = threadIdx.x >> 5, m0 = warp * 16;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[nt][r] = 0.0f;
+    for (int kt = 0; kt <= warp; ++kt) {
+        unsigned a[4];
+        fla_frag_a(a, L, TC_LDC, m0, kt * 16);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            if (np * 16 < ncols) {
+                unsigned b[4];
+                fla_frag_b_kn(b, X, ld, kt * 16, n0 + np * 16);
+                fla_mma<E>(acc[2 * np], a, b[0], b[1]);
+                fla_mma<E>(acc[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+    }
+}
+
+// Stores the rows m0 + i (i < 16, m0 + i < l) of a warp's 16 x (8 NT) accumulator block to
+// dst + (m0 + i) * ld + j for the columns j < ncols, rounded to the element type.
+template <class E, int NT>
+__device__ __forceinline__ void tc_store_rows(const float (&acc)[NT][4], u16* dst, long long ld, int m0, int ncols,
+                                              int l) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+            const int i = m0 + (lane >> 2) + 8 * h2, j = nt * 8 + 2 * (lane & 3);
+            if (i < l && j < ncols)
+                *reinterpret_cast<unsigned*>(dst + i * ld + j) = fla_pack2<E>(acc[nt][2 * h2], acc[nt][2 * h2 + 1]);
+        }
+}
+
+// 4 bytes global -> shared, asynchronously; zero-filled when `valid` is false.
+__device__ __forceinline__ void tc_cp4(float* dst, const float* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(fla_smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
+
+// One stage of chunk_gdn_tc_fwd's inputs in shared memory: the G / norm vectors and the Q, K,
+// W, P, U tiles of one chunk.
+#define TC_FWD_STAGE(KD, BV) (3 * FLA_C * 4 + 3 * FLA_C * ((KD) + 8) * 2 + FLA_C * TC_LDC * 2 + FLA_C * ((BV) + 8) * 2)
+
+// Views of one stage: the G, 1/|q|, 1/|k| vectors (f32 [C] each), the Q, K, W tiles
+// ([C][KD + 8]), P ([C][TC_LDC]) and one value-column tile `vt` ([C][BV + 8]).
+template <int KD> struct TcStage {
+    const float *gs, *rq, *rk;
+    const u16 *qs, *ks, *ws, *ps, *vt;
+    __device__ __forceinline__ explicit TcStage(const unsigned char* st) {
+        gs = reinterpret_cast<const float*>(st);
+        rq = gs + FLA_C;
+        rk = rq + FLA_C;
+        qs = reinterpret_cast<const u16*>(rk + FLA_C);
+        ks = qs + FLA_C * (KD + 8);
+        ws = ks + FLA_C * (KD + 8);
+        ps = ws + FLA_C * (KD + 8);
+        vt = ps + FLA_C * TC_LDC;
+    }
+};
+
+// Starts loading chunk `ci`'s sweep inputs for value head `hv` (key head `hk`) into `stage`: G,
+// the norms, Q, K, W, P and the BV columns from `v0` of `vt` ([tokens, HV, V] 16-bit: U in the
+// forward, dO in the backward), as one cp.async commit group.
+template <int NT, int KD, int BV>
+__device__ __forceinline__ void tc_load_stage(const ChunkParams& p, const void* vt, unsigned char* stage, int ci,
+                                              int hv, int hk, int v0) {
+    constexpr int LK = KD + 8, LV = BV + 8;
+    long long bos;
+    int l;
+    chunk_at(p, ci, bos, l);
+    const int tid = threadIdx.x, V = p.dv;
+    float* vec = reinterpret_cast<float*>(stage);
+    u16* qs = reinterpret_cast<u16*>(vec + 3 * FLA_C);
+    u16* ks = qs + FLA_C * LK;
+    u16* ws = ks + FLA_C * LK;
+    u16* ps = ws + FLA_C * LK;
+    u16* us = ps + FLA_C * TC_LDC;
+    const long long hrow = bos * p.hv + hv;
+    fla_load_tile<NT, FLA_C, KD>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    fla_load_tile<NT, FLA_C, KD>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    fla_load_tile<NT, FLA_C, KD>(ws, LK, static_cast<const u16*>(p.w16) + hrow * KD, (long long)p.hv * KD, l);
+    fla_load_tile<NT, FLA_C, FLA_C>(ps, TC_LDC, static_cast<const u16*>(p.aqk) + hrow * FLA_C, (long long)p.hv * FLA_C, l);
+    fla_load_tile<NT, FLA_C, BV>(us, LV, static_cast<const u16*>(vt) + hrow * V + v0, (long long)p.hv * V, l);
+    if (tid < FLA_C) {
+        const bool ok = tid < l;
+        const long long i = (bos + (ok ? tid : 0)) * p.hv + hv;
+        tc_cp4(vec + tid, p.gc + i, ok);
+        tc_cp4(vec + FLA_C + tid, p.rq + i, ok);
+        tc_cp4(vec + 2 * FLA_C + tid, p.rk + i, ok);
+    }
+    fla_cp_commit();
+}
+
+// A sweep's state block in registers (s[mt][nt][r]: C-fragment layout, rows s0 + 16 mt.., columns
+// cw + 8 nt..) rounded to 16 bits into `sb` (row stride `ld`) and, when `global` is not null, to
+// global + row * gld + column.
+template <class E, int MT, int NTV>
+__device__ __forceinline__ void tc_pack_state(const float (&s)[MT][NTV][4], u16* sb, int ld, int s0, int cw,
+                                              u16* global, long long gld) {
+    const int lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+            for (int h2 = 0; h2 < 2; ++h2) {
+                const int c = s0 + mt * 16 + gq + 8 * h2, x = cw + nt * 8 + 2 * tq;
+                const unsigned v = fla_pack2<E>(s[mt][nt][2 * h2], s[mt][nt][2 * h2 + 1]);
+                *reinterpret_cast<unsigned*>(sb + c * ld + x) = v;
+                if (global) *reinterpret_cast<unsigned*>(global + c * gld + x) = v;
+            }
+}
