@@ -428,7 +428,7 @@ extern "C" __global__ void __launch_bounds__(128) chunk_bwd_post(const ChunkBwdP
     const long long tok = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = p.hv / p.h;
-    for (int hh = warp; hh < p.h; hh += 4) {
+    for (int hh = warp; hh < p.h && !bp.qk_done; hh += 4) {
         float dq[FLA_KMAX / 32], dk[FLA_KMAX / 32], qv[FLA_KMAX / 32], kv[FLA_KMAX / 32];
         float sq = 0.0f, sk = 0.0f;
         const long long base = (tok * p.h + hh) * p.dk;

@@ -195,10 +195,11 @@ __device__ __forceinline__ void tc_zero(float (&acc)[NTN][4]) {
         for (int r = 0; r < 4; ++r) acc[nt][r] = 0.0f;
 }
 
-// acc (this warp's 16 rows from m0, NTN n-tiles) += X[m0.., :kd] Y^T with Y [NTN 8][kd] row-major:
-// the product of two row-major tiles over their shared column dimension.
+// acc (16 rows from m0, NTN n-tiles from column n0) += X[m0.., :KDIM] Y[n0.., :KDIM]^T: the
+// product of two row-major tiles over their shared column dimension.
 template <class E, int NTN, int KDIM>
-__device__ __forceinline__ void tc_abt(float (&acc)[NTN][4], const u16* x, int ldx, const u16* y, int ldy, int m0) {
+__device__ __forceinline__ void tc_abt(float (&acc)[NTN][4], const u16* x, int ldx, const u16* y, int ldy, int m0,
+                                       int n0) {
 #pragma unroll
     for (int kk = 0; kk < KDIM; kk += 16) {
         unsigned a[4];
@@ -206,21 +207,21 @@ __device__ __forceinline__ void tc_abt(float (&acc)[NTN][4], const u16* x, int l
 #pragma unroll
         for (int np = 0; np < NTN / 2; ++np) {
             unsigned b[4];
-            fla_frag_b_nk(b, y, ldy, kk, np * 16);
+            fla_frag_b_nk(b, y, ldy, kk, n0 + np * 16);
             fla_mma<E>(acc[2 * np], a, b[0], b[1]);
             fla_mma<E>(acc[2 * np + 1], a, b[2], b[3]);
         }
     }
 }
 
-// acc += L[m0.., kt blocks] X for a [C][C] tile L (stride TC_LDC), X [C][..] row-major: with
-// `upper`, the transposed tile L^T over the blocks kt >= warp (L lower triangular, so L^T upper),
-// else L over the blocks kt <= warp.
+// acc (16 rows from 16 rw, NTN n-tiles from column n0) += L X for a [C][C] tile L (stride
+// TC_LDC) and X [C][..] row-major: with `transposed`, L^T over the blocks kt >= rw (L lower
+// triangular, so L^T upper), else L over the blocks kt <= rw; blocks from l on are zero.
 template <class E, int NTN>
 __device__ __forceinline__ void tc_tri_times(float (&acc)[NTN][4], const u16* L, bool transposed, const u16* x, int ldx,
-                                             int warp, int l) {
-    const int m0 = warp * 16;
-    const int k_lo = transposed ? warp : 0, k_hi = transposed ? FLA_C / 16 - 1 : warp;
+                                             int rw, int n0, int l) {
+    const int m0 = rw * 16;
+    const int k_lo = transposed ? rw : 0, k_hi = transposed ? FLA_C / 16 - 1 : rw;
     for (int kt = k_lo; kt <= k_hi; ++kt) {
         if (kt * 16 >= l) break;
         unsigned a[4];
@@ -229,17 +230,15 @@ __device__ __forceinline__ void tc_tri_times(float (&acc)[NTN][4], const u16* L,
 #pragma unroll
         for (int np = 0; np < NTN / 2; ++np) {
             unsigned b[4];
-            fla_frag_b_kn(b, x, ldx, kt * 16, np * 16);
+            fla_frag_b_kn(b, x, ldx, kt * 16, n0 + np * 16);
             fla_mma<E>(acc[2 * np], a, b[0], b[1]);
             fla_mma<E>(acc[2 * np + 1], a, b[2], b[3]);
         }
     }
 }
 
-// Scales the rows of a warp's accumulator block by f(row) and returns, for each of the thread's
-// two rows (h2 = 0, 1), the sum over the row of acc . tile (tile a 16-bit [C][ld] matrix), summed
-// across the row's lanes.
-template <class E, int NTN, class F>
+// Scales the rows of a warp's accumulator block (16 rows from m0) by f(row).
+template <int NTN, class F>
 __device__ __forceinline__ void tc_scale_rows(float (&acc)[NTN][4], int m0, F f) {
     const int gq = (threadIdx.x & 31) >> 2;
 #pragma unroll
@@ -253,8 +252,11 @@ __device__ __forceinline__ void tc_scale_rows(float (&acc)[NTN][4], int m0, F f)
     }
 }
 
+// Adds, for each of the thread's two rows i, sum_c acc[i][c] tile[i][c] over the block's columns
+// (from n0) to out[i] in shared memory (the other column half adds its part too).
 template <class E, int NTN>
-__device__ __forceinline__ void tc_row_dots(const float (&acc)[NTN][4], const u16* tile, int ld, int m0, float (&out)[2]) {
+__device__ __forceinline__ void tc_row_dots(const float (&acc)[NTN][4], const u16* tile, int ld, int m0, int n0,
+                                            float* out) {
     const int lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
@@ -262,30 +264,59 @@ __device__ __forceinline__ void tc_row_dots(const float (&acc)[NTN][4], const u1
         float d = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < NTN; ++nt) {
-            const int c = nt * 8 + 2 * tq;
+            const int c = n0 + nt * 8 + 2 * tq;
             d += acc[nt][2 * h2] * fla_to_f32<E>(tile[i * ld + c]) + acc[nt][2 * h2 + 1] * fla_to_f32<E>(tile[i * ld + c + 1]);
         }
-        out[h2] = tc_row_sum(d);
+        d = tc_row_sum(d);
+        if (tq == 0) atomicAdd(out + i, d);
     }
 }
 
-// Stores a warp's f32 accumulator rows i < l to dst + i * ld + column.
-template <int NTN>
-__device__ __forceinline__ void tc_store_f32(const float (&acc)[NTN][4], float* dst, long long ld, int m0, int l) {
+// Stores the gradient of a q or k row block (16 rows from m0, columns from n0), rows i < l:
+// with `final`, in the dtype to dst16 + i * ld16 + column, through the in-op L2 norm's backward
+// when `l2` (dx = r (dx^ - x^ (x^ . dx^)), x^ from `tile`, r from `rn`, the dot from `dot`);
+// else in f32 to dst32 + i * ld32 + column (summed over a group's value heads later).
+template <class E, int NTN>
+__device__ __forceinline__ void tc_store_grad(const float (&acc)[NTN][4], int m0, int n0, int l, bool final, bool l2,
+                                              const u16* tile, int ld, const float* rn, const float* dot, u16* dst16,
+                                              long long ld16, float* dst32, long long ld32) {
     const int lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
 #pragma unroll
-    for (int nt = 0; nt < NTN; ++nt)
+    for (int h2 = 0; h2 < 2; ++h2) {
+        const int i = m0 + gq + 8 * h2;
+        if (i >= l) continue;
+        const float r = l2 ? rn[i] : 1.0f, d = l2 ? dot[i] : 0.0f;
 #pragma unroll
-        for (int h2 = 0; h2 < 2; ++h2) {
-            const int i = m0 + gq + 8 * h2;
-            if (i < l) *reinterpret_cast<float2*>(dst + i * ld + nt * 8 + 2 * tq) = make_float2(acc[nt][2 * h2], acc[nt][2 * h2 + 1]);
+        for (int nt = 0; nt < NTN; ++nt) {
+            const int c = n0 + nt * 8 + 2 * tq;
+            float g0 = acc[nt][2 * h2], g1 = acc[nt][2 * h2 + 1];
+            if (!final) {
+                *reinterpret_cast<float2*>(dst32 + i * ld32 + c) = make_float2(g0, g1);
+                continue;
+            }
+            if (l2) {
+                g0 = r * (g0 - fla_to_f32<E>(tile[i * ld + c]) * d);
+                g1 = r * (g1 - fla_to_f32<E>(tile[i * ld + c + 1]) * d);
+            }
+            *reinterpret_cast<unsigned*>(dst16 + i * ld16 + c) = fla_pack2<E>(g0, g1);
         }
+    }
 }
+
+// Row stride of the [..][V] tiles of chunk_bwd_tc_dqk.
+#define TC_LW(VD) ((VD) + 8)
+// Threads of chunk_bwd_tc_dqk: 8 warps, warp w on token rows 16 (w % 4).. and column half w / 4.
+#define TC_DQK_NT 256
+// Dynamic shared memory of chunk_bwd_tc_dqk; keep in sync with `tc_dqk_smem` in
+// fla-ops/src/cuda.rs: Q^, K^ [C][KD+8]; dO, U, dU, dY [C][VD+8]; S0, dS [KD][VD+8]; T, dN, dM,
+// beta dM [C][C+8] (16-bit); nine [C] vectors and one sum (f32).
+#define TC_DQK_SMEM(KD, VD) \
+    ((2 * FLA_C * ((KD) + 8) + 4 * FLA_C * TC_LW(VD) + 2 * (KD) * TC_LW(VD) + 4 * FLA_C * TC_LDC) * 2 + (9 * FLA_C + 4) * 4)
 
 template <class E, int KD, int VD>
 __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     const ChunkParams& p = bp.f;
-    constexpr int LK = KD + 8, LW = TC_LW(VD), NK = KD / 8, NV = VD / 8;
+    constexpr int LK = KD + 8, LW = TC_LW(VD), NK = KD / 16, NV = VD / 16; // n-tiles per column half
     extern __shared__ __align__(16) unsigned char smem[];
     u16* qh = reinterpret_cast<u16*>(smem); // [C][LK] q^
     u16* kh = qh + FLA_C * LK;              // [C][LK] k^
@@ -303,11 +334,14 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     float* bs = gs + FLA_C;                 // [C] beta
     float* rq = bs + FLA_C;                 // [C] 1/|q|
     float* rk = rq + FLA_C;                 // [C] 1/|k|
-    float* rowg = rk + FLA_C;               // [C] dG_i
-    float* rowl = rowg + FLA_C;             // [C] row terms of dG_L
-    float* rowb = rowl + FLA_C;             // [C] dbeta
+    float* qdot = rk + FLA_C;               // [C] q^ . dq^
+    float* kdot = qdot + FLA_C;             // [C] k^ . dk^ (the final dk^)
+    float* bdot = kdot + FLA_C;             // [C] k^ . dbk
+    float* rowl = bdot + FLA_C;             // [C] row terms of dG_L
+    float* rowb = rowl + FLA_C;             // [C] sum_v v dY
     float* red = rowb + FLA_C;              // [1] sum dS . S0
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    const int rw = warp & 3, half = warp >> 2, m0 = rw * 16;
     const int ci = blockIdx.x, hv = blockIdx.y;
     long long bos;
     int l;
@@ -315,16 +349,16 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     const int hk = hv / (p.hv / p.h);
     const long long hrow = bos * p.hv + hv, vld = (long long)p.hv * VD;
     const long long sbase = ((long long)ci * p.hv + hv) * KD * VD;
-    const int m0 = warp * 16;
 
-    fla_load_tile<TC_NT, FLA_C, KD>(qh, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
-    fla_load_tile<TC_NT, FLA_C, KD>(kh, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
-    fla_load_tile<TC_NT, FLA_C, VD>(dos, LW, static_cast<const u16*>(bp.d_o) + hrow * VD, vld, l);
-    fla_load_tile<TC_NT, FLA_C, VD>(us, LW, static_cast<const u16*>(p.vn) + hrow * VD, vld, l);
-    fla_load_tile<TC_NT, FLA_C, VD>(dus, LW, static_cast<const u16*>(bp.du) + hrow * VD, vld, l);
-    fla_load_tile<TC_NT, KD, VD>(s0s, LW, static_cast<const u16*>(p.hs) + sbase, VD, KD);
-    fla_load_tile<TC_NT, KD, VD>(dss, LW, static_cast<const u16*>(bp.dhs) + sbase, VD, KD);
-    fla_load_tile<TC_NT, FLA_C, FLA_C>(ts, TC_LDC, static_cast<const u16*>(p.tm) + hrow * FLA_C, (long long)p.hv * FLA_C, l);
+    fla_load_tile<TC_DQK_NT, FLA_C, FLA_C>(ts, TC_LDC, static_cast<const u16*>(p.tm) + hrow * FLA_C, (long long)p.hv * FLA_C, l);
+    fla_load_tile<TC_DQK_NT, FLA_C, VD>(dus, LW, static_cast<const u16*>(bp.du) + hrow * VD, vld, l);
+    fla_cp_commit();
+    fla_load_tile<TC_DQK_NT, FLA_C, KD>(qh, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    fla_load_tile<TC_DQK_NT, FLA_C, KD>(kh, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    fla_load_tile<TC_DQK_NT, FLA_C, VD>(dos, LW, static_cast<const u16*>(bp.d_o) + hrow * VD, vld, l);
+    fla_load_tile<TC_DQK_NT, FLA_C, VD>(us, LW, static_cast<const u16*>(p.vn) + hrow * VD, vld, l);
+    fla_load_tile<TC_DQK_NT, KD, VD>(s0s, LW, static_cast<const u16*>(p.hs) + sbase, VD, KD);
+    fla_load_tile<TC_DQK_NT, KD, VD>(dss, LW, static_cast<const u16*>(bp.dhs) + sbase, VD, KD);
     fla_cp_commit();
     if (tid < FLA_C) {
         const bool ok = tid < l;
@@ -335,37 +369,18 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
         bs[tid] = b;
         rq[tid] = ok ? p.rq[i] : 0.0f;
         rk[tid] = ok ? p.rk[i] : 0.0f;
-        rowg[tid] = rowl[tid] = rowb[tid] = 0.0f;
+        qdot[tid] = kdot[tid] = bdot[tid] = rowl[tid] = rowb[tid] = 0.0f;
     }
     if (tid == 0) red[0] = 0.0f;
-    fla_cp_wait_all();
+    fla_cp_wait_one();
     __syncthreads();
-    // q^ = q rq, k^ = k rk in place.
-    for (int e = tid; e < FLA_C * KD / 2; e += TC_NT) {
-        const int i = e / (KD / 2), c = (e % (KD / 2)) * 2;
-        unsigned* qp = reinterpret_cast<unsigned*>(qh + i * LK + c);
-        unsigned* kp = reinterpret_cast<unsigned*>(kh + i * LK + c);
-        *qp = fla_pack2<E>(fla_to_f32<E>(qh[i * LK + c]) * rq[i], fla_to_f32<E>(qh[i * LK + c + 1]) * rq[i]);
-        *kp = fla_pack2<E>(fla_to_f32<E>(kh[i * LK + c]) * rk[i], fla_to_f32<E>(kh[i * LK + c + 1]) * rk[i]);
-    }
-    // sum dS . S0 over the block (for dG_L).
-    {
-        float d = 0.0f;
-        for (int e = tid; e < KD * VD / 2; e += TC_NT) {
-            const int c = e / (VD / 2), x = (e % (VD / 2)) * 2;
-            d += fla_to_f32<E>(dss[c * LW + x]) * fla_to_f32<E>(s0s[c * LW + x]) +
-                 fla_to_f32<E>(dss[c * LW + x + 1]) * fla_to_f32<E>(s0s[c * LW + x + 1]);
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
-        if (lane == 0) atomicAdd(red, d);
-    }
 
-    // dY = T^T dU; dv = beta dY; sum_v v dY.
+    // dY = T^T dU (this warp's rows, its half of the columns); dv = beta dY; sum_v v dY.
     {
+        const int n0 = half * (VD / 2);
         float ay[NV][4];
         tc_zero(ay);
-        tc_tri_times<E, NV>(ay, ts, true, dus, LW, warp, l);
+        tc_tri_times<E, NV>(ay, ts, true, dus, LW, rw, n0, l);
         const u16* vg = static_cast<const u16*>(p.v) + hrow * VD;
         u16* dvg = static_cast<u16*>(bp.dv) + hrow * VD;
 #pragma unroll
@@ -374,7 +389,7 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
             float d = 0.0f;
 #pragma unroll
             for (int nt = 0; nt < NV; ++nt) {
-                const int x = nt * 8 + 2 * tq;
+                const int x = n0 + nt * 8 + 2 * tq;
                 const float y0 = ay[nt][2 * h2], y1 = ay[nt][2 * h2 + 1];
                 *reinterpret_cast<unsigned*>(dys + i * LW + x) = fla_pack2<E>(y0, y1);
                 if (i < l) {
@@ -384,14 +399,34 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
                 }
             }
             d = tc_row_sum(d);
-            if (tq == 0) rowb[i] = d;
+            if (tq == 0) atomicAdd(rowb + i, d);
         }
     }
+    fla_cp_wait_all();
     __syncthreads();
-
-    // dN = scale dO U^T . E (lower, with the diagonal), dM = -dY U^T . E (strictly lower).
+    // q^ = q rq, k^ = k rk in place; sum dS . S0 (for dG_L).
     {
-        float ap[8][4], aa[8][4];
+        for (int e = tid; e < FLA_C * KD / 2; e += TC_DQK_NT) {
+            const int i = e / (KD / 2), c = (e % (KD / 2)) * 2;
+            unsigned* qp = reinterpret_cast<unsigned*>(qh + i * LK + c);
+            unsigned* kp = reinterpret_cast<unsigned*>(kh + i * LK + c);
+            *qp = fla_pack2<E>(fla_to_f32<E>(qh[i * LK + c]) * rq[i], fla_to_f32<E>(qh[i * LK + c + 1]) * rq[i]);
+            *kp = fla_pack2<E>(fla_to_f32<E>(kh[i * LK + c]) * rk[i], fla_to_f32<E>(kh[i * LK + c + 1]) * rk[i]);
+        }
+        float d = 0.0f;
+        for (int e = tid; e < KD * VD / 2; e += TC_DQK_NT) {
+            const int c = e / (VD / 2), x = (e % (VD / 2)) * 2;
+            d += fla_to_f32<E>(dss[c * LW + x]) * fla_to_f32<E>(s0s[c * LW + x]) +
+                 fla_to_f32<E>(dss[c * LW + x + 1]) * fla_to_f32<E>(s0s[c * LW + x + 1]);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+        if (lane == 0) atomicAdd(red, d);
+    }
+    // dN = scale dO U^T . E (lower, with the diagonal), dM = -dY U^T . E (strictly lower): this
+    // warp's rows, column blocks 2 half, 2 half + 1 (those on or below the diagonal).
+    {
+        float ap[4][4], aa[4][4];
         tc_zero(ap);
         tc_zero(aa);
 #pragma unroll
@@ -400,10 +435,10 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
             fla_frag_a(fo, dos, LW, m0, kk);
             fla_frag_a(fy, dys, LW, m0, kk);
 #pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                if (np <= warp) {
+            for (int np = 0; np < 2; ++np) {
+                if (2 * half + np <= rw) {
                     unsigned b[4];
-                    fla_frag_b_nk(b, us, LW, kk, np * 16);
+                    fla_frag_b_nk(b, us, LW, kk, (2 * half + np) * 16);
                     fla_mma<E>(ap[2 * np], fo, b[0], b[1]);
                     fla_mma<E>(ap[2 * np + 1], fo, b[2], b[3]);
                     fla_mma<E>(aa[2 * np], fy, b[0], b[1]);
@@ -412,10 +447,10 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
             }
         }
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+        for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
             for (int h2 = 0; h2 < 2; ++h2) {
-                const int i = m0 + gq + 8 * h2, j = nt * 8 + 2 * tq;
+                const int i = m0 + gq + 8 * h2, j = half * 32 + nt * 8 + 2 * tq;
                 float dn[2], dm[2];
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
@@ -430,72 +465,61 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     }
     __syncthreads();
 
-    float* dqg = bp.dqa + hrow * KD;
-    float* dkg = bp.dka + hrow * KD;
-    const long long kld = (long long)p.hv * KD;
+    // Ungrouped heads: dq, dk final here (through the L2 norm's backward); else per value head in
+    // f32 for chunk_bwd_post to sum.
+    const bool final = bp.qk_done;
+    const bool l2 = p.l2norm;
+    const long long kld = (long long)p.hv * KD, qld = (long long)p.h * KD;
+    const int n0 = half * (KD / 2);
     const float gl = gs[l - 1];
-    float dots[2];
     // dq = scale e^G (dO S0^T) + dN K^.
-    {
-        float aq[NK][4];
-        tc_zero(aq);
-        tc_abt<E, NK, VD>(aq, dos, LW, s0s, LW, m0);
-        tc_scale_rows<E>(aq, m0, [&](int i) { return i < l ? p.scale * __expf(gs[i]) : 0.0f; });
-        tc_tri_times<E, NK>(aq, dns, false, kh, LK, warp, l);
-        tc_row_dots<E>(aq, qh, LK, m0, dots);
-        if (tq == 0) {
-            rowg[m0 + gq] = dots[0];
-            rowg[m0 + gq + 8] = dots[1];
-        }
-        tc_store_f32(aq, dqg, kld, m0, l);
-    }
+    float aq[NK][4];
+    tc_zero(aq);
+    tc_abt<E, NK, VD>(aq, dos, LW, s0s, LW, m0, n0);
+    tc_scale_rows(aq, m0, [&](int i) { return i < l ? p.scale * __expf(gs[i]) : 0.0f; });
+    tc_tri_times<E, NK>(aq, dns, false, kh, LK, rw, n0, l);
+    tc_row_dots<E>(aq, qh, LK, m0, n0, qdot);
     // dk = e^(G_L - G) (U dS^T) + dN^T Q^ + (beta dM)^T K^ + beta dbk, dbk = -e^G (dY S0^T) + dM K^.
-    {
-        float ak[NK][4], ab[NK][4];
-        tc_zero(ak);
-        tc_abt<E, NK, VD>(ak, us, LW, dss, LW, m0);
-        tc_scale_rows<E>(ak, m0, [&](int i) { return i < l ? __expf(gl - gs[i]) : 0.0f; });
-        tc_row_dots<E>(ak, kh, LK, m0, dots);
-        if (tq == 0) {
-            rowl[m0 + gq] = dots[0];
-            rowl[m0 + gq + 8] = dots[1];
-        }
-        tc_tri_times<E, NK>(ak, dns, true, qh, LK, warp, l);
-        tc_tri_times<E, NK>(ak, dmb, true, kh, LK, warp, l);
-        tc_zero(ab);
-        tc_abt<E, NK, VD>(ab, dys, LW, s0s, LW, m0);
-        tc_scale_rows<E>(ab, m0, [&](int i) { return i < l ? -__expf(gs[i]) : 0.0f; });
-        tc_tri_times<E, NK>(ab, dms, false, kh, LK, warp, l);
-        float db[2];
-        tc_row_dots<E>(ak, kh, LK, m0, dots);
-        tc_row_dots<E>(ab, kh, LK, m0, db);
+    float ak[NK][4], ab[NK][4];
+    tc_zero(ak);
+    tc_abt<E, NK, VD>(ak, us, LW, dss, LW, m0, n0);
+    tc_scale_rows(ak, m0, [&](int i) { return i < l ? __expf(gl - gs[i]) : 0.0f; });
+    tc_row_dots<E>(ak, kh, LK, m0, n0, rowl);
+    tc_tri_times<E, NK>(ak, dns, true, qh, LK, rw, n0, l);
+    tc_tri_times<E, NK>(ak, dmb, true, kh, LK, rw, n0, l);
+    tc_zero(ab);
+    tc_abt<E, NK, VD>(ab, dys, LW, s0s, LW, m0, n0);
+    tc_scale_rows(ab, m0, [&](int i) { return i < l ? -__expf(gs[i]) : 0.0f; });
+    tc_tri_times<E, NK>(ab, dms, false, kh, LK, rw, n0, l);
+    tc_row_dots<E>(ab, kh, LK, m0, n0, bdot);
 #pragma unroll
-        for (int h2 = 0; h2 < 2; ++h2) {
-            const int i = m0 + gq + 8 * h2;
-            const float b = bs[i];
-            if (tq == 0) {
-                rowg[i] += b * db[h2] - dots[h2];
-                rowb[i] += db[h2];
-            }
+    for (int h2 = 0; h2 < 2; ++h2) {
+        const float b = bs[m0 + gq + 8 * h2];
 #pragma unroll
-            for (int nt = 0; nt < NK; ++nt) {
-                ak[nt][2 * h2] += b * ab[nt][2 * h2];
-                ak[nt][2 * h2 + 1] += b * ab[nt][2 * h2 + 1];
-            }
+        for (int nt = 0; nt < NK; ++nt) {
+            ak[nt][2 * h2] += b * ab[nt][2 * h2];
+            ak[nt][2 * h2 + 1] += b * ab[nt][2 * h2 + 1];
         }
-        tc_store_f32(ak, dkg, kld, m0, l);
     }
+    tc_row_dots<E>(ak, kh, LK, m0, n0, kdot);
+    __syncthreads(); // the row dots are complete before the L2 norm's backward and the gate read them
+    tc_store_grad<E>(aq, m0, n0, l, final, l2, qh, LK, rq, qdot, static_cast<u16*>(bp.dq) + (bos * p.h + hk) * KD, qld,
+                     bp.dqa + hrow * KD, kld);
+    tc_store_grad<E>(ak, m0, n0, l, final, l2, kh, LK, rk, kdot, static_cast<u16*>(bp.dk) + (bos * p.h + hk) * KD, qld,
+                     bp.dka + hrow * KD, kld);
     __syncthreads();
-    if (tid < l) bp.dbh[hrow + (long long)tid * p.hv] = rowb[tid];
-    // dg_t = sum_{i >= t} dG_i + dG_L.
+    // dbeta (before the sigmoid) = sum_v v dY + k^ . dbk.
+    if (tid < l) bp.dbh[hrow + (long long)tid * p.hv] = rowb[tid] + bdot[tid];
+    // dG_i = q^.dq - k^.dk' + beta k^.dbk with dk' = dk - beta dbk, so
+    // dG_i = q^.dq - k^.dk + 2 beta k^.dbk; then dg_t = sum_{i >= t} dG_i + dG_L.
     if (warp == 0) {
-        float a = lane < l ? rowl[lane] : 0.0f, b = lane + 32 < l ? rowl[lane + 32] : 0.0f;
-        float acc = a + b;
+        float acc = (lane < l ? rowl[lane] : 0.0f) + (lane + 32 < l ? rowl[lane + 32] : 0.0f);
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
         acc += __expf(gl) * red[0];
-        // Suffix sums of rowg by a reversed inclusive scan.
-        float x0 = 63 - lane < l ? rowg[63 - lane] : 0.0f, x1 = 31 - lane < l ? rowg[31 - lane] : 0.0f;
+        auto dg_row = [&](int i) { return i < l ? qdot[i] - kdot[i] + 2.0f * bs[i] * bdot[i] : 0.0f; };
+        // Suffix sums by an inclusive scan over the reversed rows: lane j holds rows 63 - j and 31 - j.
+        float x0 = dg_row(63 - lane), x1 = dg_row(31 - lane);
 #pragma unroll
         for (int off = 1; off < 32; off <<= 1) {
             const float y0 = __shfl_up_sync(0xffffffffu, x0, off), y1 = __shfl_up_sync(0xffffffffu, x1, off);
@@ -517,7 +541,7 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
 #define TC_BWD_DH_ALL(E, NAME, KD) \
     TC_BWD_DH(E, NAME, KD, 16, 16, 1, 2) TC_BWD_DH(E, NAME, KD, 32, 16, 2, 1) TC_BWD_DH(E, NAME, KD, 64, 32, 2, 1)
 #define TC_BWD_DQK(E, NAME, KD, VD)                                                              \
-    extern "C" __global__ void __launch_bounds__(TC_NT) chunk_bwd_tc_dqk_##NAME##_k##KD##_v##VD(const ChunkBwdParams bp) { \
+    extern "C" __global__ void __launch_bounds__(TC_DQK_NT) chunk_bwd_tc_dqk_##NAME##_k##KD##_v##VD(const ChunkBwdParams bp) { \
         tc_bwd_dqk<E, KD, VD>(bp);                                                                 \
     }
 #define TC_BWD_ALL(E, NAME) \

@@ -751,9 +751,12 @@ struct ChunkBwdParams {
     dbh: u64,
     dgh: u64,
     gate_acc: u64,
+    qk_done: i32,
+    _pad: i32,
 }
 
-// SAFETY: plain old data with the C layout the kernels read (a ChunkParams, then u64 addresses).
+// SAFETY: plain old data with the C layout the kernels read (a ChunkParams, u64 addresses, an
+// i32 and its padding to 8 bytes).
 unsafe impl DeviceRepr for ChunkBwdParams {}
 
 /// Dynamic shared memory of `chunk_bwd_dh` (`FLA_DH_SMEM`).
@@ -764,10 +767,10 @@ const BWD_DQK_SMEM: u32 = ((3 * 64 * 65 + 3 * 64 * 129 + 4 * 64 * 33 + 2 * 128 *
 const BWD_GATE_SMEM: u32 = ((3 * 64 * 129 + 64 * 128 + 2 * 64 * 65 + 3 * 64 + 128) * 4) as u32;
 
 /// Dynamic shared memory of `chunk_bwd_tc_dqk_*` (`TC_DQK_SMEM` in chunk_bwd_tc.cu): the Q^, K^
-/// tiles, four [C][V+8] and two [K][V+8] tiles, four [C][C+8] (16-bit), seven [C] vectors and a
+/// tiles, four [C][V+8] and two [K][V+8] tiles, four [C][C+8] (16-bit), nine [C] vectors and a
 /// sum (f32).
 fn tc_dqk_smem(k: usize, v: usize) -> u32 {
-    ((2 * 64 * (k + 8) + 4 * 64 * (v + 8) + 2 * k * (v + 8) + 4 * 64 * 72) * 2 + (7 * 64 + 4) * 4) as u32
+    ((2 * 64 * (k + 8) + 4 * 64 * (v + 8) + 2 * k * (v + 8) + 4 * 64 * 72) * 2 + (9 * 64 + 4) * 4) as u32
 }
 
 /// The chunk backward on the GPU; see [`crate::chunk::backward_cuda`].
@@ -828,7 +831,8 @@ pub(crate) fn chunk_backward(
     let (tokens, nc) = (call.tokens, call.nc);
     let image = cubin("chunk_bwd")?;
     let f_post = dev.function("chunk_bwd", image, "chunk_bwd_post")?;
-    // SAFETY (`uninit` outputs): chunk_bwd_post writes dq, dk, dbeta and dg for every token;
+    // SAFETY (`uninit` outputs): chunk_bwd_post writes dq, dk (or chunk_bwd_tc_dqk, with
+    // `qk_done`), dbeta and dg for every token;
     // chunk_bwd_dqk writes dv for every token and column; chunk_bwd_dh writes dh0 for every
     // (sequence, head, column); chunk_bwd_gate_params writes dA_log and ddt_bias whole.
     let out = |shape: &[usize], dt: DType| unsafe { CudaTensor::uninit(shape, dt, &dev) };
@@ -850,8 +854,11 @@ pub(crate) fn chunk_backward(
     let saved_dt = if tensor_cores { dtype } else { DType::F32 };
     let mut dhs = call.scratch(nc * d.hv * d.k * d.v, saved_dt)?;
     let mut du = call.scratch(tokens * d.hv * d.v, saved_dt)?;
-    let mut dqa = call.scratch(tokens * d.hv * d.k, DType::F32)?;
-    let mut dka = call.scratch(tokens * d.hv * d.k, DType::F32)?;
+    // Ungrouped heads on tensor cores: chunk_bwd_tc_dqk writes dq, dk itself.
+    let qk_done = tensor_cores && d.hv == d.h;
+    let per_value_head = if qk_done { 0 } else { tokens * d.hv * d.k };
+    let mut dqa = call.scratch(per_value_head, DType::F32)?;
+    let mut dka = call.scratch(per_value_head, DType::F32)?;
     let mut dbh = call.scratch(tokens * d.hv, DType::F32)?;
     let mut dgh = call.scratch(tokens * d.hv * call.kg, DType::F32)?;
     let mut gate_acc = CudaTensor::zeros(&[d.hv + d.hv * d.k], DType::F32, &dev)?;
@@ -883,6 +890,8 @@ pub(crate) fn chunk_backward(
         dbh: addr_mut(&mut dbh),
         dgh: addr_mut(&mut dgh),
         gate_acc: addr_mut(&mut gate_acc),
+        qk_done: qk_done as i32,
+        _pad: 0,
     };
     let launch = |f: &CudaFunction, grid: (u32, u32, u32), threads: u32, smem: u32| -> Result<()> {
         let mut l = dev.stream().launch_builder(f);
@@ -917,7 +926,7 @@ pub(crate) fn chunk_backward(
             launch(&f_dh, (tiles, 1, 1), tc_fwd_threads(bv), tc_fwd_smem(d.k, bv))?;
         }
         if nc > 0 {
-            launch(&f_dqk, (nc as u32, d.hv as u32, 1), 128, tc_dqk_smem(d.k, d.v))?;
+            launch(&f_dqk, (nc as u32, d.hv as u32, 1), 256, tc_dqk_smem(d.k, d.v))?;
         }
     } else {
         let tiles = call.tiles(OP, GPU_CHUNK_BV)?;
@@ -957,9 +966,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<RecurrentParams>(), 176);
         assert_eq!(std::mem::align_of::<RecurrentParams>(), 8);
         // 28 pointers, 17 ints and a float: `ChunkParams` in common/chunk.cuh; then 21
-        // pointers of `ChunkBwdParams` in chunk_bwd.cu.
+        // pointers and an int (padded) of `ChunkBwdParams` in common/chunk_bwd.cuh.
         assert_eq!(std::mem::size_of::<ChunkParams>(), 296);
-        assert_eq!(std::mem::size_of::<ChunkBwdParams>(), 296 + 21 * 8);
+        assert_eq!(std::mem::size_of::<ChunkBwdParams>(), 296 + 21 * 8 + 8);
     }
 
     #[test]

@@ -21,11 +21,12 @@ struct ChunkBwdParams {
     void* du;             // [tokens, HV, V]: dU (f32, or 16-bit on the tensor-core path)
     float* dp;            // [tokens, HV, C]: dP rows
     float* da;            // [tokens, HV, C]: dA rows
-    float* dqa;           // [tokens, HV, K]: dQg, then dq per value head
-    float* dka;           // [tokens, HV, K]: dKt, then dk per value head
+    float* dqa;           // [tokens, HV, K]: dq per value head (f32 path: dQg first)
+    float* dka;           // [tokens, HV, K]: dk per value head (f32 path: dKt first)
     float* dkb;           // [tokens, HV, K]: dKb
     float* dgl;           // [nc, HV, K]: dG_L from the state decay
     float* dbh;           // [tokens, HV]: dbeta before the sigmoid
     float* dgh;           // [tokens, HV(, K)]: dg before the gate
     float* gate_acc;      // [HV + HV K], zeroed: sums of dA_log, then of ddt_bias
+    int qk_done;          // 1: dq, dk written by chunk_bwd_tc_dqk (HV = H); chunk_bwd_post skips them
 };
