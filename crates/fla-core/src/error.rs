@@ -77,6 +77,17 @@ pub enum Error {
     },
 
     // === Everything else ===
+    /// An argument that does not fit the others for a reason other than its shape, dtype or
+    /// device (for example a saved forward context passed with other inputs).
+    #[error("{op}: argument `{arg}`: {msg}")]
+    Argument {
+        /// Operation.
+        op: &'static str,
+        /// Argument name.
+        arg: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
     /// A valid request the operation does not support (yet).
     #[error("{op}: unsupported: {msg}")]
     Unsupported {

@@ -678,15 +678,20 @@ pub(crate) fn chunk_forward(
     family: Family,
     x: &Inputs<'_, CudaTensor>,
     opts: &Options,
-) -> Result<(CudaTensor, Option<CudaTensor>)> {
-    const OP: &str = "chunk::forward_cuda";
-    let mut call = chunk_call(OP, family, x, opts)?;
+    save: bool,
+) -> Result<(CudaTensor, Option<CudaTensor>, Option<ChunkSaved>)> {
+    let op = if save { "chunk::forward_cuda_saving" } else { "chunk::forward_cuda" };
+    let mut call = chunk_call(op, family, x, opts)?;
     let d = call.p.dims;
     let dev = call.dev.clone();
     let dtype = x.q.dtype();
-    // KDA's per-channel decay runs on the f32 path only so far.
-    let tensor_cores =
-        family != Family::Kda && matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && d.v % 16 == 0;
+    // KDA's per-channel decay runs on the f32 path only so far. A saving forward takes the
+    // path its backward will take.
+    let tensor_cores = if save {
+        backward_tensor_cores(family, dtype, &d)
+    } else {
+        family != Family::Kda && matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && d.v % 16 == 0
+    };
     // SAFETY (`uninit`): `o` and `ht` are written whole by the last kernel (every token belongs
     // to one chunk, every (sequence, head, column block) has a CTA).
     let mut o = unsafe { CudaTensor::uninit(&[d.b, d.t, d.hv, d.v], dtype, &dev)? };
@@ -716,13 +721,84 @@ pub(crate) fn chunk_forward(
     // kernel's *_SMEM macro and the attribute allowing it was set. Each output element (o, ht,
     // scratch) is written by exactly one thread. All buffers outlive the launches in stream
     // order (frees are stream-ordered on this stream).
-    if tensor_cores {
-        drop(call.tc_forward(OP, false)?);
-    } else {
-        drop(call.f32_forward(OP, false)?);
+    let bufs = if tensor_cores { call.tc_forward(op, save)? } else { call.f32_forward(op, save)? };
+    if !save {
+        drop((bufs, call));
+        return Ok((o, ht, None));
     }
-    drop(call);
-    Ok((o, ht))
+    let inputs = input_addrs(x);
+    Ok((o, ht, Some(ChunkSaved { call, bufs, family, tensor_cores, inputs })))
+}
+
+/// Whether the chunk backward of `family` runs on tensor cores for these inputs: 16-bit Gated
+/// DeltaNet / DeltaNet with K and V of 64 or 128.
+fn backward_tensor_cores(family: Family, dtype: DType, d: &crate::Dims) -> bool {
+    family != Family::Kda
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && matches!(d.k, 64 | 128)
+        && matches!(d.v, 64 | 128)
+}
+
+/// Device addresses of a call's tensors (q, k, v, g, beta, A_log, dt_bias, initial state), which
+/// tie a [`ChunkSaved`] to the inputs it was made from.
+fn input_addrs(x: &Inputs<'_, CudaTensor>) -> [u64; 8] {
+    [
+        addr(x.q),
+        addr(x.k),
+        addr(x.v),
+        opt_addr(x.g),
+        opt_addr(x.beta),
+        opt_addr(x.a_log),
+        opt_addr(x.dt_bias),
+        opt_addr(x.initial_state),
+    ]
+}
+
+/// What a training forward ([`crate::chunk::forward_cuda_saving`]) keeps on the device for
+/// [`crate::chunk::backward_cuda`]: the chunk-local products (T, W, P, the cumulative gate and
+/// norms), the state entering each chunk and the new values, so the backward does not recompute
+/// the forward. It holds device memory (at B = 8, T = 2048, H = 16, K = V = 128 in bf16 about
+/// 0.3 GB) until dropped, and belongs to the inputs it was made from.
+pub struct ChunkSaved {
+    call: ChunkCall,
+    bufs: Vec<CudaTensor>,
+    family: Family,
+    tensor_cores: bool,
+    inputs: [u64; 8],
+}
+
+impl std::fmt::Debug for ChunkSaved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkSaved")
+            .field("family", &self.family)
+            .field("dims", &self.call.p.dims)
+            .field("tensor_cores", &self.tensor_cores)
+            .field("buffers", &self.bufs.len())
+            .finish()
+    }
+}
+
+impl ChunkSaved {
+    /// Checks that this context was saved by a forward of `family` over the same tensors, the same
+    /// sequences and the same options as the backward's `call`.
+    fn check(&self, op: &'static str, family: Family, x: &Inputs<'_, CudaTensor>, call: &ChunkCall) -> Result<()> {
+        let (a, b) = (&call.params, &self.call.params);
+        let same_opts =
+            a.scale == b.scale && a.l2norm == b.l2norm && a.beta_sigmoid == b.beta_sigmoid && a.use_gate == b.use_gate;
+        let why = if self.family != family {
+            Some(format!("saved by a {} forward, not {family}", self.family))
+        } else if self.inputs != input_addrs(x) || self.call.p.dims != call.p.dims || self.call.p.seqs != call.p.seqs {
+            Some("saved by a forward over other tensors or sequences".to_string())
+        } else if !same_opts {
+            Some("saved by a forward with other options".to_string())
+        } else {
+            None
+        };
+        match why {
+            Some(msg) => Err(Error::Argument { op, arg: "saved", msg }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Mirror of `ChunkBwdParams` in `cuda/chunk_bwd.cu` (same order, `repr(C)`).
@@ -780,11 +856,12 @@ pub(crate) fn chunk_backward(
     opts: &Options,
     d_o: &CudaTensor,
     dht: Option<&CudaTensor>,
+    saved: Option<&ChunkSaved>,
 ) -> Result<crate::Grads<CudaTensor>> {
     const OP: &str = "chunk::backward_cuda";
-    let mut call = chunk_call(OP, family, x, opts)?;
-    let d = call.p.dims;
-    let dev = call.dev.clone();
+    let mut fresh = chunk_call(OP, family, x, opts)?;
+    let d = fresh.p.dims;
+    let dev = fresh.dev.clone();
     let dtype = x.q.dtype();
     let same_device = |arg: &'static str, t: &CudaTensor| -> Result<()> {
         if t.device() != x.q.device() {
@@ -820,14 +897,19 @@ pub(crate) fn chunk_backward(
             return Err(Error::shape(OP, "dht", want, dht.shape()));
         }
     }
-    to_i32(OP, "chunks·HV·K·V", call.nc * d.hv * d.k * d.v)?;
-    // Tensor cores for 16-bit Gated DeltaNet / DeltaNet with K and V of 64 or 128; the f32
-    // path otherwise.
-    let tensor_cores = family != Family::Kda
-        && matches!(dtype, DType::BF16 | DType::F16)
-        && matches!(d.k, 64 | 128)
-        && matches!(d.v, 64 | 128);
-    let saved = if tensor_cores { call.tc_forward(OP, true)? } else { call.f32_forward(OP, true)? };
+    to_i32(OP, "chunks·HV·K·V", fresh.nc * d.hv * d.k * d.v)?;
+    // The forward's saved products: from `saved`, or recomputed now.
+    let (call, tensor_cores, recomputed) = match saved {
+        Some(s) => {
+            s.check(OP, family, x, &fresh)?;
+            (&s.call, s.tensor_cores, Vec::new())
+        }
+        None => {
+            let tc = backward_tensor_cores(family, dtype, &d);
+            let bufs = if tc { fresh.tc_forward(OP, true)? } else { fresh.f32_forward(OP, true)? };
+            (&fresh, tc, bufs)
+        }
+    };
     let (tokens, nc) = (call.tokens, call.nc);
     let image = cubin("chunk_bwd")?;
     let f_post = dev.function("chunk_bwd", image, "chunk_bwd_post")?;
@@ -867,8 +949,9 @@ pub(crate) fn chunk_backward(
     let mut da = f32_only(tokens * d.hv * GPU_CHUNK)?;
     let mut dkb = f32_only(tokens * d.hv * d.k)?;
     let mut dgl = f32_only(nc * d.hv * d.k)?;
+    // The forward's outputs are not the backward's (a saved context still names them).
     let bp = ChunkBwdParams {
-        f: call.params,
+        f: ChunkParams { o: 0, ht: 0, ..call.params },
         d_o: addr(d_o),
         dht: opt_addr(dht),
         dq: addr_mut(&mut dq),
@@ -899,8 +982,8 @@ pub(crate) fn chunk_backward(
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem };
         // SAFETY: every chunk_bwd kernel's signature is `(ChunkBwdParams)` by value, mirrored
         // above. `bp.f` is the forward's parameters (see `chunk_forward` for what makes them
-        // sound), with the recompute's scratch from `f32_forward` / `tc_forward`, alive in
-        // `saved`. The backward's buffers are allocated above with the shapes the kernels index:
+        // sound), with the forward's scratch from `f32_forward` / `tc_forward`, alive in
+        // `recomputed` or in `saved` (checked to belong to these inputs). The backward's buffers are allocated above with the shapes the kernels index:
         // do, dv [tokens,HV,V]; dht, dh0 [N,HV,K,V] f32 (dht checked); dhs [nc,HV,K,V] and du
         // [tokens,HV,V] (16-bit on the tensor-core path, whose kernels take K, V of 64 or 128 by
         // their names, and the value block `bv` dividing V, as the forward's sweep); dq, dk
@@ -951,7 +1034,7 @@ pub(crate) fn chunk_backward(
         let f = dev.function("chunk_bwd", image, "chunk_bwd_gate_params")?;
         launch(&f, (1, 1, 1), 128, 0)?;
     }
-    drop((saved, dhs, du, dp, da, dqa, dka, dkb, dgl, dbh, dgh, gate_acc, call));
+    drop((recomputed, dhs, du, dp, da, dqa, dka, dkb, dgl, dbh, dgh, gate_acc, fresh));
     Ok(crate::Grads { dq, dk, dv, dg, dbeta: Some(dbeta), db: None, dw: None, dh0, da_log, ddt_bias })
 }
 

@@ -85,7 +85,23 @@ fn check_case(c: &mut Checker, dev: &Arc<CudaDevice>, spec: &Spec, dtype: DType,
     let g = GpuData::new(&x, dev);
     let up = |t: &Tensor| CudaTensor::from_host(t, dev).unwrap();
     let (d_o_gpu, dht_gpu) = (up(&d_o), dht.map(up));
-    let got = match chunk::backward_cuda(spec.family, &g.inputs(true), &opts, &d_o_gpu, dht_gpu.as_ref()) {
+    // Half the cases through the saving forward (no recompute in the backward), checking its
+    // outputs against the plain forward's.
+    let inputs = g.inputs(true);
+    let result = if spec.seed % 2 == 0 {
+        let (o, ht, saved) = match chunk::forward_cuda_saving(spec.family, &inputs, &opts) {
+            Ok(r) => r,
+            Err(e) => return c.fail(format!("{ctx}: forward_cuda_saving: {e}")),
+        };
+        let (o_ref, ht_ref) = chunk::forward_cuda(spec.family, &inputs, &opts).unwrap();
+        let tol = if dtype == DType::F32 { TOL_F32 } else { TOL_HALF };
+        c.close(&ctx, "saving o", &o.to_host().unwrap(), &o_ref.to_host().unwrap(), tol);
+        c.close(&ctx, "saving ht", &ht.unwrap().to_host().unwrap(), &ht_ref.unwrap().to_host().unwrap(), tol);
+        chunk::backward_cuda(spec.family, &inputs, &opts, &d_o_gpu, dht_gpu.as_ref(), Some(&saved))
+    } else {
+        chunk::backward_cuda(spec.family, &inputs, &opts, &d_o_gpu, dht_gpu.as_ref(), None)
+    };
+    let got = match result {
         Ok(r) => to_host(r),
         Err(e) => return c.fail(format!("{ctx}: {e}")),
     };
@@ -153,13 +169,24 @@ fn bad_upstream_gradients_are_typed_errors() {
     let opts = spec.opts();
     let zeros = |shape: &[usize], dt: DType| CudaTensor::zeros(shape, dt, &dev).unwrap();
     let run = |d_o: &CudaTensor, dht: Option<&CudaTensor>| {
-        chunk::backward_cuda(Family::GatedDeltaRule, &g.inputs(true), &opts, d_o, dht).unwrap_err()
+        chunk::backward_cuda(Family::GatedDeltaRule, &g.inputs(true), &opts, d_o, dht, None).unwrap_err()
     };
     let good_do = zeros(&[1, 70, 2, 64], DType::F32);
     assert!(matches!(run(&zeros(&[1, 69, 2, 64], DType::F32), None), Error::Shape { arg: "do", .. }));
     assert!(matches!(run(&zeros(&[1, 70, 2, 64], DType::BF16), None), Error::DType { arg: "do", .. }));
     assert!(matches!(run(&good_do, Some(&zeros(&[1, 2, 64, 63], DType::F32))), Error::Shape { arg: "dht", .. }));
     assert!(matches!(run(&good_do, Some(&zeros(&[1, 2, 64, 64], DType::BF16))), Error::DType { arg: "dht", .. }));
-    let gla = chunk::backward_cuda(Family::Gla, &g.inputs(true), &opts, &good_do, None).unwrap_err();
+    let gla = chunk::backward_cuda(Family::Gla, &g.inputs(true), &opts, &good_do, None, None).unwrap_err();
     assert!(matches!(gla, Error::Unsupported { .. }), "{gla}");
+    // A saved context from other inputs, another family or other options.
+    let (_, _, saved) = chunk::forward_cuda_saving(Family::GatedDeltaRule, &g.inputs(true), &opts).unwrap();
+    let other = GpuData::new(&x, &dev);
+    let e = chunk::backward_cuda(Family::GatedDeltaRule, &other.inputs(true), &opts, &good_do, None, Some(&saved));
+    assert!(matches!(e, Err(Error::Argument { arg: "saved", .. })), "{e:?}");
+    let l2 = fla_ops::Options { use_qk_l2norm_in_kernel: true, ..opts };
+    let e = chunk::backward_cuda(Family::GatedDeltaRule, &g.inputs(true), &l2, &good_do, None, Some(&saved));
+    assert!(matches!(e, Err(Error::Argument { arg: "saved", .. })), "{e:?}");
+    let without_g = fla_ops::Inputs { g: None, ..g.inputs(true) };
+    let e = chunk::backward_cuda(Family::DeltaRule, &without_g, &opts, &good_do, None, Some(&saved));
+    assert!(matches!(e, Err(Error::Argument { arg: "saved", .. })), "{e:?}");
 }

@@ -21,6 +21,8 @@ use crate::{Family, Grads, Inputs, Options, Output, Problem};
 mod backward;
 pub(crate) mod intra;
 
+pub use crate::cuda::ChunkSaved;
+
 use intra::Intra;
 pub use intra::CHUNK;
 
@@ -56,7 +58,26 @@ pub fn forward_cuda(
     x: &Inputs<'_, fla_core::cuda::CudaTensor>,
     opts: &Options,
 ) -> Result<(fla_core::cuda::CudaTensor, Option<fla_core::cuda::CudaTensor>)> {
-    crate::cuda::chunk_forward(family, x, opts)
+    let (o, ht, _) = crate::cuda::chunk_forward(family, x, opts, false)?;
+    Ok((o, ht))
+}
+
+/// [`forward_cuda`] for training: also returns what [`backward_cuda`] needs from the forward
+/// (the chunk-local products, the state entering each chunk and the new values, on the device),
+/// so the backward skips recomputing it, as FLA's autograd function keeps its forward's `A`. The
+/// forward takes the path its backward will (see [`backward_cuda`]) and writes somewhat more
+/// memory; the context holds device memory until dropped and belongs to these inputs.
+pub fn forward_cuda_saving(
+    family: Family,
+    x: &Inputs<'_, fla_core::cuda::CudaTensor>,
+    opts: &Options,
+) -> Result<(fla_core::cuda::CudaTensor, Option<fla_core::cuda::CudaTensor>, ChunkSaved)> {
+    let (o, ht, saved) = crate::cuda::chunk_forward(family, x, opts, true)?;
+    let saved = saved.ok_or_else(|| fla_core::Error::Unsupported {
+        op: "chunk::forward_cuda_saving",
+        msg: "the forward kept no context".into(),
+    })?;
+    Ok((o, ht, saved))
 }
 
 /// The chunk backward on a CUDA device: the gradients [`backward`] returns, as `CudaTensor`s in
@@ -70,14 +91,18 @@ pub fn forward_cuda(
 /// chains the in-op options. bf16 / f16 Gated DeltaNet and DeltaNet with K and V of 64 or 128
 /// run on tensor cores (`fla-kernels/cuda/chunk_bwd_tc.cu`, 16-bit operands as in FLA); the rest
 /// in f32 arithmetic (`chunk_bwd.cu`). The work is queued on the device's stream.
+///
+/// With `saved` from [`forward_cuda_saving`] over the same inputs and options, the forward is not
+/// recomputed; a context from other inputs is an [`fla_core::Error::Argument`] naming `saved`.
 pub fn backward_cuda(
     family: Family,
     x: &Inputs<'_, fla_core::cuda::CudaTensor>,
     opts: &Options,
     d_o: &fla_core::cuda::CudaTensor,
     dht: Option<&fla_core::cuda::CudaTensor>,
+    saved: Option<&ChunkSaved>,
 ) -> Result<Grads<fla_core::cuda::CudaTensor>> {
-    crate::cuda::chunk_backward(family, x, opts, d_o, dht)
+    crate::cuda::chunk_backward(family, x, opts, d_o, dht, saved)
 }
 
 /// Chunk backward for `family`: gradients of `Σ o·do + Σ ht·dht` with respect to every input
