@@ -253,7 +253,7 @@ __device__ __forceinline__ void tc_scale_rows(float (&acc)[NTN][4], int m0, F f)
 }
 
 // Adds, for each of the thread's two rows i, sum_c acc[i][c] tile[i][c] over the block's columns
-// (from n0) to out[i] in shared memory (the other column half adds its part too).
+// (from n0) to out[i] in shared memory (the other column groups add their parts too).
 template <class E, int NTN>
 __device__ __forceinline__ void tc_row_dots(const float (&acc)[NTN][4], const u16* tile, int ld, int m0, int n0,
                                             float* out) {
@@ -305,18 +305,20 @@ __device__ __forceinline__ void tc_store_grad(const float (&acc)[NTN][4], int m0
 
 // Row stride of the [..][V] tiles of chunk_bwd_tc_dqk.
 #define TC_LW(VD) ((VD) + 8)
-// Threads of chunk_bwd_tc_dqk: 8 warps, warp w on token rows 16 (w % 4).. and column half w / 4.
-#define TC_DQK_NT 256
+// chunk_bwd_tc_dqk runs CG groups of 4 warps (CG = 2 or 4): warp w on token rows 16 (w % 4)..
+// and the column group w / 4 of every output.
 // Dynamic shared memory of chunk_bwd_tc_dqk; keep in sync with `tc_dqk_smem` in
 // fla-ops/src/cuda.rs: Q^, K^ [C][KD+8]; dO, U, dU, dY [C][VD+8]; S0, dS [KD][VD+8]; T, dN, dM,
 // beta dM [C][C+8] (16-bit); nine [C] vectors and one sum (f32).
 #define TC_DQK_SMEM(KD, VD) \
     ((2 * FLA_C * ((KD) + 8) + 4 * FLA_C * TC_LW(VD) + 2 * (KD) * TC_LW(VD) + 4 * FLA_C * TC_LDC) * 2 + (9 * FLA_C + 4) * 4)
 
-template <class E, int KD, int VD>
+template <class E, int KD, int VD, int CG>
 __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     const ChunkParams& p = bp.f;
-    constexpr int LK = KD + 8, LW = TC_LW(VD), NK = KD / 16, NV = VD / 16; // n-tiles per column half
+    constexpr int NT = TC_NT * CG;
+    constexpr int LK = KD + 8, LW = TC_LW(VD), NK = KD / (8 * CG), NV = VD / (8 * CG); // n-tiles per group
+    constexpr int NC = 8 / CG;                                                          // of the [C][C] tiles
     extern __shared__ __align__(16) unsigned char smem[];
     u16* qh = reinterpret_cast<u16*>(smem); // [C][LK] q^
     u16* kh = qh + FLA_C * LK;              // [C][LK] k^
@@ -341,7 +343,7 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     float* rowb = rowl + FLA_C;             // [C] sum_v v dY
     float* red = rowb + FLA_C;              // [1] sum dS . S0
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
-    const int rw = warp & 3, half = warp >> 2, m0 = rw * 16;
+    const int rw = warp & 3, cg = warp >> 2, m0 = rw * 16;
     const int ci = blockIdx.x, hv = blockIdx.y;
     long long bos;
     int l;
@@ -350,15 +352,15 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     const long long hrow = bos * p.hv + hv, vld = (long long)p.hv * VD;
     const long long sbase = ((long long)ci * p.hv + hv) * KD * VD;
 
-    fla_load_tile<TC_DQK_NT, FLA_C, FLA_C>(ts, TC_LDC, static_cast<const u16*>(p.tm) + hrow * FLA_C, (long long)p.hv * FLA_C, l);
-    fla_load_tile<TC_DQK_NT, FLA_C, VD>(dus, LW, static_cast<const u16*>(bp.du) + hrow * VD, vld, l);
+    fla_load_tile<NT, FLA_C, FLA_C>(ts, TC_LDC, static_cast<const u16*>(p.tm) + hrow * FLA_C, (long long)p.hv * FLA_C, l);
+    fla_load_tile<NT, FLA_C, VD>(dus, LW, static_cast<const u16*>(bp.du) + hrow * VD, vld, l);
     fla_cp_commit();
-    fla_load_tile<TC_DQK_NT, FLA_C, KD>(qh, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
-    fla_load_tile<TC_DQK_NT, FLA_C, KD>(kh, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
-    fla_load_tile<TC_DQK_NT, FLA_C, VD>(dos, LW, static_cast<const u16*>(bp.d_o) + hrow * VD, vld, l);
-    fla_load_tile<TC_DQK_NT, FLA_C, VD>(us, LW, static_cast<const u16*>(p.vn) + hrow * VD, vld, l);
-    fla_load_tile<TC_DQK_NT, KD, VD>(s0s, LW, static_cast<const u16*>(p.hs) + sbase, VD, KD);
-    fla_load_tile<TC_DQK_NT, KD, VD>(dss, LW, static_cast<const u16*>(bp.dhs) + sbase, VD, KD);
+    fla_load_tile<NT, FLA_C, KD>(qh, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    fla_load_tile<NT, FLA_C, KD>(kh, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    fla_load_tile<NT, FLA_C, VD>(dos, LW, static_cast<const u16*>(bp.d_o) + hrow * VD, vld, l);
+    fla_load_tile<NT, FLA_C, VD>(us, LW, static_cast<const u16*>(p.vn) + hrow * VD, vld, l);
+    fla_load_tile<NT, KD, VD>(s0s, LW, static_cast<const u16*>(p.hs) + sbase, VD, KD);
+    fla_load_tile<NT, KD, VD>(dss, LW, static_cast<const u16*>(bp.dhs) + sbase, VD, KD);
     fla_cp_commit();
     if (tid < FLA_C) {
         const bool ok = tid < l;
@@ -375,9 +377,9 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     fla_cp_wait_one();
     __syncthreads();
 
-    // dY = T^T dU (this warp's rows, its half of the columns); dv = beta dY; sum_v v dY.
+    // dY = T^T dU (this warp's rows, its group of the columns); dv = beta dY; sum_v v dY.
     {
-        const int n0 = half * (VD / 2);
+        const int n0 = cg * (VD / CG);
         float ay[NV][4];
         tc_zero(ay);
         tc_tri_times<E, NV>(ay, ts, true, dus, LW, rw, n0, l);
@@ -406,7 +408,7 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     __syncthreads();
     // q^ = q rq, k^ = k rk in place; sum dS . S0 (for dG_L).
     {
-        for (int e = tid; e < FLA_C * KD / 2; e += TC_DQK_NT) {
+        for (int e = tid; e < FLA_C * KD / 2; e += NT) {
             const int i = e / (KD / 2), c = (e % (KD / 2)) * 2;
             unsigned* qp = reinterpret_cast<unsigned*>(qh + i * LK + c);
             unsigned* kp = reinterpret_cast<unsigned*>(kh + i * LK + c);
@@ -414,7 +416,7 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
             *kp = fla_pack2<E>(fla_to_f32<E>(kh[i * LK + c]) * rk[i], fla_to_f32<E>(kh[i * LK + c + 1]) * rk[i]);
         }
         float d = 0.0f;
-        for (int e = tid; e < KD * VD / 2; e += TC_DQK_NT) {
+        for (int e = tid; e < KD * VD / 2; e += NT) {
             const int c = e / (VD / 2), x = (e % (VD / 2)) * 2;
             d += fla_to_f32<E>(dss[c * LW + x]) * fla_to_f32<E>(s0s[c * LW + x]) +
                  fla_to_f32<E>(dss[c * LW + x + 1]) * fla_to_f32<E>(s0s[c * LW + x + 1]);
@@ -424,33 +426,37 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
         if (lane == 0) atomicAdd(red, d);
     }
     // dN = scale dO U^T . E (lower, with the diagonal), dM = -dY U^T . E (strictly lower): this
-    // warp's rows, column blocks 2 half, 2 half + 1 (those on or below the diagonal).
+    // warp's rows, the NC column tiles of its group (the 16-column blocks on or below the
+    // diagonal).
     {
-        float ap[4][4], aa[4][4];
+        float ap[NC][4], aa[NC][4];
         tc_zero(ap);
         tc_zero(aa);
+        const int j0 = cg * NC * 8;
+        if (j0 / 16 <= rw) {
 #pragma unroll
-        for (int kk = 0; kk < VD; kk += 16) {
-            unsigned fo[4], fy[4];
-            fla_frag_a(fo, dos, LW, m0, kk);
-            fla_frag_a(fy, dys, LW, m0, kk);
+            for (int kk = 0; kk < VD; kk += 16) {
+                unsigned fo[4], fy[4];
+                fla_frag_a(fo, dos, LW, m0, kk);
+                fla_frag_a(fy, dys, LW, m0, kk);
 #pragma unroll
-            for (int np = 0; np < 2; ++np) {
-                if (2 * half + np <= rw) {
-                    unsigned b[4];
-                    fla_frag_b_nk(b, us, LW, kk, (2 * half + np) * 16);
-                    fla_mma<E>(ap[2 * np], fo, b[0], b[1]);
-                    fla_mma<E>(ap[2 * np + 1], fo, b[2], b[3]);
-                    fla_mma<E>(aa[2 * np], fy, b[0], b[1]);
-                    fla_mma<E>(aa[2 * np + 1], fy, b[2], b[3]);
+                for (int np = 0; np < NC / 2; ++np) {
+                    if (j0 / 16 + np <= rw) {
+                        unsigned b[4];
+                        fla_frag_b_nk(b, us, LW, kk, j0 + np * 16);
+                        fla_mma<E>(ap[2 * np], fo, b[0], b[1]);
+                        fla_mma<E>(ap[2 * np + 1], fo, b[2], b[3]);
+                        fla_mma<E>(aa[2 * np], fy, b[0], b[1]);
+                        fla_mma<E>(aa[2 * np + 1], fy, b[2], b[3]);
+                    }
                 }
             }
         }
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < NC; ++nt)
 #pragma unroll
             for (int h2 = 0; h2 < 2; ++h2) {
-                const int i = m0 + gq + 8 * h2, j = half * 32 + nt * 8 + 2 * tq;
+                const int i = m0 + gq + 8 * h2, j = j0 + nt * 8 + 2 * tq;
                 float dn[2], dm[2];
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
@@ -470,7 +476,7 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     const bool final = bp.qk_done;
     const bool l2 = p.l2norm;
     const long long kld = (long long)p.hv * KD, qld = (long long)p.h * KD;
-    const int n0 = half * (KD / 2);
+    const int n0 = cg * (KD / CG);
     const float gl = gs[l - 1];
     // dq = scale e^G (dO S0^T) + dN K^.
     float aq[NK][4];
@@ -540,9 +546,11 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
     }
 #define TC_BWD_DH_ALL(E, NAME, KD) \
     TC_BWD_DH(E, NAME, KD, 16, 16, 1, 2) TC_BWD_DH(E, NAME, KD, 32, 16, 2, 1) TC_BWD_DH(E, NAME, KD, 64, 32, 2, 1)
+// 16 warps (four column groups) for K = 128, 8 for K = 64; keep in sync with `tc_dqk_threads`
+// in fla-ops/src/cuda.rs.
 #define TC_BWD_DQK(E, NAME, KD, VD)                                                              \
-    extern "C" __global__ void __launch_bounds__(TC_DQK_NT) chunk_bwd_tc_dqk_##NAME##_k##KD##_v##VD(const ChunkBwdParams bp) { \
-        tc_bwd_dqk<E, KD, VD>(bp);                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_NT * (KD / 32)) chunk_bwd_tc_dqk_##NAME##_k##KD##_v##VD(const ChunkBwdParams bp) { \
+        tc_bwd_dqk<E, KD, VD, KD / 32>(bp);                                                        \
     }
 #define TC_BWD_ALL(E, NAME) \
     TC_BWD_DH_ALL(E, NAME, 64) TC_BWD_DH_ALL(E, NAME, 128) \

@@ -849,6 +849,12 @@ fn tc_dqk_smem(k: usize, v: usize) -> u32 {
     ((2 * 64 * (k + 8) + 4 * 64 * (v + 8) + 2 * k * (v + 8) + 4 * 64 * 72) * 2 + (9 * 64 + 4) * 4) as u32
 }
 
+/// Threads of `chunk_bwd_tc_dqk_*` (`TC_BWD_DQK`): four warps per 32 key columns (16 warps at
+/// K = 128, 8 at K = 64).
+fn tc_dqk_threads(k: usize) -> u32 {
+    (128 * k / 32) as u32
+}
+
 /// The chunk backward on the GPU; see [`crate::chunk::backward_cuda`].
 pub(crate) fn chunk_backward(
     family: Family,
@@ -1009,7 +1015,7 @@ pub(crate) fn chunk_backward(
             launch(&f_dh, (tiles, 1, 1), tc_fwd_threads(bv), tc_fwd_smem(d.k, bv))?;
         }
         if nc > 0 {
-            launch(&f_dqk, (nc as u32, d.hv as u32, 1), 256, tc_dqk_smem(d.k, d.v))?;
+            launch(&f_dqk, (nc as u32, d.hv as u32, 1), tc_dqk_threads(d.k), tc_dqk_smem(d.k, d.v))?;
         }
     } else {
         let tiles = call.tiles(OP, GPU_CHUNK_BV)?;
