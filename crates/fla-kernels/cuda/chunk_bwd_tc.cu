@@ -173,14 +173,6 @@ __device__ __forceinline__ void tc_bwd_dh(const ChunkBwdParams& bp) {
     if (bp.dh0) each_state([&](float& e, int row, int col) { bp.dh0[sbase + (long long)row * V + v0 + col] = e; });
 }
 
-// Row stride of the [..][V] tiles of chunk_bwd_tc_dqk.
-#define TC_LW(VD) ((VD) + 8)
-// Dynamic shared memory of chunk_bwd_tc_dqk; keep in sync with `tc_dqk_smem` in
-// fla-ops/src/cuda.rs: Q^, K^ [C][KD+8]; dO, U, dU, dY [C][VD+8]; S0, dS [KD][VD+8]; T, dN, dM,
-// beta dM [C][C+8] (16-bit); seven [C] vectors and one sum (f32).
-#define TC_DQK_SMEM(KD, VD) \
-    ((2 * FLA_C * ((KD) + 8) + 4 * FLA_C * TC_LW(VD) + 2 * (KD) * TC_LW(VD) + 4 * FLA_C * TC_LDC) * 2 + (7 * FLA_C + 4) * 4)
-
 // Sums `x` over the 4 lanes holding one row of a C fragment (lanes with equal lane / 4).
 __device__ __forceinline__ float tc_row_sum(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);

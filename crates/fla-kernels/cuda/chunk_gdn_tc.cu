@@ -148,65 +148,11 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
     }
     __syncthreads();
 
-    // T = (I + A)^-1: diagonal 16x16 blocks by forward substitution (a warp each) ...
-    {
-        const int b0 = warp * 16;
-        if (lane < 16) tf[(b0 + lane) * TC_LDF + b0 + lane] = 1.0f;
-        __syncwarp();
-        for (int i = 1; i < 16; ++i) {
-            if (lane < i) {
-                const float* ar = af + (b0 + i) * TC_LDF + b0;
-                float s = -ar[lane];
-                for (int m = lane + 1; m < i; ++m) s -= ar[m] * tf[(b0 + m) * TC_LDF + b0 + lane];
-                tf[(b0 + i) * TC_LDF + b0 + lane] = s;
-            }
-            __syncwarp();
-        }
-    }
-    __syncthreads();
-    // ... then block rows: X_j = sum_{m=j}^{i-1} A_im T_mj and T_ij = -T_ii X_j, warp j for
-    // block column j, on tensor cores to about f32 accuracy (3xTF32).
-    for (int bi = 1; bi < 4; ++bi) {
-        if (warp < bi) {
-            const int bj = warp;
-            float x[2][4] = {};
-            for (int k0 = 16 * bj; k0 < 16 * bi; k0 += 8) {
-                fla_mma_f32x3(x[0], af, TC_LDF, tf, TC_LDF, 16 * bi, k0, 16 * bj);
-                fla_mma_f32x3(x[1], af, TC_LDF, tf, TC_LDF, 16 * bi, k0, 16 * bj + 8);
-            }
-#pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) xs[bj * 256 + (gq + 8 * (r >> 1)) * 16 + 8 * nt + 2 * tq + (r & 1)] = x[nt][r];
-            __syncwarp();
-            float y[2][4] = {};
-#pragma unroll
-            for (int k0 = 0; k0 < 16; k0 += 8) {
-                fla_mma_f32x3(y[0], tf + 16 * bi, TC_LDF, xs + bj * 256, 16, 16 * bi, k0, 0);
-                fla_mma_f32x3(y[1], tf + 16 * bi, TC_LDF, xs + bj * 256, 16, 16 * bi, k0, 8);
-            }
-#pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                for (int r = 0; r < 4; ++r)
-                    tf[(16 * bi + gq + 8 * (r >> 1)) * TC_LDF + 16 * bj + 8 * nt + 2 * tq + (r & 1)] = -y[nt][r];
-        }
-        __syncthreads();
-    }
+    tc_invert(af, tf, xs);
     // V in blocks of 64 columns, the first two loaded early: block 0 where A was (A is no
     // longer needed), block 1 where K was once W is done; later blocks one at a time.
-    const u16* vg = static_cast<const u16*>(p.v) + (bos * p.hv + hv) * V;
-    u16* ug = static_cast<u16*>(p.u16) + (bos * p.hv + hv) * V;
     u16* vb = reinterpret_cast<u16*>(af);
-    auto load_v = [&](int v0, u16* dst) {
-        const int nv = min(64, V - v0);
-        if (nv == 64) fla_load_tile<TC_NT, FLA_C, 64>(dst, TC_LDC, vg + v0, (long long)p.hv * V, l);
-        else if (nv == 48) fla_load_tile<TC_NT, FLA_C, 48>(dst, TC_LDC, vg + v0, (long long)p.hv * V, l);
-        else if (nv == 32) fla_load_tile<TC_NT, FLA_C, 32>(dst, TC_LDC, vg + v0, (long long)p.hv * V, l);
-        else fla_load_tile<TC_NT, FLA_C, 16>(dst, TC_LDC, vg + v0, (long long)p.hv * V, l);
-        fla_cp_commit();
-    };
-    load_v(0, vb);
+    tc_load_v(p, 0, vb, bos, l, hv);
 
     if (p.tm) {
         u16* tg = static_cast<u16*>(p.tm) + (bos * p.hv + hv) * FLA_C;
@@ -239,27 +185,214 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
         tc_store_rows<E, 8>(acc, wg + c0, (long long)p.hv * KD, m0, 64, l);
     }
     __syncthreads();
-    if (V > 64) load_v(64, ks);
-    // U = T diag(beta) V.
-    for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
-        const int i = e >> 5, j = (e & 31) * 2;
-        *reinterpret_cast<unsigned*>(tt + i * TC_LDC + j) =
-            fla_pack2<E>(tf[i * TC_LDF + j] * bs[j], tf[i * TC_LDF + j + 1] * bs[j + 1]);
+    if (V > 64) tc_load_v(p, 64, ks, bos, l, hv);
+    tc_u<E>(p, tf, bs, tt, vb, ks, bos, l, hv);
+}
+
+// Dynamic shared memory of chunk_kda_tc_intra; keep in sync with `kda_intra_smem` in
+// fla-ops/src/cuda.rs: A, T (f32 [C][LDF]), block products, beta / 1/|q| / 1/|k| ([C] each), G
+// (f32 [C][KD + 1]), then 16-bit tiles: K, Q [C][KD+8], the left factors of blocks 1..3 for K and Q
+// [48][KD+8] each, and their right factors [96][KD+8].
+#define KDA_INTRA_SMEM(KD) \
+    (2 * FLA_C * TC_LDF * 4 + 3 * 256 * 4 + 3 * FLA_C * 4 + FLA_C * ((KD) + 1) * 4 + (2 * FLA_C + 2 * 48 + 96) * ((KD) + 8) * 2)
+
+// KDA's intra kernel: one CTA per (chunk, value head), every chunk at once. The per-channel
+// decay exp(G_ic - G_jc) cannot leave a plain product, so the blocks below the diagonal are split
+// at the first row r of the later block: A_ij = sum_c (beta_i k^_ic e^(G_ic - G_rc)) (k^_jc
+// e^(G_rc - G_jc)) with both factors <= 1 (exact under any decay; FLA's sub-chunk form), products
+// on tensor cores; the four 16x16 diagonal blocks take the per-pair sum in f32. Then T as in
+// chunk_gdn_tc_intra, W = T (beta e^G k^), U = T (beta V), P, and for the sweep the tiles
+// q^ . e^G and k^ . e^(G_L - G) and G (f32).
+template <class E, int KD>
+__device__ __forceinline__ void kda_intra(const ChunkParams& p) {
+    constexpr int LK = KD + 8, LG = KD + 1; // LG: row stride of G (odd: no bank conflicts)
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* af = reinterpret_cast<float*>(smem); // [C][LDF] A; after T, V block 0 [C][LDC]
+    float* tf = af + FLA_C * TC_LDF;             // [C][LDF] T
+    float* xs = tf + FLA_C * TC_LDF;             // [3][16][16]
+    float* bs = xs + 3 * 256;                    // [C] beta
+    float* rq = bs + FLA_C;                      // [C] 1/|q|
+    float* rk = rq + FLA_C;                      // [C] 1/|k|
+    float* gsm = rk + FLA_C;                     // [C][LG] G
+    u16* ks = reinterpret_cast<u16*>(gsm + FLA_C * LG); // [C][LK] K; later V block 1
+    u16* qs = ks + FLA_C * LK;                   // [C][LK] Q
+    u16* kl = qs + FLA_C * LK;                   // [48][LK] beta k^ e^(G - G_r), rows 16..63; later T 16-bit
+    u16* ql = kl + 48 * LK;                      // [48][LK] scale q^ e^(G - G_r)
+    u16* kr = ql + 48 * LK;                      // [96][LK] k^ e^(G_r - G) of rows < r, r = 16, 32, 48; later beta k^ e^G
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int ci = blockIdx.x, hv = blockIdx.y;
+    long long bos;
+    int l;
+    chunk_at(p, ci, bos, l);
+    const int hk = hv / (p.hv / p.h);
+    const long long hrow = bos * p.hv + hv;
+
+    fla_load_tile<TC_NT, FLA_C, KD>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    fla_load_tile<TC_NT, FLA_C, KD>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    fla_cp_commit();
+    // g with the in-op gate, every element at once (rows from l on: 0).
+    {
+        const float ea = p.use_gate ? expf(fla_load(p.a_log, p.a_log_dtype, hv)) : 0.0f;
+        for (int e = tid; e < FLA_C * KD; e += TC_NT) {
+            const int i = e / KD, c = e % KD;
+            float g = 0.0f;
+            if (i < l) {
+                g = fla_load(p.g, p.dtype, (hrow + (long long)i * p.hv) * KD + c);
+                if (p.use_gate)
+                    g = -ea * fla_softplusf(g + fla_load(p.dt_bias, p.dt_bias_dtype, p.dt_per_channel ? hv * KD + c : hv));
+            }
+            gsm[i * LG + c] = g;
+        }
+    }
+    if (tid < FLA_C) {
+        float b = 0.0f;
+        if (tid < l) {
+            b = fla_load(p.beta, p.dtype, hrow + (long long)tid * p.hv);
+            if (p.beta_sigmoid) b = fla_sigmoidf(b);
+        }
+        bs[tid] = b;
+    }
+    for (int e = tid; e < FLA_C * TC_LDF; e += TC_NT) tf[e] = af[e] = 0.0f;
+    __syncthreads();
+    // G: the in-chunk cumulative sum, a thread per channel (rows from l on repeat G_{l-1}).
+    if (tid < KD) {
+        float acc = 0.0f;
+        for (int i = 0; i < FLA_C; ++i) {
+            acc += gsm[i * LG + tid];
+            gsm[i * LG + tid] = acc;
+        }
     }
     fla_cp_wait_all();
     __syncthreads();
-    for (int v0 = 0; v0 < V; v0 += 64) {
-        u16* blk = (v0 / 64) & 1 ? ks : vb;
-        if (v0 >= 128) {
-            __syncthreads();
-            load_v(v0, blk);
-            fla_cp_wait_all();
-            __syncthreads();
+    for (int e = tid; e < l * KD; e += TC_NT) p.gc[(hrow + (long long)(e / KD) * p.hv) * KD + e % KD] = gsm[(e / KD) * LG + e % KD];
+    // Norms: a warp per row.
+    for (int i = warp; i < FLA_C; i += 4) {
+        float sq = 0.0f, sk = 0.0f;
+        for (int c = lane; c < KD; c += 32) {
+            const float q = fla_to_f32<E>(qs[i * LK + c]), k = fla_to_f32<E>(ks[i * LK + c]);
+            sq += q * q;
+            sk += k * k;
         }
-        const int nv = min(64, V - v0);
-        tc_lower_times<E>(acc, tt, blk, TC_LDC, 0, nv);
-        tc_store_rows<E, 8>(acc, ug + v0, (long long)p.hv * V, m0, nv, l);
+        fla_warp_sum2(sq, sk);
+        if (lane == 0) {
+            rq[i] = i >= l ? 0.0f : p.l2norm ? chunk_rnorm(sq) : 1.0f;
+            rk[i] = i >= l ? 0.0f : p.l2norm ? chunk_rnorm(sk) : 1.0f;
+        }
     }
+    __syncthreads();
+    // The split factors, the sweep's tiles, and the diagonal blocks of A and P.
+    const int gl_row = (l - 1) * LG;
+    for (int e = tid; e < FLA_C * KD; e += TC_NT) {
+        const int i = e / KD, c = e % KD;
+        const float k = fla_to_f32<E>(ks[i * LK + c]) * rk[i], q = fla_to_f32<E>(qs[i * LK + c]) * rq[i];
+        const float g = gsm[i * LG + c];
+        if (i < l) {
+            const long long gi = (hrow + (long long)i * p.hv) * KD + c;
+            static_cast<u16*>(p.qg16)[gi] = fla_from_f32<E>(q * __expf(g));
+            static_cast<u16*>(p.kt16)[gi] = fla_from_f32<E>(k * __expf(gsm[gl_row + c] - g));
+        }
+        if (i >= 16) {
+            const float gr = gsm[(i & ~15) * LG + c];
+            kl[(i - 16) * LK + c] = fla_from_f32<E>(bs[i] * k * __expf(g - gr));
+            ql[(i - 16) * LK + c] = fla_from_f32<E>(p.scale * q * __expf(g - gr));
+        }
+        // Right factors: row i for each reference r = 16, 32, 48 above it.
+#pragma unroll
+        for (int b = 1; b < 4; ++b)
+            if (i < 16 * b) kr[((b - 1) * b * 8 + i) * LK + c] = fla_from_f32<E>(k * __expf(gsm[16 * b * LG + c] - g));
+    }
+    u16* pg = static_cast<u16*>(p.aqk) + hrow * FLA_C;
+    const long long ldp = (long long)p.hv * FLA_C;
+    for (int e = tid; e < 4 * 256; e += TC_NT) {
+        const int b = e >> 8, i = 16 * b + ((e >> 4) & 15), j = 16 * b + (e & 15);
+        if (i >= l) continue;
+        if (j > i) {
+            pg[i * ldp + j] = 0; // P above the diagonal, read by the sweep's diagonal block
+            continue;
+        }
+        // Independent partial sums over channel quarters: the loop is latency-bound otherwise
+        // (one CTA of 4 warps per SM).
+        float a4[4] = {}, p4[4] = {};
+#pragma unroll 4
+        for (int c0 = 0; c0 < KD; c0 += 4) {
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int c = c0 + u;
+                const float x = __expf(gsm[i * LG + c] - gsm[j * LG + c]) * fla_to_f32<E>(ks[j * LK + c]);
+                a4[u] += fla_to_f32<E>(ks[i * LK + c]) * x;
+                p4[u] += fla_to_f32<E>(qs[i * LK + c]) * x;
+            }
+        }
+        const float a = (a4[0] + a4[1]) + (a4[2] + a4[3]), pq = (p4[0] + p4[1]) + (p4[2] + p4[3]);
+        if (j < i) af[i * TC_LDF + j] = bs[i] * rk[i] * rk[j] * a;
+        pg[i * ldp + j] = fla_from_f32<E>(p.scale * rq[i] * rk[j] * pq);
+    }
+    __syncthreads();
+    // Below the diagonal: warp w >= 1 takes block row w (columns 0 .. 16 w).
+    if (warp >= 1) {
+        const int bi = warp, m0 = 16 * (bi - 1), r0 = (bi - 1) * bi * 8;
+        float aa[6][4], ap[6][4];
+#pragma unroll
+        for (int nt = 0; nt < 6; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) aa[nt][r] = ap[nt][r] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KD; kk += 16) {
+            unsigned fk[4], fq[4];
+            fla_frag_a(fk, kl, LK, m0, kk);
+            fla_frag_a(fq, ql, LK, m0, kk);
+#pragma unroll
+            for (int np = 0; np < 3; ++np) {
+                if (np < bi) {
+                    unsigned b[4];
+                    fla_frag_b_nk(b, kr + r0 * LK, LK, kk, np * 16);
+                    fla_mma<E>(aa[2 * np], fk, b[0], b[1]);
+                    fla_mma<E>(aa[2 * np + 1], fk, b[2], b[3]);
+                    fla_mma<E>(ap[2 * np], fq, b[0], b[1]);
+                    fla_mma<E>(ap[2 * np + 1], fq, b[2], b[3]);
+                }
+            }
+        }
+        const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+        for (int nt = 0; nt < 6; ++nt)
+#pragma unroll
+            for (int h2 = 0; h2 < 2; ++h2) {
+                const int i = 16 * bi + gq + 8 * h2, j = nt * 8 + 2 * tq;
+                if (nt < 2 * bi && i < l) {
+                    af[i * TC_LDF + j] = aa[nt][2 * h2];
+                    af[i * TC_LDF + j + 1] = aa[nt][2 * h2 + 1];
+                    *reinterpret_cast<unsigned*>(pg + i * ldp + j) = fla_pack2<E>(ap[nt][2 * h2], ap[nt][2 * h2 + 1]);
+                }
+            }
+    }
+    __syncthreads();
+    tc_invert(af, tf, xs);
+    // V block 0 where A was; W = T (beta k^ e^G) with T in 16 bits where the left factors were
+    // (spilling into the Q factors' rows at K = 64; both are free now).
+    u16* vb = reinterpret_cast<u16*>(af);
+    tc_load_v(p, 0, vb, bos, l, hv);
+    u16* tt = kl;
+    u16* kb = kr;
+    for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
+        const int i = e >> 5, j = (e & 31) * 2;
+        *reinterpret_cast<unsigned*>(tt + i * TC_LDC + j) = fla_pack2<E>(tf[i * TC_LDF + j], tf[i * TC_LDF + j + 1]);
+    }
+    for (int e = tid; e < FLA_C * KD; e += TC_NT) {
+        const int i = e / KD, c = e % KD;
+        kb[i * LK + c] = fla_from_f32<E>(bs[i] * rk[i] * __expf(gsm[i * LG + c]) * fla_to_f32<E>(ks[i * LK + c]));
+    }
+    __syncthreads();
+    float acc[8][4];
+    u16* wg = static_cast<u16*>(p.w16) + hrow * KD;
+#pragma unroll
+    for (int c0 = 0; c0 < KD; c0 += 64) {
+        tc_lower_times<E>(acc, tt, kb, LK, c0, 64);
+        tc_store_rows<E, 8>(acc, wg + c0, (long long)p.hv * KD, 16 * warp, 64, l);
+    }
+    __syncthreads();
+    if (p.dv > 64) tc_load_v(p, 64, ks, bos, l, hv);
+    tc_u<E>(p, tf, bs, tt, vb, ks, bos, l, hv);
 }
 
 // Dynamic shared memory of chunk_gdn_tc_fwd; keep in sync with `tc_fwd_smem` in
@@ -270,7 +403,9 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
 // columns (warp w: token / state rows by w % 4, columns by w / 4). ST = 2 loads the next chunk's
 // inputs while the current one is computed (for few, long sweeps); ST = 1 leaves the overlap to
 // other CTAs on the SM.
-template <class E, int KD, int BVW, int CH, int ST>
+// CHANNEL: KDA's per-key-channel decay (Q, K tiles pre-scaled by the intra kernel; the state
+// row c decays by e^(G_L,c)).
+template <class E, int KD, int BVW, int CH, int ST, bool CHANNEL = false>
 __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
     constexpr int NT = TC_NT * CH, BV = BVW * CH;
     constexpr int LK = KD + 8, LV = BV + 8, NTV = BVW / 8, MT = KD / 64;
@@ -292,7 +427,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
     const long long sbase = ((long long)n * p.hv + hv) * KD * V;
 
     auto stage = [&](int st) { return smem + st * STAGE; };
-    auto load = [&](int ci, int st) { tc_load_stage<NT, KD, BV>(p, p.u16, stage(st), ci, hv, hk, v0); };
+    auto load = [&](int ci, int st) { tc_load_stage<NT, KD, BV, CHANNEL>(p, p.u16, stage(st), ci, hv, hk, v0); };
 
     // This thread's state elements: s[mt][nt][r] is S[row][col] of the block (C-fragment layout).
     float s[MT][NTV][4];
@@ -352,7 +487,7 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
             }
         }
         // Vn = U - W S (and its copy scaled for the state update); the Q S part of O scaled.
-        const float gl = gs[l - 1];
+        const float gl = CHANNEL ? 0.0f : gs[l - 1];
 #pragma unroll
         for (int nt = 0; nt < NTV; ++nt)
 #pragma unroll
@@ -364,9 +499,9 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
                 if (p.vn && i < l)
                     *reinterpret_cast<unsigned*>(static_cast<u16*>(p.vn) + (hrow + i * p.hv) * V + v0 + x) =
                         fla_pack2<E>(y0, y1);
-                const float f = i < l ? rk[i] * __expf(gl - gs[i]) : 0.0f;
+                const float f = i >= l ? 0.0f : CHANNEL ? 1.0f : rk[i] * __expf(gl - gs[i]);
                 *reinterpret_cast<unsigned*>(vs + i * LV + x) = fla_pack2<E>(y0 * f, y1 * f);
-                const float qf = p.scale * rq[i] * __expf(gs[i]);
+                const float qf = CHANNEL ? p.scale : p.scale * rq[i] * __expf(gs[i]);
                 ao[nt][2 * h2] *= qf;
                 ao[nt][2 * h2 + 1] *= qf;
             }
@@ -387,9 +522,13 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
         }
         if (p.o) tc_store_rows<E, NTV>(ao, static_cast<u16*>(p.o) + hrow * V + v0 + cw, (long long)p.hv * V, m0, BVW, l);
 
-        // S <- e^{G_L} S + K^T (Vn rk e^{G_L - G}).
-        const float el = __expf(gl);
-        each_state([&](float& e, int, int) { e *= el; });
+        // S <- e^{G_L} S + K^T (Vn rk e^{G_L - G}) (KDA: diag(e^{G_L}) S + Kt^T Vn).
+        if (CHANNEL) {
+            each_state([&](float& e, int row, int) { e *= __expf(gs[row]); });
+        } else {
+            const float el = __expf(gl);
+            each_state([&](float& e, int, int) { e *= el; });
+        }
 #pragma unroll
         for (int kt = 0; kt < FLA_C / 16; ++kt) {
             if (kt * 16 < l) {
@@ -426,6 +565,17 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
 #define TC_FWD_ALL(E, NAME, KD) \
     TC_FWD(E, NAME, KD, 16, 16, 1, 2) TC_FWD(E, NAME, KD, 32, 16, 2, 1) TC_FWD(E, NAME, KD, 64, 32, 2, 1)
 
+#define KDA_INTRA(E, NAME, KD)                                                                  \
+    extern "C" __global__ void __launch_bounds__(TC_NT) chunk_kda_tc_intra_##NAME##_k##KD(const ChunkParams p) { \
+        kda_intra<E, KD>(p);                                                                    \
+    }
+#define KDA_FWD(E, NAME, KD, BV, BVW, CH, ST)                                                   \
+    extern "C" __global__ void __launch_bounds__(TC_NT * CH) chunk_kda_tc_fwd_##NAME##_k##KD##_v##BV(const ChunkParams p) { \
+        tc_fwd<E, KD, BVW, CH, ST, true>(p);                                                    \
+    }
+#define KDA_FWD_ALL(E, NAME, KD) \
+    KDA_FWD(E, NAME, KD, 16, 16, 1, 2) KDA_FWD(E, NAME, KD, 32, 16, 2, 1) KDA_FWD(E, NAME, KD, 64, 32, 2, 1)
+
 TC_INTRA(FlaBf16, bf16, 64)
 TC_INTRA(FlaBf16, bf16, 128)
 TC_INTRA(FlaF16, f16, 64)
@@ -434,3 +584,11 @@ TC_FWD_ALL(FlaBf16, bf16, 64)
 TC_FWD_ALL(FlaBf16, bf16, 128)
 TC_FWD_ALL(FlaF16, f16, 64)
 TC_FWD_ALL(FlaF16, f16, 128)
+KDA_INTRA(FlaBf16, bf16, 64)
+KDA_INTRA(FlaBf16, bf16, 128)
+KDA_INTRA(FlaF16, f16, 64)
+KDA_INTRA(FlaF16, f16, 128)
+KDA_FWD_ALL(FlaBf16, bf16, 64)
+KDA_FWD_ALL(FlaBf16, bf16, 128)
+KDA_FWD_ALL(FlaF16, f16, 64)
+KDA_FWD_ALL(FlaF16, f16, 128)

@@ -318,6 +318,8 @@ struct ChunkParams {
     w16: u64,
     u16: u64,
     aqk: u64,
+    qg16: u64,
+    kt16: u64,
     rq: u64,
     rk: u64,
     tm: u64,
@@ -363,6 +365,14 @@ const FWD_SMEM: u32 = ((128 * 64 + 2 * 64 * 129 + 64 * 64 + 64 * 64 + 64 * 128) 
 /// strides padded by 8 elements, f32 [C][C] by 1).
 fn tc_intra_smem(k: usize) -> u32 {
     (2 * 64 * 65 * 4 + 3 * 256 * 4 + 4 * 64 * 4 + 2 * 64 * (k + 8) * 2) as u32
+}
+
+/// Dynamic shared memory of `chunk_kda_tc_intra_*` for key dim `k` (`KDA_INTRA_SMEM` in
+/// chunk_gdn_tc.cu): A and T in f32, block products, three [C] vectors, G ([C][K+1] f32), and the
+/// K, Q tiles, the split factors of blocks 1..3 ([48] rows each for K and Q, [96] right rows),
+/// 16-bit with rows padded by 8.
+fn kda_intra_smem(k: usize) -> u32 {
+    (2 * 64 * 65 * 4 + 3 * 256 * 4 + 3 * 64 * 4 + 64 * (k + 1) * 4 + (2 * 64 + 2 * 48 + 96) * (k + 8) * 2) as u32
 }
 
 /// Threads per CTA of `chunk_gdn_tc_fwd_*_v{bv}` (`TC_FWD_ALL`): 4 warps for 16 value columns,
@@ -615,9 +625,12 @@ impl ChunkCall {
         let tiles = self.tiles(op, bv)?;
         let name = dtype_name(dtype);
         let image = cubin("chunk_gdn_tc")?;
-        let intra = self.dev.function("chunk_gdn_tc", image, &format!("chunk_gdn_tc_intra_{name}_k{}", d.k))?;
-        let fwd = self.dev.function("chunk_gdn_tc", image, &format!("chunk_gdn_tc_fwd_{name}_k{}_v{bv}", d.k))?;
-        intra.set_attribute(MAX_DYN_SMEM, tc_intra_smem(d.k) as i32)?;
+        // KDA: its own intra kernel (per-channel decay) and the sweep's channel form.
+        let channel = self.kg > 1;
+        let (fam, intra_smem) = if channel { ("kda", kda_intra_smem(d.k)) } else { ("gdn", tc_intra_smem(d.k)) };
+        let intra = self.dev.function("chunk_gdn_tc", image, &format!("chunk_{fam}_tc_intra_{name}_k{}", d.k))?;
+        let fwd = self.dev.function("chunk_gdn_tc", image, &format!("chunk_{fam}_tc_fwd_{name}_k{}_v{bv}", d.k))?;
+        intra.set_attribute(MAX_DYN_SMEM, intra_smem as i32)?;
         fwd.set_attribute(MAX_DYN_SMEM, tc_fwd_smem(d.k, bv) as i32)?;
         // Written by the intra kernel for every token before the sweep reads them (hs: by the
         // sweep for every chunk and column; vn: for every token and column).
@@ -633,6 +646,14 @@ impl ChunkCall {
         pr.u16 = addr_mut(&mut u16);
         pr.aqk = addr_mut(&mut aqk);
         let mut bufs = vec![rq, rk, w16, u16, aqk];
+        if channel {
+            // Written by chunk_kda_tc_intra for every token and channel.
+            let mut qg16 = self.scratch(tokens * d.hv * d.k, dtype)?;
+            let mut kt16 = self.scratch(tokens * d.hv * d.k, dtype)?;
+            self.params.qg16 = addr_mut(&mut qg16);
+            self.params.kt16 = addr_mut(&mut kt16);
+            bufs.extend([qg16, kt16]);
+        }
         if save {
             let mut tm = self.scratch(tokens * d.hv * GPU_CHUNK, dtype)?;
             let mut hs = self.scratch(nc * d.hv * d.k * d.v, dtype)?;
@@ -646,7 +667,7 @@ impl ChunkCall {
         // SAFETY: see `chunk_forward`.
         if nc > 0 {
             let grid = (nc as u32, d.hv as u32, 1);
-            let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: tc_intra_smem(d.k) };
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: intra_smem };
             launch_chunk(&self.dev, &intra, cfg, &self.params)?;
         }
         if tiles > 0 {
@@ -685,12 +706,11 @@ pub(crate) fn chunk_forward(
     let d = call.p.dims;
     let dev = call.dev.clone();
     let dtype = x.q.dtype();
-    // KDA's per-channel decay runs on the f32 path only so far. A saving forward takes the
-    // path its backward will take.
+    // A saving forward takes the path its backward will take (f32 for KDA so far).
     let tensor_cores = if save {
         backward_tensor_cores(family, dtype, &d)
     } else {
-        family != Family::Kda && matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && d.v % 16 == 0
+        matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && d.v % 16 == 0
     };
     // SAFETY (`uninit`): `o` and `ht` are written whole by the last kernel (every token belongs
     // to one chunk, every (sequence, head, column block) has a CTA).
@@ -1054,10 +1074,10 @@ mod tests {
         // recurrent.cu occupies on the device.
         assert_eq!(std::mem::size_of::<RecurrentParams>(), 176);
         assert_eq!(std::mem::align_of::<RecurrentParams>(), 8);
-        // 28 pointers, 17 ints and a float: `ChunkParams` in common/chunk.cuh; then 21
+        // 30 pointers, 17 ints and a float: `ChunkParams` in common/chunk.cuh; then 21
         // pointers and an int (padded) of `ChunkBwdParams` in common/chunk_bwd.cuh.
-        assert_eq!(std::mem::size_of::<ChunkParams>(), 296);
-        assert_eq!(std::mem::size_of::<ChunkBwdParams>(), 296 + 21 * 8 + 8);
+        assert_eq!(std::mem::size_of::<ChunkParams>(), 312);
+        assert_eq!(std::mem::size_of::<ChunkBwdParams>(), 312 + 21 * 8 + 8);
     }
 
     #[test]

@@ -27,7 +27,7 @@ const TOL_TC: f64 = 1e-2;
 
 /// Whether the GPU forward takes the tensor-core path for these sizes and dtype.
 fn tensor_cores(spec: &Spec, dtype: DType) -> bool {
-    spec.family != Family::Kda && dtype != DType::F32 && matches!(spec.k, 64 | 128) && spec.v % 16 == 0
+    dtype != DType::F32 && matches!(spec.k, 64 | 128) && spec.v % 16 == 0
 }
 
 /// The cases: `[B, T, H, HV, K, V]`, `cu_seqlens`, initial state, strong decay, in-op options.

@@ -31,6 +31,8 @@ struct ChunkParams {
     void* w16;            // [tokens, HV, K]: W = T (beta exp(G) K)
     void* u16;            // [tokens, HV, V]: U = T (beta V)
     void* aqk;            // [tokens, HV, C]: scale Q K^T . exp(G_i - G_j), lower incl. diagonal
+    void* qg16;           // [tokens, HV, K]: q^ . e^G (KDA on tensor cores)
+    void* kt16;           // [tokens, HV, K]: k^ . e^(G_L - G) (KDA on tensor cores)
     float* rq;            // [tokens, HV]: 1/|q| (1 without the in-op L2 norm)
     float* rk;            // [tokens, HV]: 1/|k|
     // Saved for the backward (chunk_bwd.cu, chunk_bwd_tc.cu); null in a plain forward. f32 on

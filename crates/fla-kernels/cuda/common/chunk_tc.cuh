@@ -81,7 +81,10 @@ template <int KD> struct TcStage {
 // Starts loading chunk `ci`'s sweep inputs for value head `hv` (key head `hk`) into `stage`: G,
 // the norms, Q, K, W, P and the BV columns from `v0` of `vt` ([tokens, HV, V] 16-bit: U in the
 // forward, dO in the backward), as one cp.async commit group.
-template <int NT, int KD, int BV>
+//
+// With CHANNEL (KDA), Q and K come as the intra kernel's per-value-head tiles q^ . e^G and
+// k^ . e^(G_L - G), and the vector area holds G_L per key channel instead of G, 1/|q|, 1/|k|.
+template <int NT, int KD, int BV, bool CHANNEL = false>
 __device__ __forceinline__ void tc_load_stage(const ChunkParams& p, const void* vt, unsigned char* stage, int ci,
                                               int hv, int hk, int v0) {
     constexpr int LK = KD + 8, LV = BV + 8;
@@ -96,12 +99,19 @@ __device__ __forceinline__ void tc_load_stage(const ChunkParams& p, const void* 
     u16* ps = ws + FLA_C * LK;
     u16* us = ps + FLA_C * TC_LDC;
     const long long hrow = bos * p.hv + hv;
-    fla_load_tile<NT, FLA_C, KD>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
-    fla_load_tile<NT, FLA_C, KD>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    if (CHANNEL) {
+        fla_load_tile<NT, FLA_C, KD>(qs, LK, static_cast<const u16*>(p.qg16) + hrow * KD, (long long)p.hv * KD, l);
+        fla_load_tile<NT, FLA_C, KD>(ks, LK, static_cast<const u16*>(p.kt16) + hrow * KD, (long long)p.hv * KD, l);
+    } else {
+        fla_load_tile<NT, FLA_C, KD>(qs, LK, static_cast<const u16*>(p.q) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+        fla_load_tile<NT, FLA_C, KD>(ks, LK, static_cast<const u16*>(p.k) + (bos * p.h + hk) * KD, (long long)p.h * KD, l);
+    }
     fla_load_tile<NT, FLA_C, KD>(ws, LK, static_cast<const u16*>(p.w16) + hrow * KD, (long long)p.hv * KD, l);
     fla_load_tile<NT, FLA_C, FLA_C>(ps, TC_LDC, static_cast<const u16*>(p.aqk) + hrow * FLA_C, (long long)p.hv * FLA_C, l);
     fla_load_tile<NT, FLA_C, BV>(us, LV, static_cast<const u16*>(vt) + hrow * V + v0, (long long)p.hv * V, l);
-    if (tid < FLA_C) {
+    if (CHANNEL) {
+        if (tid < KD) tc_cp4(vec + tid, p.gc + (hrow + (long long)(l - 1) * p.hv) * KD + tid, true);
+    } else if (tid < FLA_C) {
         const bool ok = tid < l;
         const long long i = (bos + (ok ? tid : 0)) * p.hv + hv;
         tc_cp4(vec + tid, p.gc + i, ok);
@@ -129,4 +139,98 @@ __device__ __forceinline__ void tc_pack_state(const float (&s)[MT][NTV][4], u16*
                 *reinterpret_cast<unsigned*>(sb + c * ld + x) = v;
                 if (global) *reinterpret_cast<unsigned*>(global + c * gld + x) = v;
             }
+}
+
+// T = (I + A)^-1 for the strictly lower [C][C] f32 tile `af` (stride TC_LDF) into `tf` (same
+// stride, zeroed by the caller): the 16x16 diagonal blocks by forward substitution (a warp
+// each), then block rows X_j = sum_{m=j}^{i-1} A_im T_mj, T_ij = -T_ii X_j (warp j for block
+// column j) on tensor cores to about f32 accuracy (3xTF32); `xs` is [3][16][16] f32 scratch.
+// All 4 warps of the CTA take part; ends with a barrier.
+__device__ __forceinline__ void tc_invert(const float* af, float* tf, float* xs) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+    {
+        const int b0 = warp * 16;
+        if (lane < 16) tf[(b0 + lane) * TC_LDF + b0 + lane] = 1.0f;
+        __syncwarp();
+        for (int i = 1; i < 16; ++i) {
+            if (lane < i) {
+                const float* ar = af + (b0 + i) * TC_LDF + b0;
+                float s = -ar[lane];
+                for (int m = lane + 1; m < i; ++m) s -= ar[m] * tf[(b0 + m) * TC_LDF + b0 + lane];
+                tf[(b0 + i) * TC_LDF + b0 + lane] = s;
+            }
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    for (int bi = 1; bi < 4; ++bi) {
+        if (warp < bi) {
+            const int bj = warp;
+            float x[2][4] = {};
+            for (int k0 = 16 * bj; k0 < 16 * bi; k0 += 8) {
+                fla_mma_f32x3(x[0], af, TC_LDF, tf, TC_LDF, 16 * bi, k0, 16 * bj);
+                fla_mma_f32x3(x[1], af, TC_LDF, tf, TC_LDF, 16 * bi, k0, 16 * bj + 8);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) xs[bj * 256 + (gq + 8 * (r >> 1)) * 16 + 8 * nt + 2 * tq + (r & 1)] = x[nt][r];
+            __syncwarp();
+            float y[2][4] = {};
+#pragma unroll
+            for (int k0 = 0; k0 < 16; k0 += 8) {
+                fla_mma_f32x3(y[0], tf + 16 * bi, TC_LDF, xs + bj * 256, 16, 16 * bi, k0, 0);
+                fla_mma_f32x3(y[1], tf + 16 * bi, TC_LDF, xs + bj * 256, 16, 16 * bi, k0, 8);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                    tf[(16 * bi + gq + 8 * (r >> 1)) * TC_LDF + 16 * bj + 8 * nt + 2 * tq + (r & 1)] = -y[nt][r];
+        }
+        __syncthreads();
+    }
+}
+
+// Starts loading V columns v0..v0+64 (or fewer, a multiple of 16) of one chunk and value head
+// into the [C][TC_LDC] tile `dst` (rows >= l zero), as one commit group.
+__device__ __forceinline__ void tc_load_v(const ChunkParams& p, int v0, u16* dst, long long bos, int l, int hv) {
+    const int V = p.dv, nv = min(64, V - v0);
+    const u16* vg = static_cast<const u16*>(p.v) + (bos * p.hv + hv) * V + v0;
+    const long long ld = (long long)p.hv * V;
+    if (nv == 64) fla_load_tile<TC_NT, FLA_C, 64>(dst, TC_LDC, vg, ld, l);
+    else if (nv == 48) fla_load_tile<TC_NT, FLA_C, 48>(dst, TC_LDC, vg, ld, l);
+    else if (nv == 32) fla_load_tile<TC_NT, FLA_C, 32>(dst, TC_LDC, vg, ld, l);
+    else fla_load_tile<TC_NT, FLA_C, 16>(dst, TC_LDC, vg, ld, l);
+    fla_cp_commit();
+}
+
+// U = T diag(beta) V into u16 scratch, the end of both intra kernels: T (f32 `tf`) scaled into
+// the 16-bit tile `tt`; V block 0 is (being) loaded into `vb0`, block 1 (when V > 64) into
+// `vb1` by the caller; later blocks are loaded here, alternating between the two.
+template <class E>
+__device__ __forceinline__ void tc_u(const ChunkParams& p, const float* tf, const float* bs, u16* tt, u16* vb0,
+                                     u16* vb1, long long bos, int l, int hv) {
+    const int tid = threadIdx.x, m0 = (tid >> 5) * 16, V = p.dv;
+    u16* ug = static_cast<u16*>(p.u16) + (bos * p.hv + hv) * V;
+    for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
+        const int i = e >> 5, j = (e & 31) * 2;
+        *reinterpret_cast<unsigned*>(tt + i * TC_LDC + j) =
+            fla_pack2<E>(tf[i * TC_LDF + j] * bs[j], tf[i * TC_LDF + j + 1] * bs[j + 1]);
+    }
+    fla_cp_wait_all();
+    __syncthreads();
+    float acc[8][4];
+    for (int v0 = 0; v0 < V; v0 += 64) {
+        u16* blk = (v0 / 64) & 1 ? vb1 : vb0;
+        if (v0 >= 128) {
+            __syncthreads();
+            tc_load_v(p, v0, blk, bos, l, hv);
+            fla_cp_wait_all();
+            __syncthreads();
+        }
+        const int nv = min(64, V - v0);
+        tc_lower_times<E>(acc, tt, blk, TC_LDC, 0, nv);
+        tc_store_rows<E, 8>(acc, ug + v0, (long long)p.hv * V, m0, nv, l);
+    }
 }
