@@ -303,13 +303,18 @@ __device__ __forceinline__ void kda_intra(const ChunkParams& p) {
     }
     u16* pg = static_cast<u16*>(p.aqk) + hrow * FLA_C;
     const long long ldp = (long long)p.hv * FLA_C;
+    // P above the diagonal inside the diagonal blocks is read by the sweep: zero it.
     for (int e = tid; e < 4 * 256; e += TC_NT) {
         const int b = e >> 8, i = 16 * b + ((e >> 4) & 15), j = 16 * b + (e & 15);
+        if (j > i && i < l) pg[i * ldp + j] = 0;
+    }
+    // The 4 x 136 pairs j <= i of the diagonal blocks, dense over the threads.
+    for (int e = tid; e < 4 * 136; e += TC_NT) {
+        const int b = e / 136, t = e % 136;
+        const int r = (int)((sqrtf(8.0f * t + 1.0f) - 1.0f) * 0.5f);
+        const int ri = r + (t >= (r + 1) * (r + 2) / 2) - (t < r * (r + 1) / 2); // guard the float rounding
+        const int i = 16 * b + ri, j = 16 * b + t - ri * (ri + 1) / 2;
         if (i >= l) continue;
-        if (j > i) {
-            pg[i * ldp + j] = 0; // P above the diagonal, read by the sweep's diagonal block
-            continue;
-        }
         // Independent partial sums over channel quarters: the loop is latency-bound otherwise
         // (one CTA of 4 warps per SM).
         float a4[4] = {}, p4[4] = {};
