@@ -46,13 +46,14 @@ fn run_forward<F: Float + Element>(p: Problem, x: &Inputs<'_>, opts: &Options) -
 /// [N,HV,K,V] f32 when `output_final_state`)`.
 ///
 /// Gated DeltaNet, DeltaNet and KDA so far (other families: [`fla_core::Error::Unsupported`]
-/// naming the family); KDA's per-channel decay on the f32 path only. Inputs f32, bf16 or f16 on one device, `initial_state` f32; scale, `cu_seqlens`
-/// (B = 1), grouped value heads, K ≤ 128, any V, and the in-op L2 norm, beta sigmoid and gate.
-/// bf16 / f16 inputs with K = 64 or 128 and V a multiple of 16 run on tensor cores
-/// (`fla-kernels/cuda/chunk_gdn_tc.cu`: every chunk's `W`, `U`, `P` at once, then one sweep per
-/// sequence, head and block of value columns with the state in registers), rounding the matmul
-/// operands to 16 bits as FLA does; the rest in f32 arithmetic (`chunk_gdn.cu`). The work is
-/// queued on the device's stream; reading a result back waits for it.
+/// naming the family). Inputs f32, bf16 or f16 on one device, `initial_state` f32; scale,
+/// `cu_seqlens` (B = 1), grouped value heads, K ≤ 128, any V, and the in-op L2 norm, beta sigmoid
+/// and gate. bf16 / f16 inputs with K = 64 or 128 and V a multiple of 16 run on tensor cores
+/// (`fla-kernels/cuda/chunk_gdn_tc.cu`: every chunk's `W`, `U`, `P` at once — for KDA with the
+/// per-channel decay split at sub-chunk boundaries — then one sweep per sequence, head and block
+/// of value columns with the state in registers), rounding the matmul operands to 16 bits as FLA
+/// does; the rest in f32 arithmetic (`chunk_gdn.cu`). The work is queued on the device's stream;
+/// reading a result back waits for it.
 pub fn forward_cuda(
     family: Family,
     x: &Inputs<'_, fla_core::cuda::CudaTensor>,
