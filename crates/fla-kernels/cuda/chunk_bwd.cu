@@ -87,19 +87,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_bwd_dh(const ChunkBwd
         // P = scale Q K^T . exp(G_i - G_j), lower triangle including the diagonal.
         for (int e = tid; e < FLA_C * FLA_C; e += FLA_NT) {
             const int i = e / FLA_C, j = e % FLA_C;
-            float a = 0.0f;
-            if (j <= i && i < l) {
-                float d = 0.0f;
-                if (p.channel) {
-                    for (int c = 0; c < K; ++c)
-                        d += qb[i * FLA_KS + c] * kb[j * FLA_KS + c] * expf(gcs[i * K + c] - gcs[j * K + c]);
-                    a = p.scale * d;
-                } else {
-                    for (int c = 0; c < K; ++c) d += qb[i * FLA_KS + c] * kb[j * FLA_KS + c];
-                    a = p.scale * d * expf(gcs[i] - gcs[j]);
-                }
-            }
-            P[e] = a;
+            P[e] = j <= i && i < l ? p.scale * chunk_decayed_dot(p, qb, kb, FLA_KS, gcs, i, j) : 0.0f;
         }
         __syncthreads();
         // dU = P^T dO + Kt dS.

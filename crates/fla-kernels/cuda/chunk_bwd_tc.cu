@@ -38,30 +38,15 @@ __device__ __forceinline__ void tc_bwd_dh(const ChunkBwdParams& bp) {
     u16* sb = reinterpret_cast<u16*>(smem + ST * STAGE); // [KD][LV] dS, 16-bit
     u16* ndu = sb + KD * LV;                             // [C][LV] -dU
     u16* dos = ndu + FLA_C * LV;                         // [C][LV] scale rq e^G dO
-    const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, cw = (tid >> 7) * BVW;
-    const int gq = lane >> 2, tq = lane & 3;
-    const int V = p.dv, nvb = V / BV;
-    const int vb = blockIdx.x % nvb;
-    const int hv = (blockIdx.x / nvb) % p.hv;
-    const int n = blockIdx.x / (nvb * p.hv);
-    const int hk = hv / (p.hv / p.h);
-    const int v0 = vb * BV;
-    const int m0 = warp * 16;
-    const int s0 = warp * (KD / 4);
-    const long long sbase = ((long long)n * p.hv + hv) * KD * V;
+    const TcSweep<KD, BVW, CH> sw(p);
+    const int warp = sw.warp, cw = sw.cw, gq = sw.gq, tq = sw.tq, V = sw.V, hv = sw.hv, n = sw.n, hk = sw.hk;
+    const int v0 = sw.v0, m0 = sw.m0, s0 = sw.s0;
+    const long long sbase = sw.sbase;
 
     auto stage = [&](int st) { return smem + st * STAGE; };
     auto load = [&](int ci, int st) { tc_load_stage<NT, KD, BV>(p, bp.d_o, stage(st), ci, hv, hk, v0); };
     float s[MT][NTV][4];
-    auto each_state = [&](auto&& f) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NTV; ++nt)
-#pragma unroll
-                for (int r = 0; r < 4; ++r)
-                    f(s[mt][nt][r], s0 + mt * 16 + gq + 8 * (r >> 1), cw + nt * 8 + 2 * tq + (r & 1));
-    };
+    auto each_state = [&](auto&& f) { sw.each_state(s, f); };
     each_state([&](float& e, int row, int col) { e = bp.dht ? bp.dht[sbase + (long long)row * V + v0 + col] : 0.0f; });
 
     const int first = chunk_first(p, n), last = chunk_first(p, n + 1);
@@ -518,15 +503,7 @@ __device__ __forceinline__ void tc_bwd_dqk(const ChunkBwdParams& bp) {
         auto dg_row = [&](int i) { return i < l ? qdot[i] - kdot[i] + 2.0f * bs[i] * bdot[i] : 0.0f; };
         // Suffix sums by an inclusive scan over the reversed rows: lane j holds rows 63 - j and 31 - j.
         float x0 = dg_row(63 - lane), x1 = dg_row(31 - lane);
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-            const float y0 = __shfl_up_sync(0xffffffffu, x0, off), y1 = __shfl_up_sync(0xffffffffu, x1, off);
-            if (lane >= off) {
-                x0 += y0;
-                x1 += y1;
-            }
-        }
-        x1 += __shfl_sync(0xffffffffu, x0, 31);
+        fla_warp_scan64(x0, x1);
         if (63 - lane < l) bp.dgh[hrow + (long long)(63 - lane) * p.hv] = acc + x0;
         if (31 - lane < l) bp.dgh[hrow + (long long)(31 - lane) * p.hv] = acc + x1;
     }

@@ -115,19 +115,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_intra(const Chunk
     // A, strictly lower: beta_i sum_c k_ic k_jc exp(G_ic - G_jc) (G_i - G_j <= 0 for j < i).
     for (int e = tid; e < FLA_C * FLA_C; e += FLA_NT) {
         const int i = e / FLA_C, j = e % FLA_C;
-        float a = 0.0f;
-        if (j < i && i < l) {
-            float d = 0.0f;
-            if (p.channel) {
-                for (int c = 0; c < K; ++c)
-                    d += ks[i * FLA_KS + c] * ks[j * FLA_KS + c] * expf(gcs[i * K + c] - gcs[j * K + c]);
-                a = bs[i] * d;
-            } else {
-                for (int c = 0; c < K; ++c) d += ks[i * FLA_KS + c] * ks[j * FLA_KS + c];
-                a = bs[i] * d * expf(gcs[i] - gcs[j]);
-            }
-        }
-        at[e] = a;
+        at[e] = j < i && i < l ? bs[i] * chunk_decayed_dot(p, ks, ks, FLA_KS, gcs, i, j) : 0.0f;
     }
     __syncthreads();
     // T = (I + A)^-1 in place, row by row: T_ij = -sum_{m=j}^{i-1} A_im T_mj (T_mm = 1).
@@ -241,19 +229,7 @@ extern "C" __global__ void __launch_bounds__(FLA_NT) chunk_gdn_fwd(const ChunkPa
         // with the outputs, when only the states are wanted: the backward's recompute).
         for (int e = tid; e < FLA_C * FLA_C && p.o; e += FLA_NT) {
             const int i = e / FLA_C, j = e % FLA_C;
-            float a = 0.0f;
-            if (j <= i && i < l) {
-                float d = 0.0f;
-                if (p.channel) {
-                    for (int c = 0; c < K; ++c)
-                        d += qb[i * FLA_KS + c] * kb[j * FLA_KS + c] * expf(gcs[i * K + c] - gcs[j * K + c]);
-                    a = p.scale * d;
-                } else {
-                    for (int c = 0; c < K; ++c) d += qb[i * FLA_KS + c] * kb[j * FLA_KS + c];
-                    a = p.scale * d * expf(gcs[i] - gcs[j]);
-                }
-            }
-            P[e] = a;
+            P[e] = j <= i && i < l ? p.scale * chunk_decayed_dot(p, qb, kb, FLA_KS, gcs, i, j) : 0.0f;
         }
         __syncthreads();
         // O = scale exp(G) Q S + P Vn.

@@ -61,15 +61,7 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
     // G: inclusive scan by warp 0.
     if (warp == 0) {
         float a = gs[lane], b = gs[lane + 32];
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-            const float x = __shfl_up_sync(0xffffffffu, a, off), y = __shfl_up_sync(0xffffffffu, b, off);
-            if (lane >= off) {
-                a += x;
-                b += y;
-            }
-        }
-        b += __shfl_sync(0xffffffffu, a, 31);
+        fla_warp_scan64(a, b);
         gs[lane] = a;
         gs[lane + 32] = b;
     }
@@ -419,32 +411,17 @@ __device__ __forceinline__ void tc_fwd(const ChunkParams& p) {
     u16* sb = reinterpret_cast<u16*>(smem + ST * STAGE); // [KD][LV] S, 16-bit
     u16* vn = sb + KD * LV;                              // [C][LV] Vn
     u16* vs = vn + FLA_C * LV;                           // [C][LV] Vn rk e^{G_L - G}
-    const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, cw = (tid >> 7) * BVW;
-    const int gq = lane >> 2, tq = lane & 3;
-    const int V = p.dv, nvb = V / BV;
-    const int vb = blockIdx.x % nvb;
-    const int hv = (blockIdx.x / nvb) % p.hv;
-    const int n = blockIdx.x / (nvb * p.hv);
-    const int hk = hv / (p.hv / p.h);
-    const int v0 = vb * BV;
-    const int m0 = warp * 16;       // token rows of this warp
-    const int s0 = warp * (KD / 4); // state rows of this warp
-    const long long sbase = ((long long)n * p.hv + hv) * KD * V;
+    const TcSweep<KD, BVW, CH> sw(p);
+    const int warp = sw.warp, cw = sw.cw, gq = sw.gq, tq = sw.tq, V = sw.V, hv = sw.hv, n = sw.n, hk = sw.hk;
+    const int v0 = sw.v0, m0 = sw.m0, s0 = sw.s0;
+    const long long sbase = sw.sbase;
 
     auto stage = [&](int st) { return smem + st * STAGE; };
     auto load = [&](int ci, int st) { tc_load_stage<NT, KD, BV, CHANNEL>(p, p.u16, stage(st), ci, hv, hk, v0); };
 
     // This thread's state elements: s[mt][nt][r] is S[row][col] of the block (C-fragment layout).
     float s[MT][NTV][4];
-    auto each_state = [&](auto&& f) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NTV; ++nt)
-#pragma unroll
-                for (int r = 0; r < 4; ++r)
-                    f(s[mt][nt][r], s0 + mt * 16 + gq + 8 * (r >> 1), cw + nt * 8 + 2 * tq + (r & 1));
-    };
+    auto each_state = [&](auto&& f) { sw.each_state(s, f); };
     each_state([&](float& e, int row, int col) { e = p.h0 ? p.h0[sbase + (long long)row * V + v0 + col] : 0.0f; });
 
     const int first = chunk_first(p, n), last = chunk_first(p, n + 1);

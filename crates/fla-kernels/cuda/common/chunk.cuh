@@ -86,3 +86,18 @@ __device__ __forceinline__ int chunk_first(const ChunkParams& p, int n) {
 
 // 1 / sqrt(sum of squares + 1e-6): the in-op L2 norm's scale (fla-ops/src/prepare.rs).
 __device__ __forceinline__ float chunk_rnorm(float ss) { return 1.0f / sqrtf(ss + 1e-6f); }
+
+// sum_c x_ic y_jc exp(G_ic - G_jc) for f32 row tiles x, y (row stride ks) and the cumulative
+// gate gcs ([C][K] with channel decay, else [C]): an element of the f32 path's chunk-local
+// products (A with x = y = K, P with x = Q), before its beta or scale.
+__device__ __forceinline__ float chunk_decayed_dot(const ChunkParams& p, const float* x, const float* y, int ks,
+                                                   const float* gcs, int i, int j) {
+    const int K = p.dk;
+    float d = 0.0f;
+    if (p.channel) {
+        for (int c = 0; c < K; ++c) d += x[i * ks + c] * y[j * ks + c] * expf(gcs[i * K + c] - gcs[j * K + c]);
+        return d;
+    }
+    for (int c = 0; c < K; ++c) d += x[i * ks + c] * y[j * ks + c];
+    return d * expf(gcs[i] - gcs[j]);
+}

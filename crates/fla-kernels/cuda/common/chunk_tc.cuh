@@ -234,3 +234,40 @@ __device__ __forceinline__ void tc_u(const ChunkParams& p, const float* tf, cons
         tc_store_rows<E, 8>(acc, ug + v0, (long long)p.hv * V, m0, nv, l);
     }
 }
+
+// One sweep CTA's work — sequence n, value head hv (key head hk), BV = CH BVW value columns from
+// v0 — and this thread's place in it: CH groups of 4 warps; warp w % 4 on token rows m0.. and
+// state rows s0.., group w / 4 on the columns cw..cw + BVW of the block.
+template <int KD, int BVW, int CH>
+struct TcSweep {
+    static constexpr int NTV = BVW / 8, MT = KD / 64;
+    int lane, warp, cw, gq, tq, V, hv, n, hk, v0, m0, s0;
+    long long sbase; // offset of the (n, hv) state [KD][V] in [N, HV, KD, V]
+    __device__ __forceinline__ explicit TcSweep(const ChunkParams& p) {
+        const int tid = threadIdx.x, nvb = p.dv / (BVW * CH);
+        lane = tid & 31;
+        warp = (tid >> 5) & 3;
+        cw = (tid >> 7) * BVW;
+        gq = lane >> 2;
+        tq = lane & 3;
+        V = p.dv;
+        hv = (blockIdx.x / nvb) % p.hv;
+        n = blockIdx.x / (nvb * p.hv);
+        hk = hv / (p.hv / p.h);
+        v0 = (blockIdx.x % nvb) * BVW * CH;
+        m0 = warp * 16;
+        s0 = warp * (KD / 4);
+        sbase = ((long long)n * p.hv + hv) * KD * V;
+    }
+    // Calls f(element, row, column) for each state element this thread holds (s[mt][nt][r] in the
+    // C-fragment layout; row and column within the [KD][BV] block).
+    template <class F> __device__ __forceinline__ void each_state(float (&s)[MT][NTV][4], F&& f) const {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                    f(s[mt][nt][r], s0 + mt * 16 + gq + 8 * (r >> 1), cw + nt * 8 + 2 * tq + (r & 1));
+    }
+};

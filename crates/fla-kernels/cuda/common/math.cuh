@@ -14,3 +14,18 @@ __device__ __forceinline__ void fla_warp_sum2(float& a, float& b) {
         b += __shfl_xor_sync(0xffffffffu, b, off);
     }
 }
+
+// Inclusive prefix sums of 64 values held two per lane (lane l: element l in a, element 32 + l in
+// b): afterwards a = sum of elements 0..l, b = sum of elements 0..32 + l.
+__device__ __forceinline__ void fla_warp_scan64(float& a, float& b) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const float x = __shfl_up_sync(0xffffffffu, a, off), y = __shfl_up_sync(0xffffffffu, b, off);
+        if (lane >= off) {
+            a += x;
+            b += y;
+        }
+    }
+    b += __shfl_sync(0xffffffffu, a, 31);
+}
