@@ -1089,6 +1089,27 @@ mod tests {
     }
 
     #[test]
+    fn shared_memory_fits_an_sm90_cta() {
+        // The largest dynamic shared memory a Hopper CTA can opt into (227 KB); a launch above it
+        // fails at run time, so check every size the launchers ask for here, without a GPU.
+        const MAX: u32 = 232_448;
+        for k in [64, 128] {
+            assert!(tc_intra_smem(k) <= MAX && kda_intra_smem(k) <= MAX, "intra, K = {k}");
+            for bv in [16, 32, 64] {
+                assert!(tc_fwd_smem(k, bv) <= MAX, "sweep, K = {k}, BV = {bv}");
+            }
+            for v in [64, 128] {
+                assert!(tc_dqk_smem(k, v) <= MAX, "dq/dk, K = {k}, V = {v}");
+            }
+        }
+        for smem in [INTRA_SMEM, FWD_SMEM, BWD_DH_SMEM, BWD_DQK_SMEM, BWD_GATE_SMEM] {
+            assert!(smem <= MAX, "{smem}");
+        }
+        assert_eq!(tc_dqk_threads(128), 512);
+        assert_eq!(tc_dqk_threads(64), 256);
+    }
+
+    #[test]
     fn tiling_by_shape() {
         assert_eq!(tiling(64, 64).bv, 32);
         assert_eq!(tiling(256, 128).bv, 32);
