@@ -589,7 +589,10 @@ class Fla:
         with self.mode(grad):
             ms, host = self.time(fn)
         r = {"fla_ms": ms, "fla_host_ms": host}
-        r.update(self.gpu_time(fn, period, grad))
+        # The copy ceiling is one torch kernel, GPU-bound when called eagerly; replaying it in a
+        # graph read 0.78 ms against 0.51 ms eager on an H200 (2026-11-30), so it is not timed so.
+        if key != "hbm_ceiling":
+            r.update(self.gpu_time(fn, period, grad))
         return r
 
 
