@@ -1,9 +1,10 @@
 //! The GPU chunk backward (`chunk::backward_cuda`: Gated DeltaNet, DeltaNet, KDA) against the
 //! CPU chunk backward on the same inputs and upstream gradients: every gradient (q, k, v, g,
 //! beta, the initial state, A_log, dt_bias) for T = 1, 63, 64, 65, 200, a varlen batch with a
-//! sequence of one token and an empty one, grouped value heads, K = V = 64 and 128, dims that are
-//! not powers of two, strong decay, with and without an initial state and `dht`, the in-op
-//! options, f32 and bf16 inputs. Plus the typed errors of bad upstream gradients.
+//! sequence of one token and an empty one, grouped and ungrouped value heads, K = V = 64 and 128,
+//! dims that are not powers of two, strong decay, with and without an initial state and `dht`, the
+//! in-op options, f32, bf16 and f16 inputs. Plus the typed errors of bad upstream gradients and
+//! saved contexts.
 //!
 //! Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
 mod common;
@@ -51,6 +52,10 @@ fn specs(fam: Family) -> Vec<Spec> {
         out.push(Spec::new(fam, [2, 90, 1, 3, 64, 64]).gate_in_kernel(DtBias::Matrix).sigmoid().seed(next()));
     }
     out.push(Spec::new(fam, [2, 70, 3, 3, 32, 50]).h0(true).gate(Gate::Strong).l2norm().seed(next()));
+    // H = HV with K = V of 128 and 64: the tensor-core dq/dk kernel finishes dq, dk itself
+    // (through the L2 norm's backward) instead of leaving them to chunk_bwd_post.
+    out.push(Spec::new(fam, [2, 100, 2, 2, 128, 128]).h0(true).l2norm().seed(next()));
+    out.push(Spec::new(fam, [1, 90, 3, 3, 64, 64]).cu(&[0, 30, 90]).seed(next()));
     out.push(Spec::new(fam, [1, 140, 1, 4, 64, 200]).h0(true).l2norm().seed(next()));
     out
 }
