@@ -56,6 +56,9 @@ fn specs(fam: Family) -> Vec<Spec> {
     // (through the L2 norm's backward) instead of leaving them to chunk_bwd_post.
     out.push(Spec::new(fam, [2, 100, 2, 2, 128, 128]).h0(true).l2norm().seed(next()));
     out.push(Spec::new(fam, [1, 90, 3, 3, 64, 64]).cu(&[0, 30, 90]).seed(next()));
+    // K != V on the tensor-core path (its dq/dk kernel is instantiated per (K, V)).
+    out.push(Spec::new(fam, [1, 100, 1, 2, 64, 128]).h0(true).l2norm().seed(next()));
+    out.push(Spec::new(fam, [1, 80, 2, 2, 128, 64]).h0(true).seed(next()));
     out.push(Spec::new(fam, [1, 140, 1, 4, 64, 200]).h0(true).l2norm().seed(next()));
     out
 }
@@ -194,4 +197,37 @@ fn bad_upstream_gradients_are_typed_errors() {
     let without_g = fla_ops::Inputs { g: None, ..g.inputs(true) };
     let e = chunk::backward_cuda(Family::DeltaRule, &without_g, &opts, &good_do, None, Some(&saved));
     assert!(matches!(e, Err(Error::Argument { arg: "saved", .. })), "{e:?}");
+}
+
+/// Every value-block width of the tensor-core reverse sweep (the launcher picks 16 for the small
+/// shapes above; 32 and 64 serve many heads), forced through `FLA_CHUNK_BV`, as the forward's
+/// `tensor_core_value_blocks` does.
+#[test]
+fn tensor_core_backward_value_blocks() {
+    let Some(dev) = gpu("tensor_core_backward_value_blocks") else { return };
+    let spec = Spec::new(Family::GatedDeltaRule, [1, 300, 2, 4, 128, 128])
+        .cu(&[0, 64, 65, 300])
+        .h0(true)
+        .l2norm()
+        .gate(Gate::Strong)
+        .seed(78);
+    let x = spec.data().cast(DType::BF16);
+    let opts = spec.opts();
+    let (d_o, dht) = spec.upstream();
+    let d_o = d_o.to_dtype(DType::BF16).unwrap();
+    let dht = dht.to_dtype(DType::F32).unwrap();
+    let cpu = chunk::backward(spec.family, &x.inputs(), &opts, &d_o, Some(&dht)).unwrap();
+    let g = GpuData::new(&x, &dev);
+    let up = |t: &Tensor| CudaTensor::from_host(t, &dev).unwrap();
+    let (d_o_gpu, dht_gpu) = (up(&d_o), up(&dht));
+    let mut c = Checker::default();
+    for bv in ["16", "32", "64"] {
+        // SAFETY (set_var): the tests of this binary run on one thread (`--test-threads=1` on
+        // the GPU box); no other thread reads the environment meanwhile.
+        unsafe { std::env::set_var("FLA_CHUNK_BV", bv) };
+        let got = chunk::backward_cuda(spec.family, &g.inputs(true), &opts, &d_o_gpu, Some(&dht_gpu), None).unwrap();
+        c.grads(&format!("BV={bv}"), &to_host(got), &cpu, TOL_HALF);
+    }
+    unsafe { std::env::remove_var("FLA_CHUNK_BV") };
+    c.finish(3 * 6);
 }
