@@ -154,26 +154,30 @@ fn kda_chunk_forward_vs_cpu() {
 #[test]
 fn tensor_core_value_blocks() {
     let Some(dev) = gpu("tensor_core_value_blocks") else { return };
-    let spec = Spec::new(Family::GatedDeltaRule, [1, 300, 2, 4, 128, 128])
-        .cu(&[0, 64, 65, 300])
-        .h0(true)
-        .l2norm()
-        .gate(Gate::Strong)
-        .seed(77);
-    let x = spec.data().cast(DType::BF16);
-    let cpu = chunk::forward(spec.family, &x.inputs(), &spec.opts()).unwrap();
-    let g = GpuData::new(&x, &dev);
     let mut c = Checker::default();
-    for bv in ["16", "32", "64"] {
-        // SAFETY (set_var): the tests of this binary run on one thread (`--test-threads=1` on
-        // the GPU box); no other thread reads the environment meanwhile.
-        unsafe { std::env::set_var("FLA_CHUNK_BV", bv) };
-        let (o, ht) = chunk::forward_cuda(spec.family, &g.inputs(true), &spec.opts()).unwrap();
-        c.close(&format!("BV={bv}"), "o", &o.to_host().unwrap(), &cpu.o, TOL_TC);
-        c.close(&format!("BV={bv}"), "ht", &ht.unwrap().to_host().unwrap(), cpu.final_state.as_ref().unwrap(), TOL_TC);
+    // Gated DeltaNet's sweep and KDA's (per-row state decay) in every block width.
+    for family in [Family::GatedDeltaRule, Family::Kda] {
+        let spec = Spec::new(family, [1, 300, 2, 4, 128, 128])
+            .cu(&[0, 64, 65, 300])
+            .h0(true)
+            .l2norm()
+            .gate(Gate::Strong)
+            .seed(77);
+        let x = spec.data().cast(DType::BF16);
+        let cpu = chunk::forward(spec.family, &x.inputs(), &spec.opts()).unwrap();
+        let g = GpuData::new(&x, &dev);
+        for bv in ["16", "32", "64"] {
+            // SAFETY (set_var): the tests of this binary run on one thread (`--test-threads=1` on
+            // the GPU box); no other thread reads the environment meanwhile.
+            unsafe { std::env::set_var("FLA_CHUNK_BV", bv) };
+            let (o, ht) = chunk::forward_cuda(spec.family, &g.inputs(true), &spec.opts()).unwrap();
+            let ctx = format!("{family} BV={bv}");
+            c.close(&ctx, "o", &o.to_host().unwrap(), &cpu.o, TOL_TC);
+            c.close(&ctx, "ht", &ht.unwrap().to_host().unwrap(), cpu.final_state.as_ref().unwrap(), TOL_TC);
+        }
     }
     unsafe { std::env::remove_var("FLA_CHUNK_BV") };
-    c.finish(6);
+    c.finish(12);
 }
 
 /// Without `output_final_state` no state comes back, and `o` is the same.
