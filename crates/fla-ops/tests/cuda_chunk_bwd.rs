@@ -140,17 +140,8 @@ fn sweep(test: &str, family: Family) {
     for spec in specs.iter().filter(|s| s.k == s.v && s.t > 64) {
         check_case(&mut c, &dev, spec, DType::F16, true, &mut worst);
     }
-    eprintln!(
-        "{family} chunk backward: {} checks, {} failures; largest rel err: f32 {:.2e}, 16-bit {:.2e}",
-        c.checks,
-        c.failures.len(),
-        worst[0],
-        worst[1]
-    );
-    for f in c.failures.iter().take(30) {
-        eprintln!("  {f}");
-    }
-    c.finish(8 * specs.len());
+    let summary = format!("{family} chunk backward: largest rel err: f32 {:.2e}, 16-bit {:.2e}", worst[0], worst[1]);
+    c.report_and_finish(&summary, 8 * specs.len());
 }
 
 #[test]

@@ -478,6 +478,16 @@ impl Checker {
         self.failures.push(msg);
     }
 
+    /// Prints `summary` after the check and failure counts, and the first 30 failures, to stderr
+    /// (the sweeps' one-line report), then [`Checker::finish`].
+    pub fn report_and_finish(self, summary: &str, min_checks: usize) {
+        eprintln!("{} checks, {} failures; {summary}", self.checks, self.failures.len());
+        for f in self.failures.iter().take(30) {
+            eprintln!("  {f}");
+        }
+        self.finish(min_checks);
+    }
+
     /// Panics with every failure; also fails if fewer than `min_checks` checks ran.
     pub fn finish(self, min_checks: usize) {
         assert!(
