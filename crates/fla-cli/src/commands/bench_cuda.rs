@@ -221,19 +221,15 @@ fn chunk_fwd_row(dev: &Arc<CudaDevice>, seconds: f64, case: &ChunkCase, hbm: f64
     };
     let bytes = tokens * (2 * h * d + 2 * hv * d + hv + g_per_token) * 2 + n * hv * d * d * 4;
     let floor_ms = bytes as f64 / hbm / 1e6;
-    let cu = case.cu_seqlens.map_or(String::new(), |c| format!(" cu_seqlens={c:?}"));
-    Ok(Row {
-        name: case.name.into(),
-        shape: format!("B={b} T={t} H={h} HV={hv} K=V={d} bf16{cu} {}", case.family),
+    Ok(chunk_row(
+        case,
         ms,
-        rate: tokens as f64 * hv as f64 / ms / 1e3,
-        unit: "Mtok·head/s",
-        fraction: Some(floor_ms / ms),
-        note: format!(
+        Some(floor_ms / ms),
+        format!(
             "host {host_ms:.3} ms/call; memory floor {floor_ms:.3} ms ({:.0} MB at the HBM rate)",
             bytes as f64 / 1e6
         ),
-    })
+    ))
 }
 
 /// Forward + backward of one case, bf16 inputs, K = V = 128, in-op L2 norm, no final state (as
@@ -241,7 +237,7 @@ fn chunk_fwd_row(dev: &Arc<CudaDevice>, seconds: f64, case: &ChunkCase, hbm: f64
 /// its context (no recompute, as FLA keeps its forward's `A`); the rate is tokens·heads per
 /// second.
 fn chunk_fwd_bwd_row(dev: &Arc<CudaDevice>, seconds: f64, case: &ChunkCase) -> Result<Row> {
-    let [b, t, h, hv] = case.bthv;
+    let [b, t, _, hv] = case.bthv;
     let d = 128;
     let [q, k, v, g, beta] = chunk_inputs(dev, case)?;
     let (q, k, v) = (q.expect("q"), k.expect("k"), v.expect("v"));
@@ -253,16 +249,23 @@ fn chunk_fwd_bwd_row(dev: &Arc<CudaDevice>, seconds: f64, case: &ChunkCase) -> R
         chunk::backward_cuda(case.family, &x, &opts, &d_o, None, Some(&saved))?;
         Ok(())
     })?;
-    let tokens = b * t;
-    Ok(Row {
+    Ok(chunk_row(case, ms, None, format!("host {host_ms:.3} ms/call; saving forward + backward")))
+}
+
+/// The row of one chunk case (K = V = 128, bf16) timed at `ms`: the rate is tokens·heads per
+/// second.
+fn chunk_row(case: &ChunkCase, ms: f64, fraction: Option<f64>, note: String) -> Row {
+    let [b, t, h, hv] = case.bthv;
+    let cu = case.cu_seqlens.map_or(String::new(), |c| format!(" cu_seqlens={c:?}"));
+    Row {
         name: case.name.into(),
-        shape: format!("B={b} T={t} H={h} HV={hv} K=V={d} bf16 {}", case.family),
+        shape: format!("B={b} T={t} H={h} HV={hv} K=V=128 bf16{cu} {}", case.family),
         ms,
-        rate: tokens as f64 * hv as f64 / ms / 1e3,
+        rate: (b * t) as f64 * hv as f64 / ms / 1e3,
         unit: "Mtok·head/s",
-        fraction: None,
-        note: format!("host {host_ms:.3} ms/call; saving forward + backward"),
-    })
+        fraction,
+        note,
+    }
 }
 
 /// The CUDA rows of `fla bench ops --device cuda`.
