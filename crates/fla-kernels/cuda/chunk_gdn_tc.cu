@@ -182,11 +182,11 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
 }
 
 // Dynamic shared memory of chunk_kda_tc_intra; keep in sync with `kda_intra_smem` in
-// fla-ops/src/cuda.rs: A, T (f32 [C][LDF]), block products, beta / 1/|q| / 1/|k| ([C] each), G
-// (f32 [C][KD + 1]), then 16-bit tiles: K, Q [C][KD+8], the left factors of blocks 1..3 for K and Q
-// [48][KD+8] each, and their right factors [96][KD+8].
+// fla-ops/src/cuda.rs: A, T (f32 [C][LDF]; T's space first holds the split factors of one block
+// pair), block products, beta / 1/|q| / 1/|k| ([C] each), G (f32 [C][KD + 1]), then the K and Q
+// tiles (16-bit [C][KD+8]). About 105 KB at K = 128: two CTAs per SM.
 #define KDA_INTRA_SMEM(KD) \
-    (2 * FLA_C * TC_LDF * 4 + 3 * 256 * 4 + 3 * FLA_C * 4 + FLA_C * ((KD) + 1) * 4 + (2 * FLA_C + 2 * 48 + 96) * ((KD) + 8) * 2)
+    (2 * FLA_C * TC_LDF * 4 + 3 * 256 * 4 + 3 * FLA_C * 4 + FLA_C * ((KD) + 1) * 4 + 2 * FLA_C * ((KD) + 8) * 2)
 
 // KDA's intra kernel: one CTA per (chunk, value head), every chunk at once. The per-channel
 // decay exp(G_ic - G_jc) cannot leave a plain product, so the blocks below the diagonal are split
@@ -200,17 +200,15 @@ __device__ __forceinline__ void kda_intra(const ChunkParams& p) {
     constexpr int LK = KD + 8, LG = KD + 1; // LG: row stride of G (odd: no bank conflicts)
     extern __shared__ __align__(16) unsigned char smem[];
     float* af = reinterpret_cast<float*>(smem); // [C][LDF] A; after T, V block 0 [C][LDC]
-    float* tf = af + FLA_C * TC_LDF;             // [C][LDF] T
+    float* tf = af + FLA_C * TC_LDF;             // [C][LDF] T; before it, the split factors
+    u16* fb = reinterpret_cast<u16*>(tf);        // [48][LK]: K left, Q left, K right factors of a block pair
     float* xs = tf + FLA_C * TC_LDF;             // [3][16][16]
     float* bs = xs + 3 * 256;                    // [C] beta
     float* rq = bs + FLA_C;                      // [C] 1/|q|
     float* rk = rq + FLA_C;                      // [C] 1/|k|
     float* gsm = rk + FLA_C;                     // [C][LG] G
-    u16* ks = reinterpret_cast<u16*>(gsm + FLA_C * LG); // [C][LK] K; later V block 1
-    u16* qs = ks + FLA_C * LK;                   // [C][LK] Q
-    u16* kl = qs + FLA_C * LK;                   // [48][LK] beta k^ e^(G - G_r), rows 16..63; later T 16-bit
-    u16* ql = kl + 48 * LK;                      // [48][LK] scale q^ e^(G - G_r)
-    u16* kr = ql + 48 * LK;                      // [96][LK] k^ e^(G_r - G) of rows < r, r = 16, 32, 48; later beta k^ e^G
+    u16* ks = reinterpret_cast<u16*>(gsm + FLA_C * LG); // [C][LK] K; then beta k^ e^G; then V block 1
+    u16* qs = ks + FLA_C * LK;                   // [C][LK] Q; then T (16-bit [C][LDC])
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int ci = blockIdx.x, hv = blockIdx.y;
     long long bos;
@@ -244,7 +242,7 @@ __device__ __forceinline__ void kda_intra(const ChunkParams& p) {
         }
         bs[tid] = b;
     }
-    for (int e = tid; e < FLA_C * TC_LDF; e += TC_NT) tf[e] = af[e] = 0.0f;
+    for (int e = tid; e < FLA_C * TC_LDF; e += TC_NT) af[e] = 0.0f;
     __syncthreads();
     // G: the in-chunk cumulative sum, a thread per channel (rows from l on repeat G_{l-1}).
     if (tid < KD) {
@@ -272,26 +270,14 @@ __device__ __forceinline__ void kda_intra(const ChunkParams& p) {
         }
     }
     __syncthreads();
-    // The split factors, the sweep's tiles, and the diagonal blocks of A and P.
+    // The sweep's tiles q^ e^G and k^ e^(G_L - G).
     const int gl_row = (l - 1) * LG;
-    for (int e = tid; e < FLA_C * KD; e += TC_NT) {
+    for (int e = tid; e < l * KD; e += TC_NT) {
         const int i = e / KD, c = e % KD;
-        const float k = fla_to_f32<E>(ks[i * LK + c]) * rk[i], q = fla_to_f32<E>(qs[i * LK + c]) * rq[i];
         const float g = gsm[i * LG + c];
-        if (i < l) {
-            const long long gi = (hrow + (long long)i * p.hv) * KD + c;
-            static_cast<u16*>(p.qg16)[gi] = fla_from_f32<E>(q * __expf(g));
-            static_cast<u16*>(p.kt16)[gi] = fla_from_f32<E>(k * __expf(gsm[gl_row + c] - g));
-        }
-        if (i >= 16) {
-            const float gr = gsm[(i & ~15) * LG + c];
-            kl[(i - 16) * LK + c] = fla_from_f32<E>(bs[i] * k * __expf(g - gr));
-            ql[(i - 16) * LK + c] = fla_from_f32<E>(p.scale * q * __expf(g - gr));
-        }
-        // Right factors: row i for each reference r = 16, 32, 48 above it.
-#pragma unroll
-        for (int b = 1; b < 4; ++b)
-            if (i < 16 * b) kr[((b - 1) * b * 8 + i) * LK + c] = fla_from_f32<E>(k * __expf(gsm[16 * b * LG + c] - g));
+        const long long gi = (hrow + (long long)i * p.hv) * KD + c;
+        static_cast<u16*>(p.qg16)[gi] = fla_from_f32<E>(fla_to_f32<E>(qs[i * LK + c]) * rq[i] * __expf(g));
+        static_cast<u16*>(p.kt16)[gi] = fla_from_f32<E>(fla_to_f32<E>(ks[i * LK + c]) * rk[i] * __expf(gsm[gl_row + c] - g));
     }
     u16* pg = static_cast<u16*>(p.aqk) + hrow * FLA_C;
     const long long ldp = (long long)p.hv * FLA_C;
@@ -325,52 +311,57 @@ __device__ __forceinline__ void kda_intra(const ChunkParams& p) {
         pg[i * ldp + j] = fla_from_f32<E>(p.scale * rq[i] * rk[j] * pq);
     }
     __syncthreads();
-    // Below the diagonal: warp w >= 1 takes block row w (columns 0 .. 16 w).
-    if (warp >= 1) {
-        const int bi = warp, m0 = 16 * (bi - 1), r0 = (bi - 1) * bi * 8;
-        float aa[6][4], ap[6][4];
+    // Below the diagonal, one block pair (bi, bj < bi) at a time: with r = 16 bi, the left factors
+    // beta_i k^_i e^(G_i - G_r), scale q^_i e^(G_i - G_r) (rows of block bi) and the right factors
+    // k^_j e^(G_r - G_j) (rows of block bj) into `fb`, then A and P of the pair on tensor cores
+    // (warp w: A (w < 2) or P, n-tile w % 2). Blocks from l on are zero.
+    for (int bi = 1; bi < 4 && 16 * bi < l; ++bi) {
+        const int r = 16 * bi;
+        for (int bj = 0; bj < bi; ++bj) {
+            __syncthreads();
+            for (int e = tid; e < 16 * KD; e += TC_NT) {
+                const int row = e / KD, c = e % KD, i = r + row, j = 16 * bj + row;
+                const float gr = gsm[r * LG + c], ei = __expf(gsm[i * LG + c] - gr);
+                fb[row * LK + c] = fla_from_f32<E>(bs[i] * rk[i] * fla_to_f32<E>(ks[i * LK + c]) * ei);
+                fb[(16 + row) * LK + c] = fla_from_f32<E>(p.scale * rq[i] * fla_to_f32<E>(qs[i * LK + c]) * ei);
+                fb[(32 + row) * LK + c] =
+                    fla_from_f32<E>(rk[j] * fla_to_f32<E>(ks[j * LK + c]) * __expf(gr - gsm[j * LG + c]));
+            }
+            __syncthreads();
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const u16* left = fb + (warp < 2 ? 0 : 16) * LK;
 #pragma unroll
-        for (int nt = 0; nt < 6; ++nt)
+            for (int kk = 0; kk < KD; kk += 16) {
+                unsigned a[4], b[4];
+                fla_frag_a(a, left, LK, 0, kk);
+                fla_frag_b_nk(b, fb + 32 * LK, LK, kk, 0);
+                if (warp & 1) fla_mma<E>(acc, a, b[2], b[3]);
+                else fla_mma<E>(acc, a, b[0], b[1]);
+            }
+            const int gq = lane >> 2, tq = lane & 3;
 #pragma unroll
-            for (int r = 0; r < 4; ++r) aa[nt][r] = ap[nt][r] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < KD; kk += 16) {
-            unsigned fk[4], fq[4];
-            fla_frag_a(fk, kl, LK, m0, kk);
-            fla_frag_a(fq, ql, LK, m0, kk);
-#pragma unroll
-            for (int np = 0; np < 3; ++np) {
-                if (np < bi) {
-                    unsigned b[4];
-                    fla_frag_b_nk(b, kr + r0 * LK, LK, kk, np * 16);
-                    fla_mma<E>(aa[2 * np], fk, b[0], b[1]);
-                    fla_mma<E>(aa[2 * np + 1], fk, b[2], b[3]);
-                    fla_mma<E>(ap[2 * np], fq, b[0], b[1]);
-                    fla_mma<E>(ap[2 * np + 1], fq, b[2], b[3]);
+            for (int h2 = 0; h2 < 2; ++h2) {
+                const int i = r + gq + 8 * h2, j = 16 * bj + 8 * (warp & 1) + 2 * tq;
+                if (i >= l) continue;
+                if (warp < 2) {
+                    af[i * TC_LDF + j] = acc[2 * h2];
+                    af[i * TC_LDF + j + 1] = acc[2 * h2 + 1];
+                } else {
+                    *reinterpret_cast<unsigned*>(pg + i * ldp + j) = fla_pack2<E>(acc[2 * h2], acc[2 * h2 + 1]);
                 }
             }
         }
-        const int gq = lane >> 2, tq = lane & 3;
-#pragma unroll
-        for (int nt = 0; nt < 6; ++nt)
-#pragma unroll
-            for (int h2 = 0; h2 < 2; ++h2) {
-                const int i = 16 * bi + gq + 8 * h2, j = nt * 8 + 2 * tq;
-                if (nt < 2 * bi && i < l) {
-                    af[i * TC_LDF + j] = aa[nt][2 * h2];
-                    af[i * TC_LDF + j + 1] = aa[nt][2 * h2 + 1];
-                    *reinterpret_cast<unsigned*>(pg + i * ldp + j) = fla_pack2<E>(ap[nt][2 * h2], ap[nt][2 * h2 + 1]);
-                }
-            }
     }
     __syncthreads();
+    for (int e = tid; e < FLA_C * TC_LDF; e += TC_NT) tf[e] = 0.0f;
+    __syncthreads();
     tc_invert(af, tf, xs);
-    // V block 0 where A was; W = T (beta k^ e^G) with T in 16 bits where the left factors were
-    // (spilling into the Q factors' rows at K = 64; both are free now).
+    // V block 0 where A was; W = T (beta k^ e^G): T in 16 bits where Q was, beta k^ e^G over K in
+    // place.
     u16* vb = reinterpret_cast<u16*>(af);
     tc_load_v(p, 0, vb, bos, l, hv);
-    u16* tt = kl;
-    u16* kb = kr;
+    u16* tt = qs;
+    u16* kb = ks;
     for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
         const int i = e >> 5, j = (e & 31) * 2;
         *reinterpret_cast<unsigned*>(tt + i * TC_LDC + j) = fla_pack2<E>(tf[i * TC_LDF + j], tf[i * TC_LDF + j + 1]);

@@ -368,11 +368,11 @@ fn tc_intra_smem(k: usize) -> u32 {
 }
 
 /// Dynamic shared memory of `chunk_kda_tc_intra_*` for key dim `k` (`KDA_INTRA_SMEM` in
-/// chunk_gdn_tc.cu): A and T in f32, block products, three [C] vectors, G ([C][K+1] f32), and the
-/// K, Q tiles, the split factors of blocks 1..3 ([48] rows each for K and Q, [96] right rows),
-/// 16-bit with rows padded by 8.
+/// chunk_gdn_tc.cu): A and T in f32 (T's space first holds one block pair's split factors),
+/// block products, three [C] vectors, G ([C][K+1] f32), and the K, Q tiles (16-bit, rows padded
+/// by 8): ≈ 105 KB at K = 128, two CTAs per SM.
 fn kda_intra_smem(k: usize) -> u32 {
-    (2 * 64 * 65 * 4 + 3 * 256 * 4 + 3 * 64 * 4 + 64 * (k + 1) * 4 + (2 * 64 + 2 * 48 + 96) * (k + 8) * 2) as u32
+    (2 * 64 * 65 * 4 + 3 * 256 * 4 + 3 * 64 * 4 + 64 * (k + 1) * 4 + 2 * 64 * (k + 8) * 2) as u32
 }
 
 /// Threads per CTA of `chunk_gdn_tc_fwd_*_v{bv}` (`TC_FWD_ALL`): 4 warps for 16 value columns,
@@ -1095,6 +1095,8 @@ mod tests {
         const MAX: u32 = 232_448;
         for k in [64, 128] {
             assert!(tc_intra_smem(k) <= MAX && kda_intra_smem(k) <= MAX, "intra, K = {k}");
+            // The split factors of one block pair (48 rows of K + 8) live in T's f32 space.
+            assert!(48 * (k + 8) * 2 <= 64 * 65 * 4);
             for bv in [16, 32, 64] {
                 assert!(tc_fwd_smem(k, bv) <= MAX, "sweep, K = {k}, BV = {bv}");
             }
