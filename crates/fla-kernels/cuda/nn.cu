@@ -1,0 +1,97 @@
+// Row-wise and elementwise kernels of the model layers (fla-nn/src/cuda.rs launches them; the CPU
+// twins are fla-nn/src/ops.rs and conv.rs): RMSNorm (plain, 1 + w, gated by SiLU or sigmoid), the
+// depthwise causal short convolution with SiLU and its cache, and SiLU(a) * b. Activations in
+// f32, bf16 or f16 (read and written in that dtype, f32 arithmetic), weights and caches in f32.
+#include "common/dtype.cuh"
+#include "common/math.cuh"
+
+// Keep in sync with `NormParams` in fla-nn/src/cuda.rs (repr(C)).
+struct NormParams {
+    const void* x;   // [rows, dim]
+    const float* w;  // [dim]
+    const void* z;   // [rows, dim] gate input, or null
+    void* y;         // [rows, dim], dtype of x
+    int dtype, rows, dim;
+    int gate;        // 0: none, 1: silu(z), 2: sigmoid(z)
+    float eps, offset;
+};
+
+// One CTA (128 threads) per row: y = x rsqrt(mean(x^2) + eps) (offset + w) [act(z)].
+extern "C" __global__ void __launch_bounds__(128) nn_rms_norm(const NormParams p) {
+    __shared__ float part[4];
+    const long long base = (long long)blockIdx.x * p.dim;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < p.dim; c += 128) {
+        const float v = fla_load(p.x, p.dtype, base + c);
+        ss += v * v;
+    }
+    float unused = 0.0f;
+    fla_warp_sum2(ss, unused);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    const float r = rsqrtf((part[0] + part[1] + part[2] + part[3]) / p.dim + p.eps);
+    for (int c = threadIdx.x; c < p.dim; c += 128) {
+        float v = fla_load(p.x, p.dtype, base + c) * r * (p.offset + p.w[c]);
+        if (p.gate) {
+            const float z = fla_load(p.z, p.dtype, base + c);
+            v *= p.gate == 1 ? z * fla_sigmoidf(z) : fla_sigmoidf(z);
+        }
+        fla_store(p.y, p.dtype, base + c, v);
+    }
+}
+
+// Keep in sync with `ConvParams` in fla-nn/src/cuda.rs (repr(C)).
+struct ConvParams {
+    const void* x;          // [tokens, C]
+    const float* weight;    // [C, W]
+    const float* state;     // [N, C, W]: the last W inputs of each sequence, oldest first
+    void* y;                // [tokens, C], dtype of x
+    float* state_out;       // [N, C, W]
+    const int* cu_seqlens;  // [N + 1]
+    const int* seq_of;      // [tokens]: the sequence of each token
+    int dtype, tokens, n, c, w;  // w: the kernel width W
+};
+
+// The input at position k of sequence n (k < 0: from the cache, k = -W .. -1), channel ch.
+__device__ __forceinline__ float conv_input(const ConvParams& p, int n, int start, int k, int ch) {
+    return k >= 0 ? fla_load(p.x, p.dtype, (long long)(start + k) * p.c + ch)
+                  : p.state[((long long)n * p.c + ch) * p.w + p.w + k];
+}
+
+// A thread per (token, channel): y_t = silu(sum_j w_j x_{t - W + 1 + j}), the inputs before the
+// sequence's first token from its cache.
+extern "C" __global__ void __launch_bounds__(256) nn_short_conv(const ConvParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= (long long)p.tokens * p.c) return;
+    const int t = (int)(e / p.c), ch = (int)(e % p.c);
+    const int n = p.seq_of[t], start = p.cu_seqlens[n], i = t - start;
+    float acc = 0.0f;
+    for (int j = 0; j < p.w; ++j) acc += p.weight[(long long)ch * p.w + j] * conv_input(p, n, start, i + 1 + j - p.w, ch);
+    fla_store(p.y, p.dtype, e, acc * fla_sigmoidf(acc));
+}
+
+// A thread per (sequence, channel, tap): the new cache, the last W inputs of the sequence.
+extern "C" __global__ void __launch_bounds__(256) nn_short_conv_state(const ConvParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= (long long)p.n * p.c * p.w) return;
+    const int n = (int)(e / ((long long)p.c * p.w)), ch = (int)(e / p.w % p.c), j = (int)(e % p.w);
+    const int start = p.cu_seqlens[n], len = p.cu_seqlens[n + 1] - start;
+    p.state_out[e] = conv_input(p, n, start, len + j - p.w, ch);
+}
+
+// Keep in sync with `GluParams` in fla-nn/src/cuda.rs (repr(C)).
+struct GluParams {
+    const void* a;  // [n]
+    const void* b;  // [n]
+    void* y;        // [n], dtype of a
+    int dtype;
+    long long n;
+};
+
+// y = silu(a) b (the SwiGLU MLP's gate), a thread per element.
+extern "C" __global__ void __launch_bounds__(256) nn_silu_mul(const GluParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= p.n) return;
+    const float a = fla_load(p.a, p.dtype, e);
+    fla_store(p.y, p.dtype, e, a * fla_sigmoidf(a) * fla_load(p.b, p.dtype, e));
+}

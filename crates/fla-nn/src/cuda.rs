@@ -1,0 +1,292 @@
+//! GPU forms of the layer primitives (`fla-kernels/cuda/nn.cu`), each the twin of a CPU form:
+//! [`rms_norm_cuda`] of [`crate::ops::rms_norm`] / [`crate::ops::rms_norm_gated`],
+//! [`short_conv_cuda`] of [`crate::conv::ShortConv::forward`], [`silu_mul_cuda`] of the SwiGLU
+//! gate. Activations f32, bf16 or f16 (outputs in their dtype, arithmetic in f32); weights and
+//! caches f32. The work is queued on the device's stream.
+use std::sync::Arc;
+
+use fla_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use fla_core::cuda::{CudaDevice, CudaTensor};
+use fla_core::{DType, Error, Result};
+
+use crate::ops::GateAct;
+
+/// Input dtype codes of `cuda/common/dtype.cuh`.
+fn dtype_code(op: &'static str, arg: &'static str, dt: DType) -> Result<i32> {
+    match dt {
+        DType::F32 => Ok(0),
+        DType::BF16 => Ok(1),
+        DType::F16 => Ok(2),
+        got => Err(Error::DType { op, arg, expected: "f32, bf16 or f16".into(), got }),
+    }
+}
+
+fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    let image = fla_kernels::cubin("nn").map_err(|msg| Error::NoCudaKernel { kernel: name.to_string(), msg })?;
+    dev.function("nn", image, name)
+}
+
+/// `t` on `like`'s device with `like`'s dtype (`dtype` false: any dtype) and, with `shape`, that
+/// shape.
+fn check_like(
+    op: &'static str,
+    arg: &'static str,
+    t: &CudaTensor,
+    like: &CudaTensor,
+    shape: Option<&[usize]>,
+    dtype: bool,
+) -> Result<()> {
+    if t.device() != like.device() {
+        return Err(Error::Device { op, arg, expected: like.device().to_string(), got: t.device().to_string() });
+    }
+    if dtype && t.dtype() != like.dtype() {
+        return Err(Error::DType { op, arg, expected: format!("{}", like.dtype()), got: t.dtype() });
+    }
+    if let Some(shape) = shape {
+        if t.shape() != shape {
+            return Err(Error::shape(op, arg, format!("{shape:?}"), t.shape()));
+        }
+    }
+    Ok(())
+}
+
+fn check_f32(op: &'static str, arg: &'static str, t: &CudaTensor) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::DType { op, arg, expected: "f32".into(), got: t.dtype() });
+    }
+    Ok(())
+}
+
+fn to_i32(op: &'static str, what: &str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::size(op, format!("{what} = {x} does not fit the kernel's 32-bit index")))
+}
+
+/// Launches `f` on `dev`'s stream with `params` as its only argument.
+///
+/// # Safety
+/// `params` must be the kernel's parameter struct, with addresses covering what the kernel
+/// indexes for this `cfg`, alive until the work is done in stream order.
+unsafe fn launch<P: DeviceRepr>(dev: &Arc<CudaDevice>, f: &CudaFunction, cfg: LaunchConfig, params: &P) -> Result<()> {
+    let mut l = dev.stream().launch_builder(f);
+    l.arg(params);
+    // SAFETY: the caller's contract.
+    unsafe { l.launch(cfg) }?;
+    Ok(())
+}
+
+fn blocks(op: &'static str, n: usize, per: usize) -> Result<u32> {
+    u32::try_from(n.div_ceil(per))
+        .ok()
+        .filter(|&b| b < i32::MAX as u32)
+        .ok_or_else(|| Error::size(op, format!("{n} elements are more than one launch takes")))
+}
+
+/// Mirror of `NormParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct NormParams {
+    x: u64,
+    w: u64,
+    z: u64,
+    y: u64,
+    dtype: i32,
+    rows: i32,
+    dim: i32,
+    gate: i32,
+    eps: f32,
+    offset: f32,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for NormParams {}
+
+/// RMSNorm of the last dimension of `x` on the GPU: `x·rsqrt(mean(x²) + eps)·(offset + w)`, then
+/// times `act(z)` with `gate = Some((z, act))` (`z` of `x`'s shape and dtype). `w [dim]` f32.
+pub fn rms_norm_cuda(
+    x: &CudaTensor,
+    w: &CudaTensor,
+    eps: f32,
+    offset: f32,
+    gate: Option<(&CudaTensor, GateAct)>,
+) -> Result<CudaTensor> {
+    const OP: &str = "rms_norm_cuda";
+    let dim = *x.shape().last().ok_or_else(|| Error::shape(OP, "x", "at least one dimension", x.shape()))?;
+    check_f32(OP, "w", w)?;
+    check_like(OP, "w", w, x, Some(&[dim]), false)?;
+    if let Some((z, _)) = gate {
+        check_like(OP, "z", z, x, Some(x.shape()), true)?;
+    }
+    let rows = x.elem_count().checked_div(dim).unwrap_or(0);
+    let dev = x.cuda_device().clone();
+    // SAFETY: every element of y is written by the kernel (a CTA per row, every column).
+    let mut y = unsafe { CudaTensor::uninit(x.shape(), x.dtype(), &dev)? };
+    let params = NormParams {
+        x: x.raw_addr(),
+        w: w.raw_addr(),
+        z: gate.map_or(0, |(z, _)| z.raw_addr()),
+        y: y.raw_addr_mut(),
+        dtype: dtype_code(OP, "x", x.dtype())?,
+        rows: to_i32(OP, "rows", rows)?,
+        dim: to_i32(OP, "dim", dim)?,
+        gate: match gate {
+            None => 0,
+            Some((_, GateAct::Silu)) => 1,
+            Some((_, GateAct::Sigmoid)) => 2,
+        },
+        eps,
+        offset,
+    };
+    if rows > 0 {
+        let f = function(&dev, "nn_rms_norm")?;
+        let cfg = LaunchConfig { grid_dim: (blocks(OP, rows, 1)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: NormParams mirrors the kernel's argument; x, z, y hold rows·dim elements of
+        // the dtype named by `dtype`, w dim f32 values (all checked above).
+        unsafe { launch(&dev, &f, cfg, &params) }?;
+    }
+    Ok(y)
+}
+
+/// Mirror of `ConvParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ConvParams {
+    x: u64,
+    weight: u64,
+    state: u64,
+    y: u64,
+    state_out: u64,
+    cu_seqlens: u64,
+    seq_of: u64,
+    dtype: i32,
+    tokens: i32,
+    n: i32,
+    c: i32,
+    w: i32,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for ConvParams {}
+
+/// The depthwise causal short convolution with SiLU on the GPU, over a packed batch: `x
+/// [tokens, C]`, `weight [C, W]` f32, `state [N, C, W]` f32 (the last `W` inputs of each
+/// sequence, oldest first: zeros for a new one), `cu_seqlens [N + 1]`. Returns `silu(conv(x))`
+/// in `x`'s dtype and the new cache.
+pub fn short_conv_cuda(
+    x: &CudaTensor,
+    weight: &CudaTensor,
+    state: &CudaTensor,
+    cu_seqlens: &[usize],
+) -> Result<(CudaTensor, CudaTensor)> {
+    const OP: &str = "short_conv_cuda";
+    let &[tokens, c] = x.shape() else {
+        return Err(Error::shape(OP, "x", "[tokens, channels]", x.shape()));
+    };
+    check_f32(OP, "weight", weight)?;
+    check_like(OP, "weight", weight, x, None, false)?;
+    let &[wc, w] = weight.shape() else {
+        return Err(Error::shape(OP, "weight", format!("[channels = {c}, kernel]"), weight.shape()));
+    };
+    if wc != c || w == 0 {
+        return Err(Error::shape(OP, "weight", format!("[channels = {c}, kernel ≥ 1]"), weight.shape()));
+    }
+    let seqs = fla_ops::check_cu_seqlens(OP, cu_seqlens, tokens)?;
+    let n = seqs.len();
+    check_f32(OP, "state", state)?;
+    check_like(OP, "state", state, x, Some(&[n, c, w]), false)?;
+    let dev = x.cuda_device().clone();
+    let cu: Vec<i32> = cu_seqlens.iter().map(|&v| to_i32(OP, "cu_seqlens entry", v)).collect::<Result<_>>()?;
+    let mut seq_of = vec![0i32; tokens];
+    for (i, r) in seqs.iter().enumerate() {
+        seq_of[r.clone()].iter_mut().for_each(|s| *s = i as i32);
+    }
+    let table = dev.stream().clone_htod(&[&cu[..], &seq_of[..]].concat())?;
+    let table_addr = {
+        use fla_core::cuda::cudarc::driver::DevicePtr;
+        table.device_ptr(dev.stream()).0
+    };
+    // SAFETY: the kernels write every element of y (a thread per (token, channel)) and of the
+    // new state (a thread per (sequence, channel, tap)).
+    let mut y = unsafe { CudaTensor::uninit(x.shape(), x.dtype(), &dev)? };
+    let mut state_out = unsafe { CudaTensor::uninit(&[n, c, w], DType::F32, &dev)? };
+    let params = ConvParams {
+        x: x.raw_addr(),
+        weight: weight.raw_addr(),
+        state: state.raw_addr(),
+        y: y.raw_addr_mut(),
+        state_out: state_out.raw_addr_mut(),
+        cu_seqlens: table_addr,
+        seq_of: table_addr + 4 * cu.len() as u64,
+        dtype: dtype_code(OP, "x", x.dtype())?,
+        tokens: to_i32(OP, "tokens", tokens)?,
+        n: to_i32(OP, "N", n)?,
+        c: to_i32(OP, "channels", c)?,
+        w: to_i32(OP, "kernel", w)?,
+    };
+    to_i32(OP, "tokens·channels", tokens * c)?;
+    to_i32(OP, "N·channels·kernel", n * c * w)?;
+    // SAFETY (both launches): ConvParams mirrors the kernels' argument; x, y hold tokens·C
+    // elements of the dtype named by `dtype`; weight C·W, state and state_out N·C·W f32 values;
+    // the table holds N + 1 offsets (checked: 0 first, tokens last, non-decreasing) and a
+    // sequence index < N per token; the table lives until after the launches in stream order.
+    if tokens * c > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, tokens * c, 256)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch(&dev, &function(&dev, "nn_short_conv")?, cfg, &params) }?;
+    }
+    if n * c * w > 0 {
+        let cfg =
+            LaunchConfig { grid_dim: (blocks(OP, n * c * w, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { launch(&dev, &function(&dev, "nn_short_conv_state")?, cfg, &params) }?;
+    }
+    drop(table);
+    Ok((y, state_out))
+}
+
+/// Mirror of `GluParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct GluParams {
+    a: u64,
+    b: u64,
+    y: u64,
+    dtype: i32,
+    n: i64,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for GluParams {}
+
+/// `silu(a)·b` elementwise on the GPU (the SwiGLU MLP's gate); `b` of `a`'s shape and dtype.
+pub fn silu_mul_cuda(a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+    const OP: &str = "silu_mul_cuda";
+    check_like(OP, "b", b, a, Some(a.shape()), true)?;
+    let dev = a.cuda_device().clone();
+    // SAFETY: a thread per element writes y.
+    let mut y = unsafe { CudaTensor::uninit(a.shape(), a.dtype(), &dev)? };
+    let n = a.elem_count();
+    let params = GluParams {
+        a: a.raw_addr(),
+        b: b.raw_addr(),
+        y: y.raw_addr_mut(),
+        dtype: dtype_code(OP, "a", a.dtype())?,
+        n: n as i64,
+    };
+    if n > 0 {
+        let cfg = LaunchConfig { grid_dim: (blocks(OP, n, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: GluParams mirrors the kernel's argument; a, b, y hold n elements of `dtype`.
+        unsafe { launch(&dev, &function(&dev, "nn_silu_mul")?, cfg, &params) }?;
+    }
+    Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_match_the_kernel_structs() {
+        assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 6 * 4);
+        assert_eq!(std::mem::size_of::<ConvParams>(), 7 * 8 + 5 * 4 + 4);
+        assert_eq!(std::mem::size_of::<GluParams>(), 3 * 8 + 8 + 8);
+    }
+}

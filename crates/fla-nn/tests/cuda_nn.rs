@@ -1,0 +1,163 @@
+//! The GPU layer primitives (`fla_nn::cuda`) against their CPU twins on random inputs: RMSNorm
+//! (plain, 1 + w, gated by SiLU and sigmoid), the short convolution over a varlen batch with a
+//! cache (a sequence of one token, an empty one), SiLU(a)·b; f32 and bf16 activations; the typed
+//! errors. Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
+use std::sync::Arc;
+
+use fla_core::cuda::{self, CudaDevice, CudaTensor};
+use fla_core::{DType, Error, Tensor};
+use fla_nn::conv::{ConvState, ShortConv};
+use fla_nn::cuda::{rms_norm_cuda, short_conv_cuda, silu_mul_cuda};
+use fla_nn::ops::{rms_norm, rms_norm_gated, silu, GateAct};
+use fla_nn::Batch;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
+    if !cuda::is_available() {
+        eprintln!("{test}: skipped: no CUDA device");
+        return None;
+    }
+    if !fla_kernels::compiled() {
+        eprintln!("{test}: skipped: {}", fla_kernels::NOT_COMPILED);
+        return None;
+    }
+    Some(CudaDevice::get(0).expect("a device is present"))
+}
+
+fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * scale).collect()
+}
+
+/// `v` rounded to `dtype` and back (the CPU twin's input when the GPU gets `dtype`).
+fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
+    Tensor::from_vec(v.to_vec(), &[v.len()]).unwrap().to_dtype(dtype).unwrap().to_vec::<f32>().unwrap()
+}
+
+fn up(v: &[f32], shape: &[usize], dtype: DType, dev: &Arc<CudaDevice>) -> CudaTensor {
+    let t = Tensor::from_vec(v.to_vec(), shape).unwrap().to_dtype(dtype).unwrap();
+    CudaTensor::from_host(&t, dev).unwrap()
+}
+
+fn down(t: &CudaTensor) -> Vec<f32> {
+    t.to_host().unwrap().to_vec::<f32>().unwrap()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
+#[test]
+fn rms_norm_vs_cpu() {
+    let Some(dev) = gpu("rms_norm_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(11);
+    for dtype in [DType::F32, DType::BF16] {
+        for (rows, dim) in [(37, 1024), (5, 100), (1, 2048)] {
+            let x = rounded(&random(&mut rng, rows * dim, 2.0), dtype);
+            let z = rounded(&random(&mut rng, rows * dim, 3.0), dtype);
+            let w = random(&mut rng, dim, 1.0);
+            let (xg, zg, wg) = (
+                up(&x, &[rows, dim], dtype, &dev),
+                up(&z, &[rows, dim], dtype, &dev),
+                up(&w, &[dim], DType::F32, &dev),
+            );
+            for offset in [0.0, 1.0] {
+                let mut want = x.clone();
+                rms_norm(&mut want, &w, 1e-6, offset);
+                let got = down(&rms_norm_cuda(&xg, &wg, 1e-6, offset, None).unwrap());
+                let e = rel_err(&got, &want);
+                assert!(e < tol(dtype), "{dtype} [{rows}, {dim}] offset {offset}: rel err {e:.2e}");
+            }
+            for act in [GateAct::Silu, GateAct::Sigmoid] {
+                let mut want = x.clone();
+                rms_norm_gated(&mut want, &z, &w, 1e-6, act);
+                let got = down(&rms_norm_cuda(&xg, &wg, 1e-6, 0.0, Some((&zg, act))).unwrap());
+                let e = rel_err(&got, &want);
+                assert!(e < tol(dtype), "{dtype} [{rows}, {dim}] gated {act:?}: rel err {e:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn short_conv_vs_cpu() {
+    let Some(dev) = gpu("short_conv_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(12);
+    let (c, w) = (96, 4);
+    let lens = [1, 4, 0, 25, 3];
+    let past = [3, 0, 5, 7, 1];
+    let batch = Batch::new(&lens, &past);
+    let tokens = batch.tokens();
+    let cu = batch.cu_seqlens();
+    let weight = random(&mut rng, c * w, 0.7);
+    let conv = ShortConv::from_weight(weight.clone(), c, w).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = rounded(&random(&mut rng, tokens * c, 1.5), dtype);
+        let state0 = random(&mut rng, lens.len() * c * w, 1.0);
+        let mut state = ConvState { data: state0.clone() };
+        let want = conv.forward(&x, &batch, &mut state);
+        let (y, st) = short_conv_cuda(
+            &up(&x, &[tokens, c], dtype, &dev),
+            &up(&weight, &[c, w], DType::F32, &dev),
+            &up(&state0, &[lens.len(), c, w], DType::F32, &dev),
+            &cu,
+        )
+        .unwrap();
+        let e = rel_err(&down(&y), &want);
+        assert!(e < tol(dtype), "{dtype} y: rel err {e:.2e}");
+        // The cache holds inputs as given (rounded to the dtype): exact.
+        assert_eq!(down(&st), state.data, "{dtype} new cache");
+    }
+}
+
+#[test]
+fn silu_mul_vs_cpu() {
+    let Some(dev) = gpu("silu_mul_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(13);
+    for dtype in [DType::F32, DType::BF16] {
+        let n = 3 * 3584 + 5;
+        let (a, b) = (rounded(&random(&mut rng, n, 4.0), dtype), rounded(&random(&mut rng, n, 2.0), dtype));
+        let want: Vec<f32> = a.iter().zip(&b).map(|(&a, &b)| silu(a) * b).collect();
+        let got = down(&silu_mul_cuda(&up(&a, &[n], dtype, &dev), &up(&b, &[n], dtype, &dev)).unwrap());
+        let e = rel_err(&got, &want);
+        assert!(e < tol(dtype), "{dtype}: rel err {e:.2e}");
+    }
+}
+
+#[test]
+fn bad_arguments_are_typed_errors() {
+    let Some(dev) = gpu("bad_arguments_are_typed_errors") else { return };
+    let z = |shape: &[usize], dt: DType| CudaTensor::zeros(shape, dt, &dev).unwrap();
+    let x = z(&[4, 8], DType::BF16);
+    assert!(matches!(rms_norm_cuda(&x, &z(&[7], DType::F32), 1e-6, 0.0, None), Err(Error::Shape { arg: "w", .. })));
+    assert!(matches!(rms_norm_cuda(&x, &z(&[8], DType::BF16), 1e-6, 0.0, None), Err(Error::DType { arg: "w", .. })));
+    let gate = z(&[4, 8], DType::F32);
+    assert!(matches!(
+        rms_norm_cuda(&x, &z(&[8], DType::F32), 1e-6, 0.0, Some((&gate, GateAct::Silu))),
+        Err(Error::DType { arg: "z", .. })
+    ));
+    let (wt, st) = (z(&[8, 4], DType::F32), z(&[2, 8, 4], DType::F32));
+    assert!(matches!(short_conv_cuda(&x, &wt, &st, &[0, 1, 3]), Err(Error::CuSeqlens { .. })));
+    assert!(matches!(
+        short_conv_cuda(&x, &wt, &z(&[3, 8, 4], DType::F32), &[0, 1, 4]),
+        Err(Error::Shape { arg: "state", .. })
+    ));
+    assert!(matches!(
+        short_conv_cuda(&x, &z(&[8, 4], DType::BF16), &st, &[0, 1, 4]),
+        Err(Error::DType { arg: "weight", .. })
+    ));
+    assert!(matches!(silu_mul_cuda(&x, &z(&[4, 9], DType::BF16)), Err(Error::Shape { arg: "b", .. })));
+}
