@@ -95,3 +95,18 @@ extern "C" __global__ void __launch_bounds__(256) nn_silu_mul(const GluParams p)
     const float a = fla_load(p.a, p.dtype, e);
     fla_store(p.y, p.dtype, e, a * fla_sigmoidf(a) * fla_load(p.b, p.dtype, e));
 }
+
+// Keep in sync with `ColsParams` in fla-nn/src/cuda.rs (repr(C)).
+struct ColsParams {
+    const void* x;  // [rows, cols]
+    void* y;        // [rows, len]: columns start .. start + len of x
+    int dtype, rows, cols, start, len;
+};
+
+// A thread per element of y.
+extern "C" __global__ void __launch_bounds__(256) nn_copy_cols(const ColsParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= (long long)p.rows * p.len) return;
+    const long long r = e / p.len, c = e % p.len;
+    fla_store(p.y, p.dtype, e, fla_load(p.x, p.dtype, r * p.cols + p.start + c));
+}

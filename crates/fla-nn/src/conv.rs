@@ -41,6 +41,11 @@ impl ShortConv {
         Ok(ShortConv { weight: vb.get_f32("weight", &[channels, 1, kernel])?, channels, kernel })
     }
 
+    /// The taps `[channels, kernel]`.
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+
     /// An empty cache for `n` sequences.
     pub fn empty_state(&self, n: usize) -> ConvState {
         ConvState { data: vec![0.0; n * self.channels * self.kernel] }

@@ -1,7 +1,7 @@
 //! GPU forms of the layer primitives (`fla-kernels/cuda/nn.cu`), each the twin of a CPU form:
 //! [`rms_norm_cuda`] of [`crate::ops::rms_norm`] / [`crate::ops::rms_norm_gated`],
 //! [`short_conv_cuda`] of [`crate::conv::ShortConv::forward`], [`silu_mul_cuda`] of the SwiGLU
-//! gate. Activations f32, bf16 or f16 (outputs in their dtype, arithmetic in f32); weights and
+//! gate, [`copy_cols_cuda`] of a column slice. Activations f32, bf16 or f16 (outputs in their dtype, arithmetic in f32); weights and
 //! caches f32. The work is queued on the device's stream.
 use std::sync::Arc;
 
@@ -279,6 +279,57 @@ pub fn silu_mul_cuda(a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
     Ok(y)
 }
 
+/// Mirror of `ColsParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ColsParams {
+    x: u64,
+    y: u64,
+    dtype: i32,
+    rows: i32,
+    cols: i32,
+    start: i32,
+    len: i32,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for ColsParams {}
+
+/// Columns `start .. start + len` of `x [rows, cols]` as a contiguous `[rows, len]` tensor (q, k
+/// and v out of the short convolution's output).
+pub fn copy_cols_cuda(x: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
+    const OP: &str = "copy_cols_cuda";
+    let &[rows, cols] = x.shape() else {
+        return Err(Error::shape(OP, "x", "[rows, cols]", x.shape()));
+    };
+    if start + len > cols {
+        return Err(Error::size(OP, format!("columns {start}..{} of {cols}", start + len)));
+    }
+    let dev = x.cuda_device().clone();
+    // SAFETY: a thread per element writes y.
+    let mut y = unsafe { CudaTensor::uninit(&[rows, len], x.dtype(), &dev)? };
+    to_i32(OP, "rows·cols", rows * cols)?;
+    let params = ColsParams {
+        x: x.raw_addr(),
+        y: y.raw_addr_mut(),
+        dtype: dtype_code(OP, "x", x.dtype())?,
+        rows: to_i32(OP, "rows", rows)?,
+        cols: to_i32(OP, "cols", cols)?,
+        start: to_i32(OP, "start", start)?,
+        len: to_i32(OP, "len", len)?,
+    };
+    if rows * len > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, rows * len, 256)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: ColsParams mirrors the kernel's argument; x holds rows·cols and y rows·len
+        // elements of `dtype`, and start + len <= cols (checked).
+        unsafe { launch(&dev, &function(&dev, "nn_copy_cols")?, cfg, &params) }?;
+    }
+    Ok(y)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,5 +339,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 6 * 4);
         assert_eq!(std::mem::size_of::<ConvParams>(), 7 * 8 + 5 * 4 + 4);
         assert_eq!(std::mem::size_of::<GluParams>(), 3 * 8 + 8 + 8);
+        assert_eq!(std::mem::size_of::<ColsParams>(), 2 * 8 + 5 * 4 + 4);
     }
 }

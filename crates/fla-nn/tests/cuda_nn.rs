@@ -161,3 +161,82 @@ fn bad_arguments_are_typed_errors() {
     ));
     assert!(matches!(silu_mul_cuda(&x, &z(&[4, 9], DType::BF16)), Err(Error::Shape { arg: "b", .. })));
 }
+
+/// Random weights of a Gated DeltaNet layer in `layout`, each value representable in bf16 (so a
+/// bf16 upload loses nothing).
+fn gdn_weights(
+    rng: &mut StdRng,
+    cfg: &fla_nn::gated_deltanet::GatedDeltaNetConfig,
+    layout: fla_nn::gated_deltanet::ProjLayout,
+) -> std::collections::HashMap<String, Tensor> {
+    let (h, hv) = (cfg.hidden, cfg.value_heads);
+    let (kt, vt) = (cfg.key_heads * cfg.key_dim, hv * cfg.value_dim);
+    let cd = 2 * kt + vt;
+    let mut m = std::collections::HashMap::new();
+    let mut put = |name: &str, shape: &[usize], scale: f32| {
+        let n = shape.iter().product();
+        let v = rounded(&random(rng, n, scale), DType::BF16);
+        m.insert(name.to_string(), Tensor::from_vec(v, shape).unwrap());
+    };
+    let s = 1.0 / (h as f32).sqrt();
+    match layout {
+        fla_nn::gated_deltanet::ProjLayout::Split => {
+            put("in_proj_qkv.weight", &[cd, h], s);
+            put("in_proj_z.weight", &[vt, h], s);
+            put("in_proj_b.weight", &[hv, h], s);
+            put("in_proj_a.weight", &[hv, h], s);
+        }
+        fla_nn::gated_deltanet::ProjLayout::Interleaved => {
+            put("in_proj_qkvz.weight", &[2 * kt + 2 * vt, h], s);
+            put("in_proj_ba.weight", &[2 * hv, h], s);
+        }
+    }
+    put("conv1d.weight", &[cd, 1, cfg.conv_kernel], 0.5);
+    put("A_log", &[hv], 1.0);
+    put("dt_bias", &[hv], 1.0);
+    put("norm.weight", &[cfg.value_dim], 1.0);
+    put("out_proj.weight", &[h, vt], 1.0 / (vt as f32).sqrt());
+    m
+}
+
+/// The GPU Gated DeltaNet layer against its CPU twin: a varlen prefill of three prompts (one of
+/// a single token), then two decode steps, through both projection layouts; f32 (the f32 chunk
+/// path, K = 32) and bf16 (tensor cores, K = V = 64).
+#[test]
+fn gated_deltanet_layer_vs_cpu() {
+    use fla_nn::gated_deltanet::{GatedDeltaNet, GatedDeltaNetConfig, GdnCache, GdnCacheCuda, ProjLayout};
+    let Some(dev) = gpu("gated_deltanet_layer_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(14);
+    for (dtype, dk, dv) in [(DType::F32, 32, 48), (DType::BF16, 64, 64)] {
+        for layout in [ProjLayout::Split, ProjLayout::Interleaved] {
+            let cfg = GatedDeltaNetConfig {
+                hidden: 96,
+                key_heads: 2,
+                value_heads: 4,
+                key_dim: dk,
+                value_dim: dv,
+                conv_kernel: 4,
+                eps: 1e-6,
+                layout,
+            };
+            let vb = fla_nn::VarBuilder::from_tensors(gdn_weights(&mut rng, &cfg, layout));
+            let cpu = GatedDeltaNet::load(&cfg, &vb).unwrap();
+            let gpu_layer = cpu.to_cuda(&dev, dtype).unwrap();
+            let (mut cc, mut gc) = (GdnCache::default(), GdnCacheCuda::default());
+            let lens = [[70, 1, 130], [1, 1, 1], [1, 1, 1]];
+            let mut past = [0usize; 3];
+            for (step, lens) in lens.iter().enumerate() {
+                let batch = Batch::new(lens, &past);
+                let x = rounded(&random(&mut rng, batch.tokens() * cfg.hidden, 1.0), dtype);
+                let want = cpu.forward(&x, &batch, &mut cc).unwrap();
+                let got = down(
+                    &gpu_layer.forward(&up(&x, &[batch.tokens(), cfg.hidden], dtype, &dev), &batch, &mut gc).unwrap(),
+                );
+                let e = rel_err(&got, &want);
+                let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+                assert!(e < tol, "{dtype} {layout:?} step {step}: rel err {e:.2e}");
+                past.iter_mut().zip(lens).for_each(|(p, l)| *p += l);
+            }
+        }
+    }
+}
