@@ -240,3 +240,26 @@ fn gated_deltanet_layer_vs_cpu() {
         }
     }
 }
+
+/// The GPU SwiGLU MLP against its CPU twin, f32 and bf16.
+#[test]
+fn mlp_vs_cpu() {
+    let Some(dev) = gpu("mlp_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(15);
+    let (h, f, tokens) = (96, 352, 37);
+    let w = |rng: &mut StdRng, r: usize, c: usize| {
+        Tensor::from_vec(rounded(&random(rng, r * c, 1.0 / (c as f32).sqrt()), DType::BF16), &[r, c]).unwrap()
+    };
+    let mlp = fla_nn::mlp::Mlp::from_parts(
+        fla_nn::Linear::new(w(&mut rng, f, h), None).unwrap(),
+        fla_nn::Linear::new(w(&mut rng, f, h), None).unwrap(),
+        fla_nn::Linear::new(w(&mut rng, h, f), None).unwrap(),
+    );
+    for dtype in [DType::F32, DType::BF16] {
+        let x = rounded(&random(&mut rng, tokens * h, 1.0), dtype);
+        let want = mlp.forward(&x).unwrap();
+        let got = down(&mlp.to_cuda(&dev, dtype).unwrap().forward(&up(&x, &[tokens, h], dtype, &dev)).unwrap());
+        let e = rel_err(&got, &want);
+        assert!(e < if dtype == DType::F32 { 1e-5 } else { 2e-2 }, "{dtype}: rel err {e:.2e}");
+    }
+}
