@@ -110,3 +110,134 @@ extern "C" __global__ void __launch_bounds__(256) nn_copy_cols(const ColsParams 
     const long long r = e / p.len, c = e % p.len;
     fla_store(p.y, p.dtype, e, fla_load(p.x, p.dtype, r * p.cols + p.start + c));
 }
+
+// Keep in sync with `AttnParams` in fla-nn/src/cuda.rs (repr(C)).
+struct AttnParams {
+    const void* qg;         // [tokens, H, per]: q_proj output, per = hd (or 2 hd: [q | gate] per head)
+    const void* kn;         // [tokens, KVH, hd]: k_proj output
+    const void* vn;         // [tokens, KVH, hd]: v_proj output
+    const float* q_norm;    // [hd] (1 + w form)
+    const float* k_norm;    // [hd]
+    const float* inv_freq;  // [rot / 2]
+    void* q;                // [tokens, H, hd] scratch: q after norm and RoPE
+    void* kc;               // [N, cap, KVH, hd]: the key cache (after norm and RoPE)
+    void* vc;               // [N, cap, KVH, hd]: the value cache
+    void* o;                // [tokens, H, hd], gated
+    const int* seq_of;      // [tokens]: the sequence of each token
+    const int* pos;         // [tokens]: its position (tokens before it in its sequence, cached ones included)
+    int dtype, tokens, h, kvh, hd, per, rot, cap, gate;
+    float eps, scale;
+};
+
+// RMSNorm (1 + w) then rotate-half RoPE on the first `rot` dims of one head row in shared memory
+// `x` (hd values): the angle pos * inv_freq in f32, its cosine and sine in f64, as transformers.
+__device__ __forceinline__ void attn_norm_rope(const AttnParams& p, float* x, const float* w, int pos, float* red) {
+    float ss = 0.0f;
+    for (int d = threadIdx.x; d < p.hd; d += 128) ss += x[d] * x[d];
+    float unused = 0.0f;
+    fla_warp_sum2(ss, unused);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    const float r = rsqrtf((red[0] + red[1] + red[2] + red[3]) / p.hd + p.eps);
+    __syncthreads();
+    for (int d = threadIdx.x; d < p.hd; d += 128) x[d] *= r * (1.0f + w[d]);
+    __syncthreads();
+    const int half = p.rot / 2;
+    for (int i = threadIdx.x; i < half; i += 128) {
+        const double a = (double)((float)pos * p.inv_freq[i]);
+        const float c = (float)cos(a), s = (float)sin(a);
+        const float x0 = x[i], x1 = x[i + half];
+        x[i] = x0 * c - x1 * s;
+        x[i + half] = x1 * c + x0 * s;
+    }
+    __syncthreads();
+}
+
+// One CTA (128 threads) per (token, head) for the H query heads, then the KVH key/value heads:
+// q normed and rotated into `q`; k normed and rotated, and v, into the caches at the token's
+// position.
+extern "C" __global__ void __launch_bounds__(128) nn_attn_prep(const AttnParams p) {
+    __shared__ float x[512];
+    __shared__ float red[4];
+    const int t = blockIdx.x, j = blockIdx.y;
+    const int n = p.seq_of[t], pos = p.pos[t];
+    if (j < p.h) {
+        for (int d = threadIdx.x; d < p.hd; d += 128) x[d] = fla_load(p.qg, p.dtype, ((long long)t * p.h + j) * p.per + d);
+        __syncthreads();
+        attn_norm_rope(p, x, p.q_norm, pos, red);
+        for (int d = threadIdx.x; d < p.hd; d += 128) fla_store(p.q, p.dtype, ((long long)t * p.h + j) * p.hd + d, x[d]);
+        return;
+    }
+    const int kh = j - p.h;
+    const long long src = ((long long)t * p.kvh + kh) * p.hd;
+    const long long dst = (((long long)n * p.cap + pos) * p.kvh + kh) * p.hd;
+    for (int d = threadIdx.x; d < p.hd; d += 128) {
+        x[d] = fla_load(p.kn, p.dtype, src + d);
+        fla_store(p.vc, p.dtype, dst + d, fla_load(p.vn, p.dtype, src + d));
+    }
+    __syncthreads();
+    attn_norm_rope(p, x, p.k_norm, pos, red);
+    for (int d = threadIdx.x; d < p.hd; d += 128) fla_store(p.kc, p.dtype, dst + d, x[d]);
+}
+
+// One CTA (128 threads) per (token, query head): causal softmax attention over the pos + 1 keys
+// of the token's sequence in the cache (GQA: head j reads KV head j / (H / KVH)), scores in
+// dynamic shared memory, then o = softmax . V, times sigmoid(gate) with the output gate.
+extern "C" __global__ void __launch_bounds__(128) nn_attention(const AttnParams p) {
+    extern __shared__ float sc[]; // [ctx] scores, then probabilities
+    __shared__ float qs[512];
+    __shared__ float red[4];
+    const int t = blockIdx.x, j = blockIdx.y;
+    const int n = p.seq_of[t], ctx = p.pos[t] + 1, kh = j / (p.h / p.kvh);
+    for (int d = threadIdx.x; d < p.hd; d += 128) qs[d] = fla_load(p.q, p.dtype, ((long long)t * p.h + j) * p.hd + d);
+    __syncthreads();
+    const long long base = ((long long)n * p.cap * p.kvh + kh) * p.hd, row = (long long)p.kvh * p.hd;
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < ctx; i += 128) {
+        float s = 0.0f;
+        for (int d = 0; d < p.hd; ++d) s += qs[d] * fla_load(p.kc, p.dtype, base + i * row + d);
+        s *= p.scale;
+        sc[i] = s;
+        mx = fmaxf(mx, s);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    mx = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    __syncthreads();
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < ctx; i += 128) {
+        const float e = expf(sc[i] - mx);
+        sc[i] = e;
+        sum += e;
+    }
+    float unused = 0.0f;
+    fla_warp_sum2(sum, unused);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    const float inv = 1.0f / (red[0] + red[1] + red[2] + red[3]);
+    for (int d = threadIdx.x; d < p.hd; d += 128) {
+        float acc = 0.0f;
+        for (int i = 0; i < ctx; ++i) acc += sc[i] * fla_load(p.vc, p.dtype, base + i * row + d);
+        acc *= inv;
+        if (p.gate) acc *= fla_sigmoidf(fla_load(p.qg, p.dtype, ((long long)t * p.h + j) * p.per + p.hd + d));
+        fla_store(p.o, p.dtype, ((long long)t * p.h + j) * p.hd + d, acc);
+    }
+}
+
+// Keep in sync with `PoolParams` in fla-nn/src/cuda.rs (repr(C)).
+struct PoolParams {
+    const void* src;  // [N, cap_old, width]
+    void* dst;        // [N, cap_new, width]
+    int dtype, n, cap_old, cap_new, width, rows;  // rows: the leading rows of each sequence to copy
+};
+
+// Grows a cache: the first `rows` rows of each sequence, a thread per element.
+extern "C" __global__ void __launch_bounds__(256) nn_copy_pool(const PoolParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    const long long per = (long long)p.rows * p.width;
+    if (e >= p.n * per) return;
+    const long long n = e / per, r = e % per;
+    fla_store(p.dst, p.dtype, n * p.cap_new * p.width + r, fla_load(p.src, p.dtype, n * p.cap_old * p.width + r));
+}

@@ -330,6 +330,117 @@ pub fn copy_cols_cuda(x: &CudaTensor, start: usize, len: usize) -> Result<CudaTe
     Ok(y)
 }
 
+/// Mirror of `AttnParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AttnParams {
+    pub qg: u64,
+    pub kn: u64,
+    pub vn: u64,
+    pub q_norm: u64,
+    pub k_norm: u64,
+    pub inv_freq: u64,
+    pub q: u64,
+    pub kc: u64,
+    pub vc: u64,
+    pub o: u64,
+    pub seq_of: u64,
+    pub pos: u64,
+    pub dtype: i32,
+    pub tokens: i32,
+    pub h: i32,
+    pub kvh: i32,
+    pub hd: i32,
+    pub per: i32,
+    pub rot: i32,
+    pub cap: i32,
+    pub gate: i32,
+    pub eps: f32,
+    pub scale: f32,
+}
+// SAFETY: plain old data in the C layout the kernels read.
+unsafe impl DeviceRepr for AttnParams {}
+
+/// Runs `nn_attn_prep` (q / k norm and RoPE, k and v into the caches) and then `nn_attention`
+/// (causal softmax attention over each token's cached context, gated) with `params`, for
+/// `tokens` tokens; `cap` cache rows bound the scores' shared memory.
+///
+/// # Safety
+/// Every address in `params` must cover what the kernels index for its sizes (qg [tokens, H,
+/// per], kn / vn [tokens, KVH, hd], the norms [hd] and inv_freq [rot / 2] f32, q and o [tokens,
+/// H, hd], the caches [N, cap, KVH, hd], seq_of / pos [tokens] with pos < cap and seq_of < N),
+/// hd ≤ 512, and the buffers must live until the work is done in stream order.
+pub(crate) unsafe fn attention_launch(dev: &Arc<CudaDevice>, params: &AttnParams) -> Result<()> {
+    use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
+    let (tokens, h, kvh) = (params.tokens as u32, params.h as u32, params.kvh as u32);
+    if tokens == 0 {
+        return Ok(());
+    }
+    let prep = function(dev, "nn_attn_prep")?;
+    let cfg = LaunchConfig { grid_dim: (tokens, h + kvh, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the caller's contract.
+    unsafe { launch(dev, &prep, cfg, params) }?;
+    let attn = function(dev, "nn_attention")?;
+    let smem = 4 * params.cap as u32;
+    attn.set_attribute(MAX_DYN_SMEM, smem as i32)?;
+    let cfg = LaunchConfig { grid_dim: (tokens, h, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
+    // SAFETY: the caller's contract; the scores take pos + 1 <= cap floats.
+    unsafe { launch(dev, &attn, cfg, params) }
+}
+
+/// Mirror of `PoolParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct PoolParams {
+    src: u64,
+    dst: u64,
+    dtype: i32,
+    n: i32,
+    cap_old: i32,
+    cap_new: i32,
+    width: i32,
+    rows: i32,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for PoolParams {}
+
+/// A cache pool `[N, cap_old, width…]` grown to `cap_new` rows per sequence, the first `rows`
+/// rows of each copied (the rest zero).
+pub(crate) fn grow_pool(old: &CudaTensor, cap_new: usize, rows: usize) -> Result<CudaTensor> {
+    const OP: &str = "grow_pool";
+    let (n, cap_old) = (old.shape()[0], old.shape()[1]);
+    let width: usize = old.shape()[2..].iter().product();
+    let mut shape = old.shape().to_vec();
+    shape[1] = cap_new;
+    let dev = old.cuda_device().clone();
+    let mut new = CudaTensor::zeros(&shape, old.dtype(), &dev)?;
+    if rows > cap_old.min(cap_new) {
+        return Err(Error::size(OP, format!("{rows} rows of a pool of {cap_old} into {cap_new}")));
+    }
+    to_i32(OP, "N·cap·width", n * cap_new.max(cap_old) * width)?;
+    let params = PoolParams {
+        src: old.raw_addr(),
+        dst: new.raw_addr_mut(),
+        dtype: dtype_code(OP, "pool", old.dtype())?,
+        n: to_i32(OP, "N", n)?,
+        cap_old: to_i32(OP, "cap", cap_old)?,
+        cap_new: to_i32(OP, "cap", cap_new)?,
+        width: to_i32(OP, "width", width)?,
+        rows: to_i32(OP, "rows", rows)?,
+    };
+    if n * rows * width > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, n * rows * width, 256)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: PoolParams mirrors the kernel's argument; src holds N·cap_old·width and dst
+        // N·cap_new·width elements of `dtype`, rows <= both capacities (checked).
+        unsafe { launch(&dev, &function(&dev, "nn_copy_pool")?, cfg, &params) }?;
+    }
+    Ok(new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,5 +451,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<ConvParams>(), 7 * 8 + 5 * 4 + 4);
         assert_eq!(std::mem::size_of::<GluParams>(), 3 * 8 + 8 + 8);
         assert_eq!(std::mem::size_of::<ColsParams>(), 2 * 8 + 5 * 4 + 4);
+        assert_eq!(std::mem::size_of::<AttnParams>(), 12 * 8 + 11 * 4 + 4);
+        assert_eq!(std::mem::size_of::<PoolParams>(), 2 * 8 + 6 * 4);
     }
 }
