@@ -241,3 +241,10 @@ extern "C" __global__ void __launch_bounds__(256) nn_copy_pool(const PoolParams 
     const long long n = e / per, r = e % per;
     fla_store(p.dst, p.dtype, n * p.cap_new * p.width + r, fla_load(p.src, p.dtype, n * p.cap_old * p.width + r));
 }
+
+// a += b (the residual stream), a thread per element; GluParams with y = a.
+extern "C" __global__ void __launch_bounds__(256) nn_add(const GluParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= p.n) return;
+    fla_store(p.y, p.dtype, e, fla_load(p.a, p.dtype, e) + fla_load(p.b, p.dtype, e));
+}

@@ -279,6 +279,23 @@ pub fn silu_mul_cuda(a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
     Ok(y)
 }
 
+/// `a += b` on the GPU (the residual stream); `b` of `a`'s shape and dtype.
+pub fn add_assign_cuda(a: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
+    const OP: &str = "add_assign_cuda";
+    check_like(OP, "b", b, a, Some(a.shape()), true)?;
+    let dev = a.cuda_device().clone();
+    let n = a.elem_count();
+    let y = a.raw_addr_mut();
+    let params = GluParams { a: y, b: b.raw_addr(), y, dtype: dtype_code(OP, "a", a.dtype())?, n: n as i64 };
+    if n > 0 {
+        let cfg = LaunchConfig { grid_dim: (blocks(OP, n, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: GluParams mirrors the kernel's argument; a and b hold n elements of `dtype`;
+        // each thread reads and writes only its own element of a.
+        unsafe { launch(&dev, &function(&dev, "nn_add")?, cfg, &params) }?;
+    }
+    Ok(())
+}
+
 /// Mirror of `ColsParams` in `nn.cu` (same order, `repr(C)`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
