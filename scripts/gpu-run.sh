@@ -19,12 +19,15 @@ prepare)
   cp "$(bin -p fla-ops --test cuda)" .device/cuda-tests
   cp "$(bin -p fla-ops --test cuda_chunk)" .device/cuda-chunk-tests
   cp "$(bin -p fla-ops --test cuda_chunk_bwd)" .device/cuda-chunk-bwd-tests
+  cp "$(bin -p fla-nn --test cuda_nn)" .device/cuda-nn-tests
+  cp "$(bin -p fla-models --test cuda_models)" .device/cuda-models-tests
   cp "$(bin -p fla-core --lib)" .device/fla-core-tests
   cp "$(bin -p fla-core --test cuda_gemm)" .device/cuda-gemm-tests
   cargo build --release -p fla-cli
   cp target/release/fla .device/fla
-  strip .device/cuda-tests .device/cuda-chunk-tests .device/cuda-chunk-bwd-tests .device/fla-core-tests .device/cuda-gemm-tests .device/fla
+  strip .device/cuda-tests .device/cuda-chunk-tests .device/cuda-chunk-bwd-tests .device/cuda-nn-tests .device/cuda-models-tests .device/fla-core-tests .device/cuda-gemm-tests .device/fla
   mkdir -p .device/fixtures && cp ../shared/fixtures/kernels/*.safetensors .device/fixtures/
+  mkdir -p .device/models && cp -r ../shared/fixtures/models/qwen3_5_tiny .device/models/
   # for `side`: FLA 0.6.0 and its one pure-Python dependency, installed there without network
   mkdir -p .device/wheels
   ls .device/wheels/fla_core-0.6.0-*.whl .device/wheels/flash_linear_attention-0.6.0-*.whl \
@@ -41,6 +44,8 @@ run)
   .device/cuda-tests --nocapture --test-threads=1 2>&1 | tee "$out/tests.log"
   .device/cuda-chunk-tests --nocapture --test-threads=1 2>&1 | tee "$out/chunk-tests.log"
   .device/cuda-chunk-bwd-tests --nocapture --test-threads=1 2>&1 | tee "$out/chunk-bwd-tests.log"
+  .device/cuda-nn-tests --nocapture --test-threads=1 2>&1 | tee "$out/nn-tests.log"
+  FLA_MODELS_DIR=.device/models .device/cuda-models-tests --nocapture --test-threads=1 2>&1 | tee "$out/models-tests.log"
   .device/cuda-gemm-tests --nocapture --test-threads=1 2>&1 | tee "$out/gemm-tests.log"
   .device/fla verify --device cuda .device/fixtures/*.safetensors 2>&1 | tee "$out/verify.log" | tail -n 1
   timeout 120 compute-sanitizer --tool memcheck --print-limit 10 .device/cuda-tests kda --test-threads=1 \

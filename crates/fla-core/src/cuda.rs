@@ -357,6 +357,28 @@ impl CudaTensor {
     pub fn cuda_device(&self) -> &Arc<CudaDevice> {
         &self.dev
     }
+    /// The buffer's device address, for a kernel argument that reads it. cudarc's cross-stream
+    /// event tracking is off (all work of a device is ordered on its one stream), so the guard
+    /// cudarc returns has nothing to record and is dropped at once.
+    pub fn raw_addr(&self) -> u64 {
+        use cudarc::driver::DevicePtr;
+        let s = self.dev.stream();
+        match &self.storage {
+            CudaStorage::F32(b) => b.device_ptr(s).0,
+            CudaStorage::BF16(b) => b.device_ptr(s).0,
+            CudaStorage::F16(b) => b.device_ptr(s).0,
+        }
+    }
+    /// The buffer's device address, for a kernel argument that writes it.
+    pub fn raw_addr_mut(&mut self) -> u64 {
+        use cudarc::driver::DevicePtrMut;
+        let s = self.dev.stream().clone();
+        match &mut self.storage {
+            CudaStorage::F32(b) => b.device_ptr_mut(&s).0,
+            CudaStorage::BF16(b) => b.device_ptr_mut(&s).0,
+            CudaStorage::F16(b) => b.device_ptr_mut(&s).0,
+        }
+    }
     /// Sizes of the dimensions.
     pub fn shape(&self) -> &[usize] {
         &self.shape

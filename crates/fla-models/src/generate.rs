@@ -89,10 +89,41 @@ pub fn sample(logits: &mut [f32], seen: &[u32], p: &Params, rng: &mut StdRng) ->
     idx[probs.len() - 1] as u32
 }
 
+/// What [`generate`] needs of a model: a cache for `n` sequences, the logits of each sequence's
+/// last new token after a forward over the new tokens, and the vocabulary size. [`Model`] (CPU)
+/// and [`crate::cuda::ModelCuda`] (GPU) implement it.
+pub trait Backend {
+    /// The per-sequence state carried between calls.
+    type Cache;
+    /// An empty cache for `n` sequences.
+    fn new_cache(&self, n: usize) -> Self::Cache;
+    /// Runs `seqs[i]` (new tokens of sequence `i`) and returns the logits of each sequence's last
+    /// new token, `[n, vocab]`.
+    fn last_logits(&self, seqs: &[&[u32]], cache: &mut Self::Cache) -> Result<Vec<f32>>;
+    /// Vocabulary size.
+    fn vocab(&self) -> usize;
+}
+
+impl Backend for Model {
+    type Cache = crate::Cache;
+    fn new_cache(&self, n: usize) -> crate::Cache {
+        Model::new_cache(self, n)
+    }
+    fn last_logits(&self, seqs: &[&[u32]], cache: &mut crate::Cache) -> Result<Vec<f32>> {
+        let (hidden, batch) = self.forward_hidden(seqs, cache)?;
+        let h = hidden.len() / batch.tokens().max(1);
+        let last: Vec<f32> = batch.seqs.iter().flat_map(|r| hidden[(r.end - 1) * h..r.end * h].iter().copied()).collect();
+        self.logits(&last)
+    }
+    fn vocab(&self) -> usize {
+        Model::vocab(self)
+    }
+}
+
 /// Generates continuations of every prompt (a batch of different lengths). `on_token(i, t)` is
 /// called as soon as sequence `i` emits token `t` (streaming). Returns the new tokens of each.
-pub fn generate(
-    model: &Model,
+pub fn generate<B: Backend>(
+    model: &B,
     prompts: &[Vec<u32>],
     p: &Params,
     mut on_token: impl FnMut(usize, u32),
@@ -106,12 +137,8 @@ pub fn generate(
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut done = vec![p.max_new_tokens == 0; n];
     let seqs: Vec<&[u32]> = prompts.iter().map(|s| &s[..]).collect();
-    let (hidden, batch) = model.forward_hidden(&seqs, &mut cache)?;
-    let h = hidden.len() / batch.tokens().max(1);
-    let mut last: Vec<f32> =
-        batch.seqs.iter().flat_map(|r| hidden[(r.end - 1) * h..r.end * h].iter().copied()).collect();
+    let mut logits = model.last_logits(&seqs, &mut cache)?;
     loop {
-        let logits = model.logits(&last)?;
         let v = model.vocab();
         let mut next = vec![0u32; n];
         for i in 0..n {
@@ -133,6 +160,6 @@ pub fn generate(
         }
         let steps: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
         let seqs: Vec<&[u32]> = steps.iter().map(|s| &s[..]).collect();
-        last = model.forward_hidden(&seqs, &mut cache)?.0;
+        logits = model.last_logits(&seqs, &mut cache)?;
     }
 }

@@ -18,6 +18,7 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda;
 mod decoder;
 pub mod generate;
 pub mod kimi;

@@ -12,7 +12,7 @@ use crate::qwen::{Qwen, QwenConfig};
 
 /// A loaded causal language model of any supported family.
 pub struct Model {
-    decoder: Decoder,
+    pub(crate) decoder: Decoder,
     model_type: String,
 }
 

@@ -1,7 +1,10 @@
 //! Gated softmax attention as in Qwen3-Next / Qwen3.5: GQA, zero-centred RMSNorm on q and k per
 //! head, partial rotary embedding, and a per-head sigmoid output gate carried in `q_proj`.
+use std::sync::Arc;
+
 use fla_core::cpu::{gemm, MatMut, MatRef};
-use fla_core::Result;
+use fla_core::cuda::{CudaDevice, CudaTensor};
+use fla_core::{cuda_blas, DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{rms_norm, sigmoid, softmax};
@@ -167,6 +170,196 @@ impl GatedAttention {
             o.iter_mut().zip(&gate).for_each(|(o, &g)| *o *= sigmoid(g));
         }
         self.o_proj.forward(&o)
+    }
+}
+
+/// The gated attention layer on a CUDA device ([`GatedAttention::to_cuda`]): the computation of
+/// [`GatedAttention::forward`], its CPU twin, with cuBLAS projections, q / k RMSNorm and partial
+/// RoPE fused with the cache append (`nn_attn_prep`), and causal softmax attention over each
+/// token's cached context (`nn_attention`, one CTA per token and head: correct, not yet fast).
+pub struct GatedAttentionCuda {
+    cfg: AttentionConfig,
+    q_proj: CudaTensor,
+    k_proj: CudaTensor,
+    v_proj: CudaTensor,
+    o_proj: CudaTensor,
+    /// `[hd]` f32 each.
+    q_norm: CudaTensor,
+    k_norm: CudaTensor,
+    /// `[rope_dim / 2]` f32.
+    inv_freq: CudaTensor,
+    rot: usize,
+}
+
+/// Keys and values of a batch of sequences on a CUDA device: `[N, cap, KVH, hd]` pools in the
+/// activations' dtype (k after norm and RoPE), and the tokens each sequence holds.
+#[derive(Debug, Default)]
+pub struct KvCacheCuda {
+    /// Key pool.
+    pub k: Option<CudaTensor>,
+    /// Value pool.
+    pub v: Option<CudaTensor>,
+    /// Tokens held per sequence.
+    pub len: Vec<usize>,
+}
+
+impl GatedAttention {
+    /// The layer on `dev` with its projection weights in `dtype`.
+    pub fn to_cuda(&self, dev: &Arc<CudaDevice>, dtype: DType) -> Result<GatedAttentionCuda> {
+        if self.cfg.head_dim > 512 {
+            return Err(Error::Unsupported {
+                op: "GatedAttention::to_cuda",
+                msg: format!("head_dim = {} > 512 on the GPU", self.cfg.head_dim),
+            });
+        }
+        let up = |l: &Linear| CudaTensor::from_host(&l.weight().to_dtype(dtype)?, dev);
+        let up32 = |v: Vec<f32>| {
+            let n = v.len();
+            CudaTensor::from_host(&Tensor::from_vec(v, &[n])?, dev)
+        };
+        Ok(GatedAttentionCuda {
+            q_proj: up(&self.q_proj)?,
+            k_proj: up(&self.k_proj)?,
+            v_proj: up(&self.v_proj)?,
+            o_proj: up(&self.o_proj)?,
+            q_norm: up32(self.q_norm.clone())?,
+            k_norm: up32(self.k_norm.clone())?,
+            // One padding value keeps the buffer non-empty without rotary dims.
+            inv_freq: up32(self.rope.inv_freq_f32().into_iter().chain([0.0]).collect())?,
+            rot: self.rope.rot(),
+            cfg: self.cfg.clone(),
+        })
+    }
+}
+
+impl GatedAttentionCuda {
+    /// `x [tokens, hidden]` in the weights' dtype, on their device → `[tokens, hidden]`,
+    /// appending the new keys and values to `cache`.
+    pub fn forward(&self, x: &CudaTensor, batch: &Batch, cache: &mut KvCacheCuda) -> Result<CudaTensor> {
+        const OP: &str = "GatedAttentionCuda::forward";
+        let c = &self.cfg;
+        let (h, kvh, hd) = (c.heads, c.kv_heads, c.head_dim);
+        let tokens = batch.tokens();
+        if x.shape() != [tokens, c.hidden] {
+            return Err(Error::shape(OP, "x", format!("[tokens, hidden] = [{tokens}, {}]", c.hidden), x.shape()));
+        }
+        if x.dtype() != self.q_proj.dtype() {
+            return Err(Error::DType {
+                op: OP,
+                arg: "x",
+                expected: format!("{} (the weights' dtype)", self.q_proj.dtype()),
+                got: x.dtype(),
+            });
+        }
+        if x.device() != self.q_proj.device() {
+            return Err(Error::Device {
+                op: OP,
+                arg: "x",
+                expected: self.q_proj.device().to_string(),
+                got: x.device().to_string(),
+            });
+        }
+        let n = batch.len();
+        if cache.len.len() != n && batch.past.iter().all(|&p| p == 0) {
+            *cache = KvCacheCuda { k: None, v: None, len: vec![0; n] };
+        }
+        for (i, &p) in batch.past.iter().enumerate() {
+            let held = cache.len.get(i).copied().unwrap_or(0);
+            if cache.len.len() != n || held != p {
+                return Err(Error::size(
+                    OP,
+                    format!("sequence {i} continues after {p} tokens but the cache holds {held}"),
+                ));
+            }
+        }
+        let dev = x.cuda_device().clone();
+        // Grow the pools to the longest sequence (powers of two from 64 rows).
+        let need = batch.seqs.iter().zip(&batch.past).map(|(r, &p)| p + r.len()).max().unwrap_or(0);
+        let cap = cache.k.as_ref().map_or(0, |k| k.shape()[1]);
+        if cap < need || cache.k.is_none() {
+            let new_cap = need.next_power_of_two().max(64);
+            if new_cap > 56 * 1024 {
+                return Err(Error::Unsupported {
+                    op: OP,
+                    msg: format!("a context of {need} tokens (the GPU scores take at most 57344)"),
+                });
+            }
+            let held = cache.len.iter().copied().max().unwrap_or(0);
+            let grow = |old: Option<&CudaTensor>| match old {
+                Some(old) => crate::cuda::grow_pool(old, new_cap, held),
+                None => CudaTensor::zeros(&[n, new_cap, kvh, hd], x.dtype(), &dev),
+            };
+            cache.k = Some(grow(cache.k.as_ref())?);
+            cache.v = Some(grow(cache.v.as_ref())?);
+        }
+        let cap = cache.k.as_ref().map_or(0, |k| k.shape()[1]);
+        let qg = cuda_blas::matmul(x, &self.q_proj, true)?;
+        let kn = cuda_blas::matmul(x, &self.k_proj, true)?;
+        let vn = cuda_blas::matmul(x, &self.v_proj, true)?;
+        let (mut seq_of, mut pos) = (Vec::with_capacity(tokens), Vec::with_capacity(tokens));
+        for (i, r) in batch.seqs.iter().enumerate() {
+            for j in 0..r.len() {
+                seq_of.push(i as i32);
+                pos.push((batch.past[i] + j) as i32);
+            }
+        }
+        let table = dev.stream().clone_htod(&[&seq_of[..], &pos[..]].concat())?;
+        let table_addr = {
+            use fla_core::cuda::cudarc::driver::DevicePtr;
+            table.device_ptr(dev.stream()).0
+        };
+        // SAFETY: nn_attn_prep writes every element of q (a CTA per (token, head)) and
+        // nn_attention every element of o.
+        let mut q = unsafe { CudaTensor::uninit(&[tokens, h, hd], x.dtype(), &dev)? };
+        let mut o = unsafe { CudaTensor::uninit(&[tokens, h, hd], x.dtype(), &dev)? };
+        let to_i32 = |what: &str, v: usize| {
+            i32::try_from(v)
+                .map_err(|_| Error::size(OP, format!("{what} = {v} does not fit the kernel's 32-bit index")))
+        };
+        to_i32("N·cap·KVH·hd", n * cap * kvh * hd)?;
+        to_i32("tokens·H·per", tokens * h * 2 * hd)?;
+        let kc = cache.k.as_mut().map_or(0, |k| k.raw_addr_mut());
+        let vc = cache.v.as_mut().map_or(0, |v| v.raw_addr_mut());
+        let params = crate::cuda::AttnParams {
+            qg: qg.raw_addr(),
+            kn: kn.raw_addr(),
+            vn: vn.raw_addr(),
+            q_norm: self.q_norm.raw_addr(),
+            k_norm: self.k_norm.raw_addr(),
+            inv_freq: self.inv_freq.raw_addr(),
+            q: q.raw_addr_mut(),
+            kc,
+            vc,
+            o: o.raw_addr_mut(),
+            seq_of: table_addr,
+            pos: table_addr + 4 * tokens as u64,
+            dtype: match x.dtype() {
+                DType::F32 => 0,
+                DType::BF16 => 1,
+                DType::F16 => 2,
+                got => return Err(Error::DType { op: OP, arg: "x", expected: "f32, bf16 or f16".into(), got }),
+            },
+            tokens: to_i32("tokens", tokens)?,
+            h: to_i32("heads", h)?,
+            kvh: to_i32("kv_heads", kvh)?,
+            hd: to_i32("head_dim", hd)?,
+            per: to_i32("q_proj row", if c.output_gate { 2 * hd } else { hd })?,
+            rot: to_i32("rope_dim", self.rot)?,
+            cap: to_i32("cache rows", cap)?,
+            gate: c.output_gate as i32,
+            eps: c.eps,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        // SAFETY: the buffers above have the shapes `attention_launch` names (qg [tokens, H,
+        // per] from q_proj's [H·per, hidden] weight; the pools [N, cap, KVH, hd] with every
+        // position past + i < need <= cap; seq_of < N), head_dim <= 512 (checked in to_cuda),
+        // and all of them (the table too) live past the launches in stream order.
+        unsafe { crate::cuda::attention_launch(&dev, &params) }?;
+        drop(table);
+        for (l, r) in cache.len.iter_mut().zip(&batch.seqs) {
+            *l += r.len();
+        }
+        cuda_blas::matmul(&o.reshape(&[tokens, h * hd])?, &self.o_proj, true)
     }
 }
 

@@ -23,9 +23,27 @@ pub struct ConvState {
 }
 
 impl ShortConv {
+    /// From `weight [channels, kernel]` (row-major f32), as `load` reads it.
+    pub fn from_weight(weight: Vec<f32>, channels: usize, kernel: usize) -> Result<Self> {
+        if weight.len() != channels * kernel {
+            return Err(fla_core::Error::shape(
+                "ShortConv::from_weight",
+                "weight",
+                format!("[channels, kernel] = [{channels}, {kernel}]"),
+                &[weight.len()],
+            ));
+        }
+        Ok(ShortConv { weight, channels, kernel })
+    }
+
     /// Loads `weight [channels, 1, kernel]` under `vb`.
     pub fn load(vb: &VarBuilder, channels: usize, kernel: usize) -> Result<Self> {
         Ok(ShortConv { weight: vb.get_f32("weight", &[channels, 1, kernel])?, channels, kernel })
+    }
+
+    /// The taps `[channels, kernel]`.
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
     }
 
     /// An empty cache for `n` sequences.

@@ -10,10 +10,14 @@
 //! Qwen3.5 stores the projections split (`in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`);
 //! Qwen3-Next interleaves them per key head (`in_proj_qkvz`: `[q | k | v G·dv | z G·dv]` per key
 //! head; `in_proj_ba`: `[b G | a G]`), which [`ProjLayout`] selects.
-use fla_core::{Result, Tensor};
+use std::sync::Arc;
+
+use fla_core::cuda::{CudaDevice, CudaTensor};
+use fla_core::{cuda_blas, DType, Error, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
 use crate::conv::{ConvState, ShortConv};
+use crate::cuda::{copy_cols_cuda, rms_norm_cuda, short_conv_cuda};
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -225,5 +229,178 @@ impl GatedDeltaNet {
         let mut o: Vec<f32> = o.to_vec()?;
         rms_norm_gated(&mut o, &z, &self.norm, c.eps, GateAct::Silu);
         self.out_proj.forward(&o)
+    }
+}
+
+/// The Gated DeltaNet layer on a CUDA device ([`GatedDeltaNet::to_cuda`]): the computation of
+/// [`GatedDeltaNet::forward`], its CPU twin, with the weights uploaded once in one dtype (the
+/// interleaved Qwen3-Next projections reordered into the split ones on upload) and activations in
+/// that dtype: cuBLAS projections, the short convolution, the chunk forward (prefill) or the
+/// recurrent step (decode), the gated RMSNorm.
+pub struct GatedDeltaNetCuda {
+    cfg: GatedDeltaNetConfig,
+    /// `[out, hidden]` each: `qkv [conv_dim]`, `z [value_total]`, `b`, `a [HV]`.
+    qkv: CudaTensor,
+    z: CudaTensor,
+    b: CudaTensor,
+    a: CudaTensor,
+    /// `[conv_dim, kernel]` f32.
+    conv: CudaTensor,
+    /// `[HV]` f32 each.
+    a_log: CudaTensor,
+    dt_bias: CudaTensor,
+    /// `[value_dim]` f32.
+    norm: CudaTensor,
+    /// `[hidden, value_total]`.
+    out_proj: CudaTensor,
+}
+
+/// The cache of one [`GatedDeltaNetCuda`] layer for a batch of sequences, on its device.
+#[derive(Debug, Default)]
+pub struct GdnCacheCuda {
+    /// Last conv inputs `[N, conv_dim, kernel]` f32, once a forward has run.
+    pub conv: Option<CudaTensor>,
+    /// Recurrent state `[N, HV, K, V]` f32, once a forward has run.
+    pub state: Option<CudaTensor>,
+}
+
+impl GatedDeltaNet {
+    /// The layer on `dev` with its projection weights in `dtype` (f32, bf16 or f16; the conv,
+    /// gate and norm parameters stay f32).
+    pub fn to_cuda(&self, dev: &Arc<CudaDevice>, dtype: DType) -> Result<GatedDeltaNetCuda> {
+        let c = &self.cfg;
+        let up = |t: &Tensor| CudaTensor::from_host(&t.to_dtype(dtype)?, dev);
+        let up32 = |v: Vec<f32>, shape: &[usize]| CudaTensor::from_host(&Tensor::from_vec(v, shape)?, dev);
+        let (qkv, z, b, a) = match &self.proj {
+            Proj::Split { qkv, z, b, a } => (up(qkv.weight())?, up(z.weight())?, up(b.weight())?, up(a.weight())?),
+            Proj::Interleaved { qkvz, ba } => {
+                // Row permutations of the per-key-head interleaved weights into the split order.
+                let (hk, dk, dv) = (c.key_heads, c.key_dim, c.value_dim);
+                let g = c.value_heads / hk;
+                let per = 2 * dk + 2 * g * dv;
+                let (mut rq, mut rk, mut rv, mut rz) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                let (mut rb, mut ra) = (Vec::new(), Vec::new());
+                for head in 0..hk {
+                    let base = head * per;
+                    rq.extend(base..base + dk);
+                    rk.extend(base + dk..base + 2 * dk);
+                    rv.extend(base + 2 * dk..base + 2 * dk + g * dv);
+                    rz.extend(base + 2 * dk + g * dv..base + per);
+                    rb.extend(head * 2 * g..head * 2 * g + g);
+                    ra.extend(head * 2 * g + g..(head + 1) * 2 * g);
+                }
+                let rows = |w: &Tensor, idx: Vec<usize>| -> Result<CudaTensor> {
+                    let inn = w.shape()[1];
+                    let data: Vec<f32> = w.to_vec()?;
+                    let picked: Vec<f32> =
+                        idx.iter().flat_map(|&r| data[r * inn..(r + 1) * inn].iter().copied()).collect();
+                    up(&Tensor::from_vec(picked, &[idx.len(), inn])?)
+                };
+                let qkv_rows: Vec<usize> = rq.into_iter().chain(rk).chain(rv).collect();
+                (
+                    rows(qkvz.weight(), qkv_rows)?,
+                    rows(qkvz.weight(), rz)?,
+                    rows(ba.weight(), rb)?,
+                    rows(ba.weight(), ra)?,
+                )
+            }
+        };
+        Ok(GatedDeltaNetCuda {
+            qkv,
+            z,
+            b,
+            a,
+            conv: up32(self.conv.weight().to_vec(), &[c.conv_dim(), c.conv_kernel])?,
+            a_log: CudaTensor::from_host(&self.a_log, dev)?,
+            dt_bias: CudaTensor::from_host(&self.dt_bias, dev)?,
+            norm: up32(self.norm.clone(), &[c.value_dim])?,
+            out_proj: up(self.out_proj.weight())?,
+            cfg: c.clone(),
+        })
+    }
+}
+
+impl GatedDeltaNetCuda {
+    /// `x [tokens, hidden]` (the dtype of the projection weights, on their device) →
+    /// `[tokens, hidden]`, continuing each sequence from `cache`: prefill through the chunk form,
+    /// a decode batch (one new token per cached sequence) through the recurrent step.
+    pub fn forward(&self, x: &CudaTensor, batch: &Batch, cache: &mut GdnCacheCuda) -> Result<CudaTensor> {
+        const OP: &str = "GatedDeltaNetCuda::forward";
+        let c = &self.cfg;
+        let tokens = batch.tokens();
+        if x.shape() != [tokens, c.hidden] {
+            return Err(Error::shape(OP, "x", format!("[tokens, hidden] = [{tokens}, {}]", c.hidden), x.shape()));
+        }
+        if x.dtype() != self.qkv.dtype() {
+            return Err(Error::DType {
+                op: OP,
+                arg: "x",
+                expected: format!("{} (the weights' dtype)", self.qkv.dtype()),
+                got: x.dtype(),
+            });
+        }
+        if x.device() != self.qkv.device() {
+            return Err(Error::Device {
+                op: OP,
+                arg: "x",
+                expected: self.qkv.device().to_string(),
+                got: x.device().to_string(),
+            });
+        }
+        let n = batch.len();
+        let held = cache.state.as_ref().map_or(0, |s| s.shape()[0]);
+        if batch.past.iter().any(|&p| p > 0) && held != n {
+            return Err(Error::size(OP, format!("{n} sequences continue from a cache holding {held} states")));
+        }
+        let dev = x.cuda_device().clone();
+        let lin = |w: &CudaTensor| cuda_blas::matmul(x, w, true);
+        let (qkv, z, b, a) = (lin(&self.qkv)?, lin(&self.z)?, lin(&self.b)?, lin(&self.a)?);
+        let (kt, vt, cd) = (c.key_total(), c.value_total(), c.conv_dim());
+        let conv_state = match cache.conv.take() {
+            Some(s) if s.shape()[0] == n => s,
+            _ => CudaTensor::zeros(&[n, cd, c.conv_kernel], DType::F32, &dev)?,
+        };
+        let cu = batch.cu_seqlens();
+        let (mixed, conv_new) = short_conv_cuda(&qkv, &self.conv, &conv_state, &cu)?;
+        cache.conv = Some(conv_new);
+        let (hk, hv, dk, dv) = (c.key_heads, c.value_heads, c.key_dim, c.value_dim);
+        let decode = batch.is_decode() && held == n;
+        let (bsz, t) = if decode { (n, 1) } else { (1, tokens) };
+        let q = copy_cols_cuda(&mixed, 0, kt)?.reshape(&[bsz, t, hk, dk])?;
+        let k = copy_cols_cuda(&mixed, kt, kt)?.reshape(&[bsz, t, hk, dk])?;
+        let v = copy_cols_cuda(&mixed, 2 * kt, vt)?.reshape(&[bsz, t, hv, dv])?;
+        let (a, b) = (a.reshape(&[bsz, t, hv])?, b.reshape(&[bsz, t, hv])?);
+        let opts = Options {
+            output_final_state: true,
+            use_qk_l2norm_in_kernel: true,
+            use_beta_sigmoid_in_kernel: true,
+            use_gate_in_kernel: true,
+            scale: None,
+        };
+        let inputs = Inputs {
+            g: Some(&a),
+            beta: Some(&b),
+            a_log: Some(&self.a_log),
+            dt_bias: Some(&self.dt_bias),
+            cu_seqlens: (!decode).then_some(&cu[..]),
+            ..Inputs::new(&q, &k, &v)
+        };
+        let o = match cache.state.as_mut() {
+            Some(state) if decode => recurrent::step_cuda(Family::GatedDeltaRule, &inputs, &opts, state, None)?,
+            _ => {
+                let h0 = cache.state.take().filter(|s| s.shape()[0] == n && batch.past.iter().any(|&p| p > 0));
+                let (o, ht) = chunk::forward_cuda(
+                    Family::GatedDeltaRule,
+                    &Inputs { initial_state: h0.as_ref(), ..inputs },
+                    &opts,
+                )?;
+                cache.state = ht;
+                o
+            }
+        };
+        let o = o.reshape(&[tokens * hv, dv])?;
+        let z = z.reshape(&[tokens * hv, dv])?;
+        let y = rms_norm_cuda(&o, &self.norm, c.eps, 0.0, Some((&z, GateAct::Silu)))?.reshape(&[tokens, vt])?;
+        cuda_blas::matmul(&y, &self.out_proj, true)
     }
 }

@@ -20,6 +20,7 @@
 pub mod attention;
 mod batch;
 pub mod conv;
+pub mod cuda;
 pub mod embedding;
 pub mod gated_deltanet;
 pub mod kda;

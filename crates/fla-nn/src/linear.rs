@@ -96,6 +96,11 @@ impl Linear {
         Linear::new(w, b)
     }
 
+    /// The weight `[out, in]` in its checkpoint dtype.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Input features.
     pub fn in_dim(&self) -> usize {
         self.in_dim

@@ -1,6 +1,10 @@
 //! SwiGLU feed-forward: `down(silu(gate x) ⊙ up x)`.
-use fla_core::Result;
+use std::sync::Arc;
 
+use fla_core::cuda::{CudaDevice, CudaTensor};
+use fla_core::{cuda_blas, DType, Result};
+
+use crate::cuda::silu_mul_cuda;
 use crate::ops::silu;
 use crate::{Linear, VarBuilder};
 
@@ -38,5 +42,33 @@ impl Mlp {
     /// Bytes of weights read per token.
     pub fn weight_bytes(&self) -> usize {
         self.gate_proj.weight_bytes() + self.up_proj.weight_bytes() + self.down_proj.weight_bytes()
+    }
+}
+
+/// The SwiGLU MLP on a CUDA device ([`Mlp::to_cuda`]): `down(silu(gate x)·up x)` with cuBLAS and
+/// [`crate::cuda::silu_mul_cuda`], the twin of [`Mlp::forward`].
+pub struct MlpCuda {
+    /// `[intermediate, hidden]`.
+    gate_proj: CudaTensor,
+    /// `[intermediate, hidden]`.
+    up_proj: CudaTensor,
+    /// `[hidden, intermediate]`.
+    down_proj: CudaTensor,
+}
+
+impl Mlp {
+    /// The MLP on `dev` with its weights in `dtype`.
+    pub fn to_cuda(&self, dev: &Arc<CudaDevice>, dtype: DType) -> Result<MlpCuda> {
+        let up = |l: &Linear| CudaTensor::from_host(&l.weight().to_dtype(dtype)?, dev);
+        Ok(MlpCuda { gate_proj: up(&self.gate_proj)?, up_proj: up(&self.up_proj)?, down_proj: up(&self.down_proj)? })
+    }
+}
+
+impl MlpCuda {
+    /// `x [tokens, hidden]` in the weights' dtype, on their device → `[tokens, hidden]`.
+    pub fn forward(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let g = cuda_blas::matmul(x, &self.gate_proj, true)?;
+        let u = cuda_blas::matmul(x, &self.up_proj, true)?;
+        cuda_blas::matmul(&silu_mul_cuda(&g, &u)?, &self.down_proj, true)
     }
 }

@@ -15,6 +15,16 @@ impl Rope {
         Rope { inv_freq, rot }
     }
 
+    /// The inverse frequencies in f32, as [`Rope::apply`] uses them (the GPU form's input).
+    pub fn inv_freq_f32(&self) -> Vec<f32> {
+        self.inv_freq.iter().map(|&f| f as f32).collect()
+    }
+
+    /// Rotated dims per head.
+    pub fn rot(&self) -> usize {
+        self.rot
+    }
+
     /// Rotates every `head_dim`-wide head of the row `x` (one token) at `pos`.
     pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
         let half = self.rot / 2;

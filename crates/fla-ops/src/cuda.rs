@@ -6,8 +6,8 @@
 use std::collections::HashSet;
 
 use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
-use fla_core::cuda::cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
-use fla_core::cuda::{CudaDevice, CudaStorage, CudaTensor};
+use fla_core::cuda::cudarc::driver::{CudaFunction, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use fla_core::cuda::{CudaDevice, CudaTensor};
 use fla_core::{DType, Error, Result};
 
 use crate::{Decay, Erase, Family, Inputs, Options, Problem, Write};
@@ -27,24 +27,13 @@ fn dtype_code(op: &'static str, arg: &'static str, dt: DType) -> Result<i32> {
     }
 }
 
-/// Raw device address of a tensor's buffer. Event tracking is off (one stream per device), so
-/// the guard cudarc returns has nothing to record and is dropped at once.
+/// Raw device address of a tensor's buffer (see [`CudaTensor::raw_addr`]).
 fn addr(t: &CudaTensor) -> u64 {
-    let s = t.cuda_device().stream();
-    match t.storage() {
-        CudaStorage::F32(b) => b.device_ptr(s).0,
-        CudaStorage::BF16(b) => b.device_ptr(s).0,
-        CudaStorage::F16(b) => b.device_ptr(s).0,
-    }
+    t.raw_addr()
 }
 
 fn addr_mut(t: &mut CudaTensor) -> u64 {
-    let s = t.cuda_device().stream().clone();
-    match t.storage_mut() {
-        CudaStorage::F32(b) => b.device_ptr_mut(&s).0,
-        CudaStorage::BF16(b) => b.device_ptr_mut(&s).0,
-        CudaStorage::F16(b) => b.device_ptr_mut(&s).0,
-    }
+    t.raw_addr_mut()
 }
 
 fn opt_addr(t: Option<&CudaTensor>) -> u64 {

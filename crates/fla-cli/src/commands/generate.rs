@@ -67,9 +67,6 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 
 /// Loads the model, generates, streams text to stdout and prints tokens/s to stderr.
 pub fn run(args: Args) -> Result<i32> {
-    if let Device::Cuda = args.device {
-        bail!("this build has no CUDA backend yet: run with --device cpu");
-    }
     let model = Model::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = if args.prompt.is_empty() && !args.print_ids {
         Tokenizer::load(&args.model).ok()
@@ -106,7 +103,7 @@ pub fn run(args: Args) -> Result<i32> {
     }
     let mut shown = String::new();
     let mut ids_so_far = Vec::new();
-    let out = generate::generate(&model, &prompts, &params, |_, t| {
+    let mut on_token = |_: usize, t: u32| {
         first_token.get_or_insert_with(|| start.elapsed());
         if stream {
             if let Some(tok) = &tokenizer {
@@ -121,7 +118,19 @@ pub fn run(args: Args) -> Result<i32> {
                 }
             }
         }
-    })?;
+    };
+    let out = match args.device {
+        Device::Cpu => generate::generate(&model, &prompts, &params, &mut on_token)?,
+        Device::Cuda => {
+            if !fla_core::cuda::is_available() {
+                bail!("--device cuda: no CUDA device (libcuda not found, or no GPU)");
+            }
+            let dev = fla_core::cuda::CudaDevice::get(0)?;
+            // bf16 weights and activations, f32 recurrent states (as the GPU kernels take them).
+            let gpu = model.to_cuda(&dev, fla_core::DType::BF16).context("moving the model to cuda:0")?;
+            generate::generate(&gpu, &prompts, &params, &mut on_token)?
+        }
+    };
     let elapsed = start.elapsed();
     if stream && tokenizer.is_some() {
         println!();

@@ -10,9 +10,13 @@ use fla_core::Tensor;
 /// Every tiny fixture checkpoint.
 pub const MODELS: [&str; 3] = ["qwen3_5_tiny", "qwen3_next_tiny", "kimi_linear_tiny"];
 
-/// `../shared/fixtures/models/<name>`.
+/// `../shared/fixtures/models/<name>`, or `$FLA_MODELS_DIR/<name>` where that is set (a GPU
+/// machine running a prebuilt test binary, `scripts/gpu-run.sh`).
 pub fn model_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/models").join(name)
+    match std::env::var_os("FLA_MODELS_DIR") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/models").join(name),
+    }
 }
 
 /// The HF reference of a fixture (`reference.safetensors`).

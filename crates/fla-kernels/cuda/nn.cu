@@ -1,0 +1,250 @@
+// Row-wise and elementwise kernels of the model layers (fla-nn/src/cuda.rs launches them; the CPU
+// twins are fla-nn/src/ops.rs and conv.rs): RMSNorm (plain, 1 + w, gated by SiLU or sigmoid), the
+// depthwise causal short convolution with SiLU and its cache, and SiLU(a) * b. Activations in
+// f32, bf16 or f16 (read and written in that dtype, f32 arithmetic), weights and caches in f32.
+#include "common/dtype.cuh"
+#include "common/math.cuh"
+
+// Keep in sync with `NormParams` in fla-nn/src/cuda.rs (repr(C)).
+struct NormParams {
+    const void* x;   // [rows, dim]
+    const float* w;  // [dim]
+    const void* z;   // [rows, dim] gate input, or null
+    void* y;         // [rows, dim], dtype of x
+    int dtype, rows, dim;
+    int gate;        // 0: none, 1: silu(z), 2: sigmoid(z)
+    float eps, offset;
+};
+
+// One CTA (128 threads) per row: y = x rsqrt(mean(x^2) + eps) (offset + w) [act(z)].
+extern "C" __global__ void __launch_bounds__(128) nn_rms_norm(const NormParams p) {
+    __shared__ float part[4];
+    const long long base = (long long)blockIdx.x * p.dim;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < p.dim; c += 128) {
+        const float v = fla_load(p.x, p.dtype, base + c);
+        ss += v * v;
+    }
+    float unused = 0.0f;
+    fla_warp_sum2(ss, unused);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    const float r = rsqrtf((part[0] + part[1] + part[2] + part[3]) / p.dim + p.eps);
+    for (int c = threadIdx.x; c < p.dim; c += 128) {
+        float v = fla_load(p.x, p.dtype, base + c) * r * (p.offset + p.w[c]);
+        if (p.gate) {
+            const float z = fla_load(p.z, p.dtype, base + c);
+            v *= p.gate == 1 ? z * fla_sigmoidf(z) : fla_sigmoidf(z);
+        }
+        fla_store(p.y, p.dtype, base + c, v);
+    }
+}
+
+// Keep in sync with `ConvParams` in fla-nn/src/cuda.rs (repr(C)).
+struct ConvParams {
+    const void* x;          // [tokens, C]
+    const float* weight;    // [C, W]
+    const float* state;     // [N, C, W]: the last W inputs of each sequence, oldest first
+    void* y;                // [tokens, C], dtype of x
+    float* state_out;       // [N, C, W]
+    const int* cu_seqlens;  // [N + 1]
+    const int* seq_of;      // [tokens]: the sequence of each token
+    int dtype, tokens, n, c, w;  // w: the kernel width W
+};
+
+// The input at position k of sequence n (k < 0: from the cache, k = -W .. -1), channel ch.
+__device__ __forceinline__ float conv_input(const ConvParams& p, int n, int start, int k, int ch) {
+    return k >= 0 ? fla_load(p.x, p.dtype, (long long)(start + k) * p.c + ch)
+                  : p.state[((long long)n * p.c + ch) * p.w + p.w + k];
+}
+
+// A thread per (token, channel): y_t = silu(sum_j w_j x_{t - W + 1 + j}), the inputs before the
+// sequence's first token from its cache.
+extern "C" __global__ void __launch_bounds__(256) nn_short_conv(const ConvParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= (long long)p.tokens * p.c) return;
+    const int t = (int)(e / p.c), ch = (int)(e % p.c);
+    const int n = p.seq_of[t], start = p.cu_seqlens[n], i = t - start;
+    float acc = 0.0f;
+    for (int j = 0; j < p.w; ++j) acc += p.weight[(long long)ch * p.w + j] * conv_input(p, n, start, i + 1 + j - p.w, ch);
+    fla_store(p.y, p.dtype, e, acc * fla_sigmoidf(acc));
+}
+
+// A thread per (sequence, channel, tap): the new cache, the last W inputs of the sequence.
+extern "C" __global__ void __launch_bounds__(256) nn_short_conv_state(const ConvParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= (long long)p.n * p.c * p.w) return;
+    const int n = (int)(e / ((long long)p.c * p.w)), ch = (int)(e / p.w % p.c), j = (int)(e % p.w);
+    const int start = p.cu_seqlens[n], len = p.cu_seqlens[n + 1] - start;
+    p.state_out[e] = conv_input(p, n, start, len + j - p.w, ch);
+}
+
+// Keep in sync with `GluParams` in fla-nn/src/cuda.rs (repr(C)).
+struct GluParams {
+    const void* a;  // [n]
+    const void* b;  // [n]
+    void* y;        // [n], dtype of a
+    int dtype;
+    long long n;
+};
+
+// y = silu(a) b (the SwiGLU MLP's gate), a thread per element.
+extern "C" __global__ void __launch_bounds__(256) nn_silu_mul(const GluParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= p.n) return;
+    const float a = fla_load(p.a, p.dtype, e);
+    fla_store(p.y, p.dtype, e, a * fla_sigmoidf(a) * fla_load(p.b, p.dtype, e));
+}
+
+// Keep in sync with `ColsParams` in fla-nn/src/cuda.rs (repr(C)).
+struct ColsParams {
+    const void* x;  // [rows, cols]
+    void* y;        // [rows, len]: columns start .. start + len of x
+    int dtype, rows, cols, start, len;
+};
+
+// A thread per element of y.
+extern "C" __global__ void __launch_bounds__(256) nn_copy_cols(const ColsParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= (long long)p.rows * p.len) return;
+    const long long r = e / p.len, c = e % p.len;
+    fla_store(p.y, p.dtype, e, fla_load(p.x, p.dtype, r * p.cols + p.start + c));
+}
+
+// Keep in sync with `AttnParams` in fla-nn/src/cuda.rs (repr(C)).
+struct AttnParams {
+    const void* qg;         // [tokens, H, per]: q_proj output, per = hd (or 2 hd: [q | gate] per head)
+    const void* kn;         // [tokens, KVH, hd]: k_proj output
+    const void* vn;         // [tokens, KVH, hd]: v_proj output
+    const float* q_norm;    // [hd] (1 + w form)
+    const float* k_norm;    // [hd]
+    const float* inv_freq;  // [rot / 2]
+    void* q;                // [tokens, H, hd] scratch: q after norm and RoPE
+    void* kc;               // [N, cap, KVH, hd]: the key cache (after norm and RoPE)
+    void* vc;               // [N, cap, KVH, hd]: the value cache
+    void* o;                // [tokens, H, hd], gated
+    const int* seq_of;      // [tokens]: the sequence of each token
+    const int* pos;         // [tokens]: its position (tokens before it in its sequence, cached ones included)
+    int dtype, tokens, h, kvh, hd, per, rot, cap, gate;
+    float eps, scale;
+};
+
+// RMSNorm (1 + w) then rotate-half RoPE on the first `rot` dims of one head row in shared memory
+// `x` (hd values): the angle pos * inv_freq in f32, its cosine and sine in f64, as transformers.
+__device__ __forceinline__ void attn_norm_rope(const AttnParams& p, float* x, const float* w, int pos, float* red) {
+    float ss = 0.0f;
+    for (int d = threadIdx.x; d < p.hd; d += 128) ss += x[d] * x[d];
+    float unused = 0.0f;
+    fla_warp_sum2(ss, unused);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    const float r = rsqrtf((red[0] + red[1] + red[2] + red[3]) / p.hd + p.eps);
+    __syncthreads();
+    for (int d = threadIdx.x; d < p.hd; d += 128) x[d] *= r * (1.0f + w[d]);
+    __syncthreads();
+    const int half = p.rot / 2;
+    for (int i = threadIdx.x; i < half; i += 128) {
+        const double a = (double)((float)pos * p.inv_freq[i]);
+        const float c = (float)cos(a), s = (float)sin(a);
+        const float x0 = x[i], x1 = x[i + half];
+        x[i] = x0 * c - x1 * s;
+        x[i + half] = x1 * c + x0 * s;
+    }
+    __syncthreads();
+}
+
+// One CTA (128 threads) per (token, head) for the H query heads, then the KVH key/value heads:
+// q normed and rotated into `q`; k normed and rotated, and v, into the caches at the token's
+// position.
+extern "C" __global__ void __launch_bounds__(128) nn_attn_prep(const AttnParams p) {
+    __shared__ float x[512];
+    __shared__ float red[4];
+    const int t = blockIdx.x, j = blockIdx.y;
+    const int n = p.seq_of[t], pos = p.pos[t];
+    if (j < p.h) {
+        for (int d = threadIdx.x; d < p.hd; d += 128) x[d] = fla_load(p.qg, p.dtype, ((long long)t * p.h + j) * p.per + d);
+        __syncthreads();
+        attn_norm_rope(p, x, p.q_norm, pos, red);
+        for (int d = threadIdx.x; d < p.hd; d += 128) fla_store(p.q, p.dtype, ((long long)t * p.h + j) * p.hd + d, x[d]);
+        return;
+    }
+    const int kh = j - p.h;
+    const long long src = ((long long)t * p.kvh + kh) * p.hd;
+    const long long dst = (((long long)n * p.cap + pos) * p.kvh + kh) * p.hd;
+    for (int d = threadIdx.x; d < p.hd; d += 128) {
+        x[d] = fla_load(p.kn, p.dtype, src + d);
+        fla_store(p.vc, p.dtype, dst + d, fla_load(p.vn, p.dtype, src + d));
+    }
+    __syncthreads();
+    attn_norm_rope(p, x, p.k_norm, pos, red);
+    for (int d = threadIdx.x; d < p.hd; d += 128) fla_store(p.kc, p.dtype, dst + d, x[d]);
+}
+
+// One CTA (128 threads) per (token, query head): causal softmax attention over the pos + 1 keys
+// of the token's sequence in the cache (GQA: head j reads KV head j / (H / KVH)), scores in
+// dynamic shared memory, then o = softmax . V, times sigmoid(gate) with the output gate.
+extern "C" __global__ void __launch_bounds__(128) nn_attention(const AttnParams p) {
+    extern __shared__ float sc[]; // [ctx] scores, then probabilities
+    __shared__ float qs[512];
+    __shared__ float red[4];
+    const int t = blockIdx.x, j = blockIdx.y;
+    const int n = p.seq_of[t], ctx = p.pos[t] + 1, kh = j / (p.h / p.kvh);
+    for (int d = threadIdx.x; d < p.hd; d += 128) qs[d] = fla_load(p.q, p.dtype, ((long long)t * p.h + j) * p.hd + d);
+    __syncthreads();
+    const long long base = ((long long)n * p.cap * p.kvh + kh) * p.hd, row = (long long)p.kvh * p.hd;
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < ctx; i += 128) {
+        float s = 0.0f;
+        for (int d = 0; d < p.hd; ++d) s += qs[d] * fla_load(p.kc, p.dtype, base + i * row + d);
+        s *= p.scale;
+        sc[i] = s;
+        mx = fmaxf(mx, s);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    mx = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    __syncthreads();
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < ctx; i += 128) {
+        const float e = expf(sc[i] - mx);
+        sc[i] = e;
+        sum += e;
+    }
+    float unused = 0.0f;
+    fla_warp_sum2(sum, unused);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    const float inv = 1.0f / (red[0] + red[1] + red[2] + red[3]);
+    for (int d = threadIdx.x; d < p.hd; d += 128) {
+        float acc = 0.0f;
+        for (int i = 0; i < ctx; ++i) acc += sc[i] * fla_load(p.vc, p.dtype, base + i * row + d);
+        acc *= inv;
+        if (p.gate) acc *= fla_sigmoidf(fla_load(p.qg, p.dtype, ((long long)t * p.h + j) * p.per + p.hd + d));
+        fla_store(p.o, p.dtype, ((long long)t * p.h + j) * p.hd + d, acc);
+    }
+}
+
+// Keep in sync with `PoolParams` in fla-nn/src/cuda.rs (repr(C)).
+struct PoolParams {
+    const void* src;  // [N, cap_old, width]
+    void* dst;        // [N, cap_new, width]
+    int dtype, n, cap_old, cap_new, width, rows;  // rows: the leading rows of each sequence to copy
+};
+
+// Grows a cache: the first `rows` rows of each sequence, a thread per element.
+extern "C" __global__ void __launch_bounds__(256) nn_copy_pool(const PoolParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    const long long per = (long long)p.rows * p.width;
+    if (e >= p.n * per) return;
+    const long long n = e / per, r = e % per;
+    fla_store(p.dst, p.dtype, n * p.cap_new * p.width + r, fla_load(p.src, p.dtype, n * p.cap_old * p.width + r));
+}
+
+// a += b (the residual stream), a thread per element; GluParams with y = a.
+extern "C" __global__ void __launch_bounds__(256) nn_add(const GluParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= p.n) return;
+    fla_store(p.y, p.dtype, e, fla_load(p.a, p.dtype, e) + fla_load(p.b, p.dtype, e));
+}

@@ -1,0 +1,187 @@
+//! The decoder on a CUDA device ([`Model::to_cuda`]): the layers' GPU twins
+//! ([`fla_nn::gated_deltanet::GatedDeltaNetCuda`], [`fla_nn::attention::GatedAttentionCuda`],
+//! [`fla_nn::mlp::MlpCuda`]) in the pre-norm decoder of [`crate::Decoder`], activations in one
+//! dtype. Gated DeltaNet and gated attention mixers with dense MLPs so far (Qwen3.5's dense
+//! models); KDA, MLA and the mixtures of experts answer with [`Error::Unsupported`]. The token
+//! embedding is gathered on the host and uploaded (one row per token).
+use std::sync::Arc;
+
+use fla_core::cuda::{CudaDevice, CudaTensor};
+use fla_core::{cuda_blas, DType, Error, Result, Tensor};
+use fla_nn::attention::{GatedAttentionCuda, KvCacheCuda};
+use fla_nn::cuda::{add_assign_cuda, rms_norm_cuda};
+use fla_nn::gated_deltanet::{GatedDeltaNetCuda, GdnCacheCuda};
+use fla_nn::mlp::MlpCuda;
+use fla_nn::Batch;
+
+use crate::decoder::{Ffn, Mixer};
+use crate::Model;
+
+enum MixerCuda {
+    Gdn(GatedDeltaNetCuda),
+    Attention(GatedAttentionCuda),
+}
+
+struct BlockCuda {
+    input_norm: CudaTensor,
+    post_norm: CudaTensor,
+    mixer: MixerCuda,
+    ffn: MlpCuda,
+}
+
+/// A [`Model`] on a CUDA device.
+pub struct ModelCuda {
+    host: ModelHost,
+    layers: Vec<BlockCuda>,
+    norm: CudaTensor,
+    lm_head: CudaTensor,
+    dtype: DType,
+    dev: Arc<CudaDevice>,
+}
+
+/// What the GPU model still reads on the host: the embedding (gathered per token).
+struct ModelHost {
+    embed: fla_nn::embedding::Embedding,
+    eps: f32,
+    norm_offset: f32,
+    vocab: usize,
+    hidden: usize,
+}
+
+/// The per-layer caches of a [`ModelCuda`] for a batch of sequences, on its device.
+#[derive(Debug, Default)]
+pub struct CacheCuda {
+    gdn: Vec<GdnCacheCuda>,
+    attn: Vec<KvCacheCuda>,
+    /// Tokens each sequence holds.
+    pub past: Vec<usize>,
+}
+
+impl Model {
+    /// This model on `dev` with its weights and activations in `dtype` (f32, bf16 or f16).
+    pub fn to_cuda(&self, dev: &Arc<CudaDevice>, dtype: DType) -> Result<ModelCuda> {
+        const OP: &str = "Model::to_cuda";
+        let d = &self.decoder;
+        let vec_up = |v: &[f32]| CudaTensor::from_host(&Tensor::from_vec(v.to_vec(), &[v.len()])?, dev);
+        let mut layers = Vec::with_capacity(d.layers.len());
+        for (i, l) in d.layers.iter().enumerate() {
+            let mixer = match &l.mixer {
+                Mixer::Gdn(m) => MixerCuda::Gdn(m.to_cuda(dev, dtype)?),
+                Mixer::Attention(m) => MixerCuda::Attention(m.to_cuda(dev, dtype)?),
+                Mixer::Kda(_) | Mixer::Mla(_) => {
+                    return Err(Error::Unsupported {
+                        op: OP,
+                        msg: format!("layer {i}: KDA and MLA layers are not on the GPU yet"),
+                    })
+                }
+            };
+            let ffn = match &l.ffn {
+                Ffn::Dense(m) => m.to_cuda(dev, dtype)?,
+                Ffn::QwenMoe(_) | Ffn::KimiMoe(_) => {
+                    return Err(Error::Unsupported {
+                        op: OP,
+                        msg: format!("layer {i}: mixtures of experts are not on the GPU yet"),
+                    })
+                }
+            };
+            layers.push(BlockCuda { input_norm: vec_up(&l.input_norm)?, post_norm: vec_up(&l.post_norm)?, mixer, ffn });
+        }
+        let hidden = d.norm.len();
+        Ok(ModelCuda {
+            host: ModelHost { embed: d.embed.clone(), eps: d.eps, norm_offset: d.norm_offset, vocab: d.vocab, hidden },
+            layers,
+            norm: vec_up(&d.norm)?,
+            lm_head: CudaTensor::from_host(&d.lm_head.weight().to_dtype(dtype)?, dev)?,
+            dtype,
+            dev: dev.clone(),
+        })
+    }
+}
+
+impl ModelCuda {
+    /// An empty cache for `n` sequences.
+    pub fn new_cache(&self, n: usize) -> CacheCuda {
+        let count = |gdn: bool| self.layers.iter().filter(|l| matches!(l.mixer, MixerCuda::Gdn(_)) == gdn).count();
+        CacheCuda {
+            gdn: (0..count(true)).map(|_| GdnCacheCuda::default()).collect(),
+            attn: (0..count(false)).map(|_| KvCacheCuda::default()).collect(),
+            past: vec![0; n],
+        }
+    }
+
+    /// Runs `seqs[i]` (new tokens of sequence `i`, continuing its cache) and returns the final
+    /// hidden states `[tokens, hidden]` on the device, packed in order.
+    pub fn forward_hidden(&self, seqs: &[&[u32]], cache: &mut CacheCuda) -> Result<CudaTensor> {
+        if seqs.len() != cache.past.len() {
+            return Err(Error::Msg(format!("{} sequences for a cache of {}", seqs.len(), cache.past.len())));
+        }
+        let m = &self.host;
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let batch = Batch::new(&lens, &cache.past);
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let x = Tensor::from_vec(m.embed.forward(&ids)?, &[ids.len(), m.hidden])?.to_dtype(self.dtype)?;
+        let mut x = CudaTensor::from_host(&x, &self.dev)?;
+        let (mut gi, mut ai) = (0, 0);
+        for layer in &self.layers {
+            let h = rms_norm_cuda(&x, &layer.input_norm, m.eps, m.norm_offset, None)?;
+            let y = match &layer.mixer {
+                MixerCuda::Gdn(g) => {
+                    gi += 1;
+                    g.forward(&h, &batch, &mut cache.gdn[gi - 1])?
+                }
+                MixerCuda::Attention(a) => {
+                    ai += 1;
+                    a.forward(&h, &batch, &mut cache.attn[ai - 1])?
+                }
+            };
+            add_assign_cuda(&mut x, &y)?;
+            let h = rms_norm_cuda(&x, &layer.post_norm, m.eps, m.norm_offset, None)?;
+            add_assign_cuda(&mut x, &layer.ffn.forward(&h)?)?;
+        }
+        cache.past.iter_mut().zip(&lens).for_each(|(p, l)| *p += l);
+        rms_norm_cuda(&x, &self.norm, m.eps, m.norm_offset, None)
+    }
+
+    /// Logits `[rows, vocab]` of final hidden states, on the device.
+    pub fn logits(&self, hidden: &CudaTensor) -> Result<CudaTensor> {
+        cuda_blas::matmul(hidden, &self.lm_head, true)
+    }
+
+    /// Logits of every token of each sequence (one pass, fresh cache), copied to the host as
+    /// f32: `[Σ len, vocab]`.
+    pub fn forward_logits(&self, seqs: &[&[u32]]) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache(seqs.len());
+        let hidden = self.forward_hidden(seqs, &mut cache)?;
+        self.logits(&hidden)?.to_host()?.to_vec()
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.host.vocab
+    }
+}
+
+impl crate::generate::Backend for ModelCuda {
+    type Cache = CacheCuda;
+    fn new_cache(&self, n: usize) -> CacheCuda {
+        ModelCuda::new_cache(self, n)
+    }
+    /// The hidden states come to the host, the last row of each sequence goes back for the LM
+    /// head (a row gather on the device would save the round trip).
+    fn last_logits(&self, seqs: &[&[u32]], cache: &mut CacheCuda) -> Result<Vec<f32>> {
+        let hidden = self.forward_hidden(seqs, cache)?.to_host()?;
+        let h = self.host.hidden;
+        let data: Vec<f32> = hidden.to_vec()?;
+        let mut last = Vec::with_capacity(seqs.len() * h);
+        let mut end = 0;
+        for s in seqs {
+            end += s.len();
+            last.extend_from_slice(&data[(end - 1) * h..end * h]);
+        }
+        let last = CudaTensor::from_host(&Tensor::from_vec(last, &[seqs.len(), h])?.to_dtype(self.dtype)?, &self.dev)?;
+        self.logits(&last)?.to_host()?.to_vec()
+    }
+    fn vocab(&self) -> usize {
+        self.host.vocab
+    }
+}

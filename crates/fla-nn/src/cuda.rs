@@ -1,0 +1,474 @@
+//! GPU forms of the layer primitives (`fla-kernels/cuda/nn.cu`), each the twin of a CPU form:
+//! [`rms_norm_cuda`] of [`crate::ops::rms_norm`] / [`crate::ops::rms_norm_gated`],
+//! [`short_conv_cuda`] of [`crate::conv::ShortConv::forward`], [`silu_mul_cuda`] of the SwiGLU
+//! gate, [`copy_cols_cuda`] of a column slice. Activations f32, bf16 or f16 (outputs in their dtype, arithmetic in f32); weights and
+//! caches f32. The work is queued on the device's stream.
+use std::sync::Arc;
+
+use fla_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use fla_core::cuda::{CudaDevice, CudaTensor};
+use fla_core::{DType, Error, Result};
+
+use crate::ops::GateAct;
+
+/// Input dtype codes of `cuda/common/dtype.cuh`.
+fn dtype_code(op: &'static str, arg: &'static str, dt: DType) -> Result<i32> {
+    match dt {
+        DType::F32 => Ok(0),
+        DType::BF16 => Ok(1),
+        DType::F16 => Ok(2),
+        got => Err(Error::DType { op, arg, expected: "f32, bf16 or f16".into(), got }),
+    }
+}
+
+fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    let image = fla_kernels::cubin("nn").map_err(|msg| Error::NoCudaKernel { kernel: name.to_string(), msg })?;
+    dev.function("nn", image, name)
+}
+
+/// `t` on `like`'s device with `like`'s dtype (`dtype` false: any dtype) and, with `shape`, that
+/// shape.
+fn check_like(
+    op: &'static str,
+    arg: &'static str,
+    t: &CudaTensor,
+    like: &CudaTensor,
+    shape: Option<&[usize]>,
+    dtype: bool,
+) -> Result<()> {
+    if t.device() != like.device() {
+        return Err(Error::Device { op, arg, expected: like.device().to_string(), got: t.device().to_string() });
+    }
+    if dtype && t.dtype() != like.dtype() {
+        return Err(Error::DType { op, arg, expected: format!("{}", like.dtype()), got: t.dtype() });
+    }
+    if let Some(shape) = shape {
+        if t.shape() != shape {
+            return Err(Error::shape(op, arg, format!("{shape:?}"), t.shape()));
+        }
+    }
+    Ok(())
+}
+
+fn check_f32(op: &'static str, arg: &'static str, t: &CudaTensor) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::DType { op, arg, expected: "f32".into(), got: t.dtype() });
+    }
+    Ok(())
+}
+
+fn to_i32(op: &'static str, what: &str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::size(op, format!("{what} = {x} does not fit the kernel's 32-bit index")))
+}
+
+/// Launches `f` on `dev`'s stream with `params` as its only argument.
+///
+/// # Safety
+/// `params` must be the kernel's parameter struct, with addresses covering what the kernel
+/// indexes for this `cfg`, alive until the work is done in stream order.
+unsafe fn launch<P: DeviceRepr>(dev: &Arc<CudaDevice>, f: &CudaFunction, cfg: LaunchConfig, params: &P) -> Result<()> {
+    let mut l = dev.stream().launch_builder(f);
+    l.arg(params);
+    // SAFETY: the caller's contract.
+    unsafe { l.launch(cfg) }?;
+    Ok(())
+}
+
+fn blocks(op: &'static str, n: usize, per: usize) -> Result<u32> {
+    u32::try_from(n.div_ceil(per))
+        .ok()
+        .filter(|&b| b < i32::MAX as u32)
+        .ok_or_else(|| Error::size(op, format!("{n} elements are more than one launch takes")))
+}
+
+/// Mirror of `NormParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct NormParams {
+    x: u64,
+    w: u64,
+    z: u64,
+    y: u64,
+    dtype: i32,
+    rows: i32,
+    dim: i32,
+    gate: i32,
+    eps: f32,
+    offset: f32,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for NormParams {}
+
+/// RMSNorm of the last dimension of `x` on the GPU: `x·rsqrt(mean(x²) + eps)·(offset + w)`, then
+/// times `act(z)` with `gate = Some((z, act))` (`z` of `x`'s shape and dtype). `w [dim]` f32.
+pub fn rms_norm_cuda(
+    x: &CudaTensor,
+    w: &CudaTensor,
+    eps: f32,
+    offset: f32,
+    gate: Option<(&CudaTensor, GateAct)>,
+) -> Result<CudaTensor> {
+    const OP: &str = "rms_norm_cuda";
+    let dim = *x.shape().last().ok_or_else(|| Error::shape(OP, "x", "at least one dimension", x.shape()))?;
+    check_f32(OP, "w", w)?;
+    check_like(OP, "w", w, x, Some(&[dim]), false)?;
+    if let Some((z, _)) = gate {
+        check_like(OP, "z", z, x, Some(x.shape()), true)?;
+    }
+    let rows = x.elem_count().checked_div(dim).unwrap_or(0);
+    let dev = x.cuda_device().clone();
+    // SAFETY: every element of y is written by the kernel (a CTA per row, every column).
+    let mut y = unsafe { CudaTensor::uninit(x.shape(), x.dtype(), &dev)? };
+    let params = NormParams {
+        x: x.raw_addr(),
+        w: w.raw_addr(),
+        z: gate.map_or(0, |(z, _)| z.raw_addr()),
+        y: y.raw_addr_mut(),
+        dtype: dtype_code(OP, "x", x.dtype())?,
+        rows: to_i32(OP, "rows", rows)?,
+        dim: to_i32(OP, "dim", dim)?,
+        gate: match gate {
+            None => 0,
+            Some((_, GateAct::Silu)) => 1,
+            Some((_, GateAct::Sigmoid)) => 2,
+        },
+        eps,
+        offset,
+    };
+    if rows > 0 {
+        let f = function(&dev, "nn_rms_norm")?;
+        let cfg = LaunchConfig { grid_dim: (blocks(OP, rows, 1)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: NormParams mirrors the kernel's argument; x, z, y hold rows·dim elements of
+        // the dtype named by `dtype`, w dim f32 values (all checked above).
+        unsafe { launch(&dev, &f, cfg, &params) }?;
+    }
+    Ok(y)
+}
+
+/// Mirror of `ConvParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ConvParams {
+    x: u64,
+    weight: u64,
+    state: u64,
+    y: u64,
+    state_out: u64,
+    cu_seqlens: u64,
+    seq_of: u64,
+    dtype: i32,
+    tokens: i32,
+    n: i32,
+    c: i32,
+    w: i32,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for ConvParams {}
+
+/// The depthwise causal short convolution with SiLU on the GPU, over a packed batch: `x
+/// [tokens, C]`, `weight [C, W]` f32, `state [N, C, W]` f32 (the last `W` inputs of each
+/// sequence, oldest first: zeros for a new one), `cu_seqlens [N + 1]`. Returns `silu(conv(x))`
+/// in `x`'s dtype and the new cache.
+pub fn short_conv_cuda(
+    x: &CudaTensor,
+    weight: &CudaTensor,
+    state: &CudaTensor,
+    cu_seqlens: &[usize],
+) -> Result<(CudaTensor, CudaTensor)> {
+    const OP: &str = "short_conv_cuda";
+    let &[tokens, c] = x.shape() else {
+        return Err(Error::shape(OP, "x", "[tokens, channels]", x.shape()));
+    };
+    check_f32(OP, "weight", weight)?;
+    check_like(OP, "weight", weight, x, None, false)?;
+    let &[wc, w] = weight.shape() else {
+        return Err(Error::shape(OP, "weight", format!("[channels = {c}, kernel]"), weight.shape()));
+    };
+    if wc != c || w == 0 {
+        return Err(Error::shape(OP, "weight", format!("[channels = {c}, kernel ≥ 1]"), weight.shape()));
+    }
+    let seqs = fla_ops::check_cu_seqlens(OP, cu_seqlens, tokens)?;
+    let n = seqs.len();
+    check_f32(OP, "state", state)?;
+    check_like(OP, "state", state, x, Some(&[n, c, w]), false)?;
+    let dev = x.cuda_device().clone();
+    let cu: Vec<i32> = cu_seqlens.iter().map(|&v| to_i32(OP, "cu_seqlens entry", v)).collect::<Result<_>>()?;
+    let mut seq_of = vec![0i32; tokens];
+    for (i, r) in seqs.iter().enumerate() {
+        seq_of[r.clone()].iter_mut().for_each(|s| *s = i as i32);
+    }
+    let table = dev.stream().clone_htod(&[&cu[..], &seq_of[..]].concat())?;
+    let table_addr = {
+        use fla_core::cuda::cudarc::driver::DevicePtr;
+        table.device_ptr(dev.stream()).0
+    };
+    // SAFETY: the kernels write every element of y (a thread per (token, channel)) and of the
+    // new state (a thread per (sequence, channel, tap)).
+    let mut y = unsafe { CudaTensor::uninit(x.shape(), x.dtype(), &dev)? };
+    let mut state_out = unsafe { CudaTensor::uninit(&[n, c, w], DType::F32, &dev)? };
+    let params = ConvParams {
+        x: x.raw_addr(),
+        weight: weight.raw_addr(),
+        state: state.raw_addr(),
+        y: y.raw_addr_mut(),
+        state_out: state_out.raw_addr_mut(),
+        cu_seqlens: table_addr,
+        seq_of: table_addr + 4 * cu.len() as u64,
+        dtype: dtype_code(OP, "x", x.dtype())?,
+        tokens: to_i32(OP, "tokens", tokens)?,
+        n: to_i32(OP, "N", n)?,
+        c: to_i32(OP, "channels", c)?,
+        w: to_i32(OP, "kernel", w)?,
+    };
+    to_i32(OP, "tokens·channels", tokens * c)?;
+    to_i32(OP, "N·channels·kernel", n * c * w)?;
+    // SAFETY (both launches): ConvParams mirrors the kernels' argument; x, y hold tokens·C
+    // elements of the dtype named by `dtype`; weight C·W, state and state_out N·C·W f32 values;
+    // the table holds N + 1 offsets (checked: 0 first, tokens last, non-decreasing) and a
+    // sequence index < N per token; the table lives until after the launches in stream order.
+    if tokens * c > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, tokens * c, 256)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch(&dev, &function(&dev, "nn_short_conv")?, cfg, &params) }?;
+    }
+    if n * c * w > 0 {
+        let cfg =
+            LaunchConfig { grid_dim: (blocks(OP, n * c * w, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { launch(&dev, &function(&dev, "nn_short_conv_state")?, cfg, &params) }?;
+    }
+    drop(table);
+    Ok((y, state_out))
+}
+
+/// Mirror of `GluParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct GluParams {
+    a: u64,
+    b: u64,
+    y: u64,
+    dtype: i32,
+    n: i64,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for GluParams {}
+
+/// `silu(a)·b` elementwise on the GPU (the SwiGLU MLP's gate); `b` of `a`'s shape and dtype.
+pub fn silu_mul_cuda(a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+    const OP: &str = "silu_mul_cuda";
+    check_like(OP, "b", b, a, Some(a.shape()), true)?;
+    let dev = a.cuda_device().clone();
+    // SAFETY: a thread per element writes y.
+    let mut y = unsafe { CudaTensor::uninit(a.shape(), a.dtype(), &dev)? };
+    let n = a.elem_count();
+    let params = GluParams {
+        a: a.raw_addr(),
+        b: b.raw_addr(),
+        y: y.raw_addr_mut(),
+        dtype: dtype_code(OP, "a", a.dtype())?,
+        n: n as i64,
+    };
+    if n > 0 {
+        let cfg = LaunchConfig { grid_dim: (blocks(OP, n, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: GluParams mirrors the kernel's argument; a, b, y hold n elements of `dtype`.
+        unsafe { launch(&dev, &function(&dev, "nn_silu_mul")?, cfg, &params) }?;
+    }
+    Ok(y)
+}
+
+/// `a += b` on the GPU (the residual stream); `b` of `a`'s shape and dtype.
+pub fn add_assign_cuda(a: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
+    const OP: &str = "add_assign_cuda";
+    check_like(OP, "b", b, a, Some(a.shape()), true)?;
+    let dev = a.cuda_device().clone();
+    let n = a.elem_count();
+    let y = a.raw_addr_mut();
+    let params = GluParams { a: y, b: b.raw_addr(), y, dtype: dtype_code(OP, "a", a.dtype())?, n: n as i64 };
+    if n > 0 {
+        let cfg = LaunchConfig { grid_dim: (blocks(OP, n, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: GluParams mirrors the kernel's argument; a and b hold n elements of `dtype`;
+        // each thread reads and writes only its own element of a.
+        unsafe { launch(&dev, &function(&dev, "nn_add")?, cfg, &params) }?;
+    }
+    Ok(())
+}
+
+/// Mirror of `ColsParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ColsParams {
+    x: u64,
+    y: u64,
+    dtype: i32,
+    rows: i32,
+    cols: i32,
+    start: i32,
+    len: i32,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for ColsParams {}
+
+/// Columns `start .. start + len` of `x [rows, cols]` as a contiguous `[rows, len]` tensor (q, k
+/// and v out of the short convolution's output).
+pub fn copy_cols_cuda(x: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
+    const OP: &str = "copy_cols_cuda";
+    let &[rows, cols] = x.shape() else {
+        return Err(Error::shape(OP, "x", "[rows, cols]", x.shape()));
+    };
+    if start + len > cols {
+        return Err(Error::size(OP, format!("columns {start}..{} of {cols}", start + len)));
+    }
+    let dev = x.cuda_device().clone();
+    // SAFETY: a thread per element writes y.
+    let mut y = unsafe { CudaTensor::uninit(&[rows, len], x.dtype(), &dev)? };
+    to_i32(OP, "rows·cols", rows * cols)?;
+    let params = ColsParams {
+        x: x.raw_addr(),
+        y: y.raw_addr_mut(),
+        dtype: dtype_code(OP, "x", x.dtype())?,
+        rows: to_i32(OP, "rows", rows)?,
+        cols: to_i32(OP, "cols", cols)?,
+        start: to_i32(OP, "start", start)?,
+        len: to_i32(OP, "len", len)?,
+    };
+    if rows * len > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, rows * len, 256)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: ColsParams mirrors the kernel's argument; x holds rows·cols and y rows·len
+        // elements of `dtype`, and start + len <= cols (checked).
+        unsafe { launch(&dev, &function(&dev, "nn_copy_cols")?, cfg, &params) }?;
+    }
+    Ok(y)
+}
+
+/// Mirror of `AttnParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AttnParams {
+    pub qg: u64,
+    pub kn: u64,
+    pub vn: u64,
+    pub q_norm: u64,
+    pub k_norm: u64,
+    pub inv_freq: u64,
+    pub q: u64,
+    pub kc: u64,
+    pub vc: u64,
+    pub o: u64,
+    pub seq_of: u64,
+    pub pos: u64,
+    pub dtype: i32,
+    pub tokens: i32,
+    pub h: i32,
+    pub kvh: i32,
+    pub hd: i32,
+    pub per: i32,
+    pub rot: i32,
+    pub cap: i32,
+    pub gate: i32,
+    pub eps: f32,
+    pub scale: f32,
+}
+// SAFETY: plain old data in the C layout the kernels read.
+unsafe impl DeviceRepr for AttnParams {}
+
+/// Runs `nn_attn_prep` (q / k norm and RoPE, k and v into the caches) and then `nn_attention`
+/// (causal softmax attention over each token's cached context, gated) with `params`, for
+/// `tokens` tokens; `cap` cache rows bound the scores' shared memory.
+///
+/// # Safety
+/// Every address in `params` must cover what the kernels index for its sizes (qg [tokens, H,
+/// per], kn / vn [tokens, KVH, hd], the norms [hd] and inv_freq [rot / 2] f32, q and o [tokens,
+/// H, hd], the caches [N, cap, KVH, hd], seq_of / pos [tokens] with pos < cap and seq_of < N),
+/// hd ≤ 512, and the buffers must live until the work is done in stream order.
+pub(crate) unsafe fn attention_launch(dev: &Arc<CudaDevice>, params: &AttnParams) -> Result<()> {
+    use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
+    let (tokens, h, kvh) = (params.tokens as u32, params.h as u32, params.kvh as u32);
+    if tokens == 0 {
+        return Ok(());
+    }
+    let prep = function(dev, "nn_attn_prep")?;
+    let cfg = LaunchConfig { grid_dim: (tokens, h + kvh, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the caller's contract.
+    unsafe { launch(dev, &prep, cfg, params) }?;
+    let attn = function(dev, "nn_attention")?;
+    let smem = 4 * params.cap as u32;
+    attn.set_attribute(MAX_DYN_SMEM, smem as i32)?;
+    let cfg = LaunchConfig { grid_dim: (tokens, h, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
+    // SAFETY: the caller's contract; the scores take pos + 1 <= cap floats.
+    unsafe { launch(dev, &attn, cfg, params) }
+}
+
+/// Mirror of `PoolParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct PoolParams {
+    src: u64,
+    dst: u64,
+    dtype: i32,
+    n: i32,
+    cap_old: i32,
+    cap_new: i32,
+    width: i32,
+    rows: i32,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for PoolParams {}
+
+/// A cache pool `[N, cap_old, width…]` grown to `cap_new` rows per sequence, the first `rows`
+/// rows of each copied (the rest zero).
+pub(crate) fn grow_pool(old: &CudaTensor, cap_new: usize, rows: usize) -> Result<CudaTensor> {
+    const OP: &str = "grow_pool";
+    let (n, cap_old) = (old.shape()[0], old.shape()[1]);
+    let width: usize = old.shape()[2..].iter().product();
+    let mut shape = old.shape().to_vec();
+    shape[1] = cap_new;
+    let dev = old.cuda_device().clone();
+    let mut new = CudaTensor::zeros(&shape, old.dtype(), &dev)?;
+    if rows > cap_old.min(cap_new) {
+        return Err(Error::size(OP, format!("{rows} rows of a pool of {cap_old} into {cap_new}")));
+    }
+    to_i32(OP, "N·cap·width", n * cap_new.max(cap_old) * width)?;
+    let params = PoolParams {
+        src: old.raw_addr(),
+        dst: new.raw_addr_mut(),
+        dtype: dtype_code(OP, "pool", old.dtype())?,
+        n: to_i32(OP, "N", n)?,
+        cap_old: to_i32(OP, "cap", cap_old)?,
+        cap_new: to_i32(OP, "cap", cap_new)?,
+        width: to_i32(OP, "width", width)?,
+        rows: to_i32(OP, "rows", rows)?,
+    };
+    if n * rows * width > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, n * rows * width, 256)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: PoolParams mirrors the kernel's argument; src holds N·cap_old·width and dst
+        // N·cap_new·width elements of `dtype`, rows <= both capacities (checked).
+        unsafe { launch(&dev, &function(&dev, "nn_copy_pool")?, cfg, &params) }?;
+    }
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_match_the_kernel_structs() {
+        assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 6 * 4);
+        assert_eq!(std::mem::size_of::<ConvParams>(), 7 * 8 + 5 * 4 + 4);
+        assert_eq!(std::mem::size_of::<GluParams>(), 3 * 8 + 8 + 8);
+        assert_eq!(std::mem::size_of::<ColsParams>(), 2 * 8 + 5 * 4 + 4);
+        assert_eq!(std::mem::size_of::<AttnParams>(), 12 * 8 + 11 * 4 + 4);
+        assert_eq!(std::mem::size_of::<PoolParams>(), 2 * 8 + 6 * 4);
+    }
+}

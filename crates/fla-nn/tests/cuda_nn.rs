@@ -1,0 +1,319 @@
+//! The GPU layer primitives (`fla_nn::cuda`) against their CPU twins on random inputs: RMSNorm
+//! (plain, 1 + w, gated by SiLU and sigmoid), the short convolution over a varlen batch with a
+//! cache (a sequence of one token, an empty one), SiLU(a)·b; f32 and bf16 activations; the typed
+//! errors. Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
+use std::sync::Arc;
+
+use fla_core::cuda::{self, CudaDevice, CudaTensor};
+use fla_core::{DType, Error, Tensor};
+use fla_nn::conv::{ConvState, ShortConv};
+use fla_nn::cuda::{rms_norm_cuda, short_conv_cuda, silu_mul_cuda};
+use fla_nn::ops::{rms_norm, rms_norm_gated, silu, GateAct};
+use fla_nn::Batch;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
+    if !cuda::is_available() {
+        eprintln!("{test}: skipped: no CUDA device");
+        return None;
+    }
+    if !fla_kernels::compiled() {
+        eprintln!("{test}: skipped: {}", fla_kernels::NOT_COMPILED);
+        return None;
+    }
+    Some(CudaDevice::get(0).expect("a device is present"))
+}
+
+fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * scale).collect()
+}
+
+/// `v` rounded to `dtype` and back (the CPU twin's input when the GPU gets `dtype`).
+fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
+    Tensor::from_vec(v.to_vec(), &[v.len()]).unwrap().to_dtype(dtype).unwrap().to_vec::<f32>().unwrap()
+}
+
+fn up(v: &[f32], shape: &[usize], dtype: DType, dev: &Arc<CudaDevice>) -> CudaTensor {
+    let t = Tensor::from_vec(v.to_vec(), shape).unwrap().to_dtype(dtype).unwrap();
+    CudaTensor::from_host(&t, dev).unwrap()
+}
+
+fn down(t: &CudaTensor) -> Vec<f32> {
+    t.to_host().unwrap().to_vec::<f32>().unwrap()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
+#[test]
+fn rms_norm_vs_cpu() {
+    let Some(dev) = gpu("rms_norm_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(11);
+    for dtype in [DType::F32, DType::BF16] {
+        for (rows, dim) in [(37, 1024), (5, 100), (1, 2048)] {
+            let x = rounded(&random(&mut rng, rows * dim, 2.0), dtype);
+            let z = rounded(&random(&mut rng, rows * dim, 3.0), dtype);
+            let w = random(&mut rng, dim, 1.0);
+            let (xg, zg, wg) = (
+                up(&x, &[rows, dim], dtype, &dev),
+                up(&z, &[rows, dim], dtype, &dev),
+                up(&w, &[dim], DType::F32, &dev),
+            );
+            for offset in [0.0, 1.0] {
+                let mut want = x.clone();
+                rms_norm(&mut want, &w, 1e-6, offset);
+                let got = down(&rms_norm_cuda(&xg, &wg, 1e-6, offset, None).unwrap());
+                let e = rel_err(&got, &want);
+                assert!(e < tol(dtype), "{dtype} [{rows}, {dim}] offset {offset}: rel err {e:.2e}");
+            }
+            for act in [GateAct::Silu, GateAct::Sigmoid] {
+                let mut want = x.clone();
+                rms_norm_gated(&mut want, &z, &w, 1e-6, act);
+                let got = down(&rms_norm_cuda(&xg, &wg, 1e-6, 0.0, Some((&zg, act))).unwrap());
+                let e = rel_err(&got, &want);
+                assert!(e < tol(dtype), "{dtype} [{rows}, {dim}] gated {act:?}: rel err {e:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn short_conv_vs_cpu() {
+    let Some(dev) = gpu("short_conv_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(12);
+    let (c, w) = (96, 4);
+    let lens = [1, 4, 0, 25, 3];
+    let past = [3, 0, 5, 7, 1];
+    let batch = Batch::new(&lens, &past);
+    let tokens = batch.tokens();
+    let cu = batch.cu_seqlens();
+    let weight = random(&mut rng, c * w, 0.7);
+    let conv = ShortConv::from_weight(weight.clone(), c, w).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = rounded(&random(&mut rng, tokens * c, 1.5), dtype);
+        let state0 = random(&mut rng, lens.len() * c * w, 1.0);
+        let mut state = ConvState { data: state0.clone() };
+        let want = conv.forward(&x, &batch, &mut state);
+        let (y, st) = short_conv_cuda(
+            &up(&x, &[tokens, c], dtype, &dev),
+            &up(&weight, &[c, w], DType::F32, &dev),
+            &up(&state0, &[lens.len(), c, w], DType::F32, &dev),
+            &cu,
+        )
+        .unwrap();
+        let e = rel_err(&down(&y), &want);
+        assert!(e < tol(dtype), "{dtype} y: rel err {e:.2e}");
+        // The cache holds inputs as given (rounded to the dtype): exact.
+        assert_eq!(down(&st), state.data, "{dtype} new cache");
+    }
+}
+
+#[test]
+fn silu_mul_vs_cpu() {
+    let Some(dev) = gpu("silu_mul_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(13);
+    for dtype in [DType::F32, DType::BF16] {
+        let n = 3 * 3584 + 5;
+        let (a, b) = (rounded(&random(&mut rng, n, 4.0), dtype), rounded(&random(&mut rng, n, 2.0), dtype));
+        let want: Vec<f32> = a.iter().zip(&b).map(|(&a, &b)| silu(a) * b).collect();
+        let got = down(&silu_mul_cuda(&up(&a, &[n], dtype, &dev), &up(&b, &[n], dtype, &dev)).unwrap());
+        let e = rel_err(&got, &want);
+        assert!(e < tol(dtype), "{dtype}: rel err {e:.2e}");
+    }
+}
+
+#[test]
+fn bad_arguments_are_typed_errors() {
+    let Some(dev) = gpu("bad_arguments_are_typed_errors") else { return };
+    let z = |shape: &[usize], dt: DType| CudaTensor::zeros(shape, dt, &dev).unwrap();
+    let x = z(&[4, 8], DType::BF16);
+    assert!(matches!(rms_norm_cuda(&x, &z(&[7], DType::F32), 1e-6, 0.0, None), Err(Error::Shape { arg: "w", .. })));
+    assert!(matches!(rms_norm_cuda(&x, &z(&[8], DType::BF16), 1e-6, 0.0, None), Err(Error::DType { arg: "w", .. })));
+    let gate = z(&[4, 8], DType::F32);
+    assert!(matches!(
+        rms_norm_cuda(&x, &z(&[8], DType::F32), 1e-6, 0.0, Some((&gate, GateAct::Silu))),
+        Err(Error::DType { arg: "z", .. })
+    ));
+    let (wt, st) = (z(&[8, 4], DType::F32), z(&[2, 8, 4], DType::F32));
+    assert!(matches!(short_conv_cuda(&x, &wt, &st, &[0, 1, 3]), Err(Error::CuSeqlens { .. })));
+    assert!(matches!(
+        short_conv_cuda(&x, &wt, &z(&[3, 8, 4], DType::F32), &[0, 1, 4]),
+        Err(Error::Shape { arg: "state", .. })
+    ));
+    assert!(matches!(
+        short_conv_cuda(&x, &z(&[8, 4], DType::BF16), &st, &[0, 1, 4]),
+        Err(Error::DType { arg: "weight", .. })
+    ));
+    assert!(matches!(silu_mul_cuda(&x, &z(&[4, 9], DType::BF16)), Err(Error::Shape { arg: "b", .. })));
+}
+
+/// Random weights of a Gated DeltaNet layer in `layout`, each value representable in bf16 (so a
+/// bf16 upload loses nothing).
+fn gdn_weights(
+    rng: &mut StdRng,
+    cfg: &fla_nn::gated_deltanet::GatedDeltaNetConfig,
+    layout: fla_nn::gated_deltanet::ProjLayout,
+) -> std::collections::HashMap<String, Tensor> {
+    let (h, hv) = (cfg.hidden, cfg.value_heads);
+    let (kt, vt) = (cfg.key_heads * cfg.key_dim, hv * cfg.value_dim);
+    let cd = 2 * kt + vt;
+    let mut m = std::collections::HashMap::new();
+    let mut put = |name: &str, shape: &[usize], scale: f32| {
+        let n = shape.iter().product();
+        let v = rounded(&random(rng, n, scale), DType::BF16);
+        m.insert(name.to_string(), Tensor::from_vec(v, shape).unwrap());
+    };
+    let s = 1.0 / (h as f32).sqrt();
+    match layout {
+        fla_nn::gated_deltanet::ProjLayout::Split => {
+            put("in_proj_qkv.weight", &[cd, h], s);
+            put("in_proj_z.weight", &[vt, h], s);
+            put("in_proj_b.weight", &[hv, h], s);
+            put("in_proj_a.weight", &[hv, h], s);
+        }
+        fla_nn::gated_deltanet::ProjLayout::Interleaved => {
+            put("in_proj_qkvz.weight", &[2 * kt + 2 * vt, h], s);
+            put("in_proj_ba.weight", &[2 * hv, h], s);
+        }
+    }
+    put("conv1d.weight", &[cd, 1, cfg.conv_kernel], 0.5);
+    put("A_log", &[hv], 1.0);
+    put("dt_bias", &[hv], 1.0);
+    put("norm.weight", &[cfg.value_dim], 1.0);
+    put("out_proj.weight", &[h, vt], 1.0 / (vt as f32).sqrt());
+    m
+}
+
+/// The GPU Gated DeltaNet layer against its CPU twin: a varlen prefill of three prompts (one of
+/// a single token), then two decode steps, through both projection layouts; f32 (the f32 chunk
+/// path, K = 32) and bf16 (tensor cores, K = V = 64).
+#[test]
+fn gated_deltanet_layer_vs_cpu() {
+    use fla_nn::gated_deltanet::{GatedDeltaNet, GatedDeltaNetConfig, GdnCache, GdnCacheCuda, ProjLayout};
+    let Some(dev) = gpu("gated_deltanet_layer_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(14);
+    for (dtype, dk, dv) in [(DType::F32, 32, 48), (DType::BF16, 64, 64)] {
+        for layout in [ProjLayout::Split, ProjLayout::Interleaved] {
+            let cfg = GatedDeltaNetConfig {
+                hidden: 96,
+                key_heads: 2,
+                value_heads: 4,
+                key_dim: dk,
+                value_dim: dv,
+                conv_kernel: 4,
+                eps: 1e-6,
+                layout,
+            };
+            let vb = fla_nn::VarBuilder::from_tensors(gdn_weights(&mut rng, &cfg, layout));
+            let cpu = GatedDeltaNet::load(&cfg, &vb).unwrap();
+            let gpu_layer = cpu.to_cuda(&dev, dtype).unwrap();
+            let (mut cc, mut gc) = (GdnCache::default(), GdnCacheCuda::default());
+            let lens = [[70, 1, 130], [1, 1, 1], [1, 1, 1]];
+            let mut past = [0usize; 3];
+            for (step, lens) in lens.iter().enumerate() {
+                let batch = Batch::new(lens, &past);
+                let x = rounded(&random(&mut rng, batch.tokens() * cfg.hidden, 1.0), dtype);
+                let want = cpu.forward(&x, &batch, &mut cc).unwrap();
+                let got = down(
+                    &gpu_layer.forward(&up(&x, &[batch.tokens(), cfg.hidden], dtype, &dev), &batch, &mut gc).unwrap(),
+                );
+                let e = rel_err(&got, &want);
+                let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+                assert!(e < tol, "{dtype} {layout:?} step {step}: rel err {e:.2e}");
+                past.iter_mut().zip(lens).for_each(|(p, l)| *p += l);
+            }
+        }
+    }
+}
+
+/// The GPU SwiGLU MLP against its CPU twin, f32 and bf16.
+#[test]
+fn mlp_vs_cpu() {
+    let Some(dev) = gpu("mlp_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(15);
+    let (h, f, tokens) = (96, 352, 37);
+    let w = |rng: &mut StdRng, r: usize, c: usize| {
+        Tensor::from_vec(rounded(&random(rng, r * c, 1.0 / (c as f32).sqrt()), DType::BF16), &[r, c]).unwrap()
+    };
+    let mlp = fla_nn::mlp::Mlp::from_parts(
+        fla_nn::Linear::new(w(&mut rng, f, h), None).unwrap(),
+        fla_nn::Linear::new(w(&mut rng, f, h), None).unwrap(),
+        fla_nn::Linear::new(w(&mut rng, h, f), None).unwrap(),
+    );
+    for dtype in [DType::F32, DType::BF16] {
+        let x = rounded(&random(&mut rng, tokens * h, 1.0), dtype);
+        let want = mlp.forward(&x).unwrap();
+        let got = down(&mlp.to_cuda(&dev, dtype).unwrap().forward(&up(&x, &[tokens, h], dtype, &dev)).unwrap());
+        let e = rel_err(&got, &want);
+        assert!(e < if dtype == DType::F32 { 1e-5 } else { 2e-2 }, "{dtype}: rel err {e:.2e}");
+    }
+}
+
+/// The GPU gated attention layer against its CPU twin: a varlen prefill of three prompts (one of
+/// a single token), a second prefill chunk that grows the cache past its first 64 rows, then a
+/// decode step; GQA, partial RoPE, the output gate; f32 and bf16.
+#[test]
+fn gated_attention_vs_cpu() {
+    use fla_nn::attention::{AttentionConfig, GatedAttention, KvCache, KvCacheCuda};
+    let Some(dev) = gpu("gated_attention_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(16);
+    let cfg = AttentionConfig {
+        hidden: 64,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+        rope_dim: 16,
+        rope_theta: 10000.0,
+        eps: 1e-6,
+        output_gate: true,
+    };
+    let mut w = |r: usize, c: usize, s: f32| {
+        Tensor::from_vec(rounded(&random(&mut rng, r * c, s), DType::BF16), &[r, c]).unwrap()
+    };
+    let m = std::collections::HashMap::from([
+        ("q_proj.weight".to_string(), w(4 * 32 * 2, 64, 0.15)),
+        ("k_proj.weight".to_string(), w(2 * 32, 64, 0.15)),
+        ("v_proj.weight".to_string(), w(2 * 32, 64, 0.15)),
+        ("o_proj.weight".to_string(), w(64, 4 * 32, 0.1)),
+        (
+            "q_norm.weight".to_string(),
+            Tensor::from_vec(rounded(&random(&mut rng, 32, 0.2), DType::BF16), &[32]).unwrap(),
+        ),
+        (
+            "k_norm.weight".to_string(),
+            Tensor::from_vec(rounded(&random(&mut rng, 32, 0.2), DType::BF16), &[32]).unwrap(),
+        ),
+    ]);
+    let cpu = GatedAttention::load(&cfg, &fla_nn::VarBuilder::from_tensors(m)).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let layer = cpu.to_cuda(&dev, dtype).unwrap();
+        let (mut cc, mut gc) = (KvCache::default(), KvCacheCuda::default());
+        let mut past = [0usize; 3];
+        for (step, lens) in [[5, 1, 40], [1, 2, 30], [1, 1, 1]].iter().enumerate() {
+            let batch = Batch::new(lens, &past);
+            let x = rounded(&random(&mut rng, batch.tokens() * cfg.hidden, 1.0), dtype);
+            let want = cpu.forward(&x, &batch, &mut cc).unwrap();
+            let got =
+                down(&layer.forward(&up(&x, &[batch.tokens(), cfg.hidden], dtype, &dev), &batch, &mut gc).unwrap());
+            let e = rel_err(&got, &want);
+            let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+            assert!(e < tol, "{dtype} step {step}: rel err {e:.2e}");
+            past.iter_mut().zip(lens).for_each(|(p, l)| *p += l);
+        }
+    }
+}
