@@ -166,20 +166,18 @@ impl crate::generate::Backend for ModelCuda {
     fn new_cache(&self, n: usize) -> CacheCuda {
         ModelCuda::new_cache(self, n)
     }
-    /// The hidden states come to the host, the last row of each sequence goes back for the LM
-    /// head (a row gather on the device would save the round trip).
+    /// The last row of each sequence is gathered on the device for the LM head; only the
+    /// `[n, vocab]` logits come to the host.
     fn last_logits(&self, seqs: &[&[u32]], cache: &mut CacheCuda) -> Result<Vec<f32>> {
-        let hidden = self.forward_hidden(seqs, cache)?.to_host()?;
-        let h = self.host.hidden;
-        let data: Vec<f32> = hidden.to_vec()?;
-        let mut last = Vec::with_capacity(seqs.len() * h);
-        let mut end = 0;
-        for s in seqs {
-            end += s.len();
-            last.extend_from_slice(&data[(end - 1) * h..end * h]);
-        }
-        let last = CudaTensor::from_host(&Tensor::from_vec(last, &[seqs.len(), h])?.to_dtype(self.dtype)?, &self.dev)?;
-        self.logits(&last)?.to_host()?.to_vec()
+        let hidden = self.forward_hidden(seqs, cache)?;
+        let last: Vec<usize> = seqs
+            .iter()
+            .scan(0, |end, s| {
+                *end += s.len();
+                Some(*end - 1)
+            })
+            .collect();
+        self.logits(&hidden.select_rows(&last)?)?.to_host()?.to_vec()
     }
     fn vocab(&self) -> usize {
         self.host.vocab

@@ -112,7 +112,8 @@ impl Backend for Model {
     fn last_logits(&self, seqs: &[&[u32]], cache: &mut crate::Cache) -> Result<Vec<f32>> {
         let (hidden, batch) = self.forward_hidden(seqs, cache)?;
         let h = hidden.len() / batch.tokens().max(1);
-        let last: Vec<f32> = batch.seqs.iter().flat_map(|r| hidden[(r.end - 1) * h..r.end * h].iter().copied()).collect();
+        let last: Vec<f32> =
+            batch.seqs.iter().flat_map(|r| hidden[(r.end - 1) * h..r.end * h].iter().copied()).collect();
         self.logits(&last)
     }
     fn vocab(&self) -> usize {

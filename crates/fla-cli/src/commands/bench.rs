@@ -24,7 +24,7 @@ pub struct Args {
     /// Run only these op rows, comma-separated (`chunk_fwd,decode`); the ceilings always run.
     #[arg(long)]
     only: Option<String>,
-    /// `ops`: the device to measure (`cuda`: the GPU decode step next to the HBM copy ceiling).
+    /// The device to measure (`cuda`: GPU 0, next to the HBM copy ceiling).
     #[arg(long, value_enum, default_value_t = super::bench_cuda::BenchDevice::Cpu)]
     device: super::bench_cuda::BenchDevice,
     /// `model`: prompt tokens of the prefill row.
@@ -290,6 +290,9 @@ pub fn run(args: Args) -> Result<i32> {
             super::bench_cuda::rows(args.seconds, args.only.as_deref())?
         }
         "ops" => rows(args.seconds, args.only.as_deref())?,
+        "model" if args.device == super::bench_cuda::BenchDevice::Cuda => {
+            super::bench_model::rows_cuda(args.seconds, args.prompt_tokens, args.decode_tokens)?
+        }
         "model" => super::bench_model::rows(args.seconds, args.prompt_tokens, args.decode_tokens)?,
         other => bail!("unknown benchmark `{other}` (expected `ops` or `model`)"),
     };

@@ -80,7 +80,8 @@ fn random(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor {
     Tensor::from_vec(data, shape).expect("shape matches")
 }
 
-fn hbm_ceiling(dev: &Arc<CudaDevice>, seconds: f64) -> Result<Row> {
+/// The HBM ceiling row: a 1 GiB device-to-device copy, bytes read + written per second.
+pub(crate) fn hbm_ceiling(dev: &Arc<CudaDevice>, seconds: f64) -> Result<Row> {
     let bytes = 1usize << 30;
     let src = CudaTensor::from_host(&random(&[bytes / 4], 11, -1.0, 1.0), dev)?;
     let mut dst = CudaTensor::zeros(&[bytes / 4], DType::F32, dev)?;

@@ -1,12 +1,15 @@
 //! `fla bench model`: prefill and decode of a Qwen3.5-0.8B-shaped model with random bf16 weights
 //! (24 layers: 18 Gated DeltaNet + 6 gated attention; hidden 1024; FFN 3584; 8 query / 2 KV
 //! heads of 256; 16 key and 16 value linear heads of 128; vocab 248320; tied embeddings), next
-//! to the memory read bandwidth measured in the same run.
+//! to the memory read bandwidth measured in the same run; with `--device cuda`, the same model in
+//! bf16 on GPU 0 next to the HBM copy rate measured in the same run.
 use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::Result;
-use fla_core::Tensor;
+use fla_core::cuda::CudaDevice;
+use fla_core::{DType, Tensor};
+use fla_models::generate::Backend;
 use fla_models::qwen::{Qwen, QwenConfig};
 use fla_models::Model;
 use fla_nn::VarBuilder;
@@ -103,14 +106,92 @@ fn read_ceiling(seconds: f64) -> Row {
     }
 }
 
-/// Prefill and decode rows.
-pub fn rows(seconds: f64, prompt_tokens: usize, decode_tokens: usize) -> Result<Vec<Row>> {
-    let read = read_ceiling(seconds);
+/// The random bf16 model.
+fn model() -> Result<Model> {
     let t = Instant::now();
     let cfg = QwenConfig::from_json(&config())?;
     let model = Model::from_decoder(Qwen::load(&cfg, &VarBuilder::from_tensors(weights()))?, "qwen3_5_text");
     eprintln!("built the random bf16 model in {:.1} s", t.elapsed().as_secs_f64());
-    let prompt: Vec<u32> = (0..prompt_tokens as u32).map(|i| (i * 7919) % 248320).collect();
+    Ok(model)
+}
+
+fn prompt(tokens: usize) -> Vec<u32> {
+    (0..tokens as u32).map(|i| (i * 7919) % 248320).collect()
+}
+
+fn prefill_row(prompt_tokens: usize, ms: f64, note: &str) -> Row {
+    Row {
+        name: "prefill".into(),
+        shape: format!("{prompt_tokens} tokens, 1 sequence"),
+        ms,
+        rate: prompt_tokens as f64 / ms * 1e3,
+        unit: "tok/s",
+        fraction: None,
+        note: format!("Qwen3.5-0.8B shape, {note}"),
+    }
+}
+
+/// The decode row from per-token milliseconds: bytes read per token are the weights of every
+/// layer and the LM head plus the f32 states of the 18 linear layers.
+fn decode_row(model: &Model, prompt_tokens: usize, mut samples: Vec<f64>, ceiling: &Row, note: &str) -> Row {
+    samples.sort_by(f64::total_cmp);
+    let ms = samples[samples.len() / 2];
+    let state_bytes = 18 * 16 * 128 * 128 * 4;
+    let bytes = (model.weight_bytes_per_token() + state_bytes) as f64;
+    let rate = bytes / ms / 1e6;
+    Row {
+        name: "decode".into(),
+        shape: format!("1 sequence after {prompt_tokens} tokens"),
+        ms,
+        rate,
+        unit: "GB/s",
+        fraction: Some(rate / ceiling.rate),
+        note: format!("{:.1} tok/s; {:.2} GB weights+state per token; {note}", 1e3 / ms, bytes / 1e9),
+    }
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    logits.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
+}
+
+/// Prefill and decode rows on the GPU (bf16 weights and activations): prefill runs the chunk
+/// kernels over the whole prompt; each decode token is one forward of one token plus the LM
+/// head, with the logits copied to the host for the argmax (what `fla generate` does).
+pub fn rows_cuda(seconds: f64, prompt_tokens: usize, decode_tokens: usize) -> Result<Vec<Row>> {
+    let dev = CudaDevice::get(0)?;
+    eprintln!("device: {} (cuda:0, {} SMs)", dev.name(), dev.sm_count());
+    let hbm = super::bench_cuda::hbm_ceiling(&dev, seconds)?;
+    let cpu_model = model()?;
+    let model = cpu_model.to_cuda(&dev, DType::BF16)?;
+    let prompt = prompt(prompt_tokens);
+    let mut out = Vec::new();
+    let mut cache = model.new_cache(1);
+    let mut prefill = || -> Result<Vec<f32>> {
+        cache = Backend::new_cache(&model, 1);
+        let logits = model.last_logits(&[&prompt], &mut cache)?;
+        dev.synchronize()?;
+        Ok(logits)
+    };
+    let mut last = prefill()?;
+    let ms = time_ms(seconds, || last = prefill().expect("valid model"));
+    out.push(prefill_row(prompt_tokens, ms, "bf16 on the GPU"));
+    let mut next = argmax(&last);
+    let mut samples = Vec::new();
+    for _ in 0..decode_tokens.max(1) {
+        let t = Instant::now();
+        next = argmax(&model.last_logits(&[&[next]], &mut cache)?);
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    out.push(decode_row(&cpu_model, prompt_tokens, samples, &hbm, "bf16 on the GPU, logits to the host"));
+    out.push(hbm);
+    Ok(out)
+}
+
+/// Prefill and decode rows.
+pub fn rows(seconds: f64, prompt_tokens: usize, decode_tokens: usize) -> Result<Vec<Row>> {
+    let read = read_ceiling(seconds);
+    let model = model()?;
+    let prompt = prompt(prompt_tokens);
     let mut out = Vec::new();
 
     let mut cache = model.new_cache(1);
@@ -119,15 +200,7 @@ pub fn rows(seconds: f64, prompt_tokens: usize, decode_tokens: usize) -> Result<
         let (hidden, _) = model.forward_hidden(&[&prompt], &mut cache).expect("valid model");
         model.logits(&hidden[hidden.len() - 1024..]).expect("valid model");
     });
-    out.push(Row {
-        name: "prefill".into(),
-        shape: format!("{prompt_tokens} tokens, 1 sequence"),
-        ms: prefill_ms,
-        rate: prompt_tokens as f64 / prefill_ms * 1e3,
-        unit: "tok/s",
-        fraction: None,
-        note: "Qwen3.5-0.8B shape, bf16 weights".into(),
-    });
+    out.push(prefill_row(prompt_tokens, prefill_ms, "bf16 weights"));
 
     let mut next = 11u32;
     let mut samples = Vec::new();
@@ -135,24 +208,10 @@ pub fn rows(seconds: f64, prompt_tokens: usize, decode_tokens: usize) -> Result<
         let t = Instant::now();
         let (hidden, _) = model.forward_hidden(&[&[next]], &mut cache)?;
         let logits = model.logits(&hidden)?;
-        next = logits.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+        next = argmax(&logits);
         samples.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    samples.sort_by(f64::total_cmp);
-    let ms = samples[samples.len() / 2];
-    // Weights of every layer and the LM head, plus the f32 states of the 18 linear layers.
-    let state_bytes = 18 * 16 * 128 * 128 * 4;
-    let bytes = (model.weight_bytes_per_token() + state_bytes) as f64;
-    let rate = bytes / ms / 1e6;
-    out.push(Row {
-        name: "decode".into(),
-        shape: format!("1 sequence after {prompt_tokens} tokens"),
-        ms,
-        rate,
-        unit: "GB/s",
-        fraction: Some(rate / read.rate),
-        note: format!("{:.1} tok/s; {:.2} GB weights+state per token", 1e3 / ms, bytes / 1e9),
-    });
+    out.push(decode_row(&model, prompt_tokens, samples, &read, "CPU"));
     out.push(read);
     Ok(out)
 }
