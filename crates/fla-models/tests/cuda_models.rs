@@ -55,7 +55,7 @@ fn qwen3_5_greedy_on_the_gpu() {
     // HF's greedy tokens, prefill through the chunk kernels and decode through the step kernel.
     let prompt = r.gen_ids[..r.prompt_len].to_vec();
     let params = generate::Params { max_new_tokens: r.gen_ids.len() - r.prompt_len, ..Default::default() };
-    let out = generate::generate(&gpu_model, &[prompt.clone()], &params, |_, _| {}).unwrap();
+    let out = generate::generate(&gpu_model, std::slice::from_ref(&prompt), &params, |_, _| {}).unwrap();
     assert_eq!(out[0], r.gen_ids[r.prompt_len..].to_vec(), "greedy generation on the GPU");
     // A batch of prompts of different lengths (packed varlen prefill, then batched decode) gives
     // what each prompt gives alone.
@@ -63,7 +63,7 @@ fn qwen3_5_greedy_on_the_gpu() {
     let params = generate::Params { max_new_tokens: 6, ..Default::default() };
     let batch = generate::generate(&gpu_model, &prompts, &params, |_, _| {}).unwrap();
     for (i, p) in prompts.iter().enumerate() {
-        let alone = generate::generate(&gpu_model, &[p.clone()], &params, |_, _| {}).unwrap();
+        let alone = generate::generate(&gpu_model, std::slice::from_ref(p), &params, |_, _| {}).unwrap();
         assert_eq!(batch[i], alone[0], "prompt {i}: batched vs alone");
     }
 }
