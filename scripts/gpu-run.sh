@@ -27,7 +27,7 @@ prepare)
   cp target/release/fla .device/fla
   strip .device/cuda-tests .device/cuda-chunk-tests .device/cuda-chunk-bwd-tests .device/cuda-nn-tests .device/cuda-models-tests .device/fla-core-tests .device/cuda-gemm-tests .device/fla
   mkdir -p .device/fixtures && cp ../shared/fixtures/kernels/*.safetensors .device/fixtures/
-  mkdir -p .device/models && cp -r ../shared/fixtures/models/qwen3_5_tiny .device/models/
+  mkdir -p .device/models && cp -r ../shared/fixtures/models/*_tiny .device/models/
   # for `side`: FLA 0.6.0 and its one pure-Python dependency, installed there without network
   mkdir -p .device/wheels
   ls .device/wheels/fla_core-0.6.0-*.whl .device/wheels/flash_linear_attention-0.6.0-*.whl \

@@ -337,40 +337,6 @@ impl CudaTensor {
         Ok(())
     }
 
-    /// The rows `rows[i]` of this tensor (rows: the first dimension) stacked into a new tensor,
-    /// device to device: `[rows.len(), ..]`. Runs of consecutive rows are copied at once.
-    pub fn select_rows(&self, rows: &[usize]) -> Result<CudaTensor> {
-        const OP: &str = "CudaTensor::select_rows";
-        let Some(&n) = self.shape.first() else {
-            return Err(Error::shape(OP, "self", "at least one dimension", &self.shape));
-        };
-        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
-            return Err(Error::Argument { op: OP, arg: "rows", msg: format!("row {r} of a tensor with {n} rows") });
-        }
-        let width = self.shape[1..].iter().product::<usize>();
-        let mut shape = self.shape.clone();
-        shape[0] = rows.len();
-        // SAFETY: every row of the output is written by the copies below.
-        let mut out = unsafe { CudaTensor::uninit(&shape, self.dtype(), &self.dev)? };
-        let s = self.dev.stream().clone();
-        let mut i = 0;
-        while i < rows.len() {
-            let mut j = i + 1;
-            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
-                j += 1;
-            }
-            let (src, dst) = (rows[i] * width..(rows[j - 1] + 1) * width, i * width..j * width);
-            match (&mut out.storage, &self.storage) {
-                (CudaStorage::F32(d), CudaStorage::F32(x)) => s.memcpy_dtod(&x.slice(src), &mut d.slice_mut(dst))?,
-                (CudaStorage::BF16(d), CudaStorage::BF16(x)) => s.memcpy_dtod(&x.slice(src), &mut d.slice_mut(dst))?,
-                (CudaStorage::F16(d), CudaStorage::F16(x)) => s.memcpy_dtod(&x.slice(src), &mut d.slice_mut(dst))?,
-                _ => unreachable!("out was allocated with self's dtype"),
-            }
-            i = j;
-        }
-        Ok(out)
-    }
-
     /// The same elements under a new shape with the same element count.
     pub fn reshape(self, shape: &[usize]) -> Result<Self> {
         if shape.iter().product::<usize>() != self.elem_count() {

@@ -248,3 +248,33 @@ extern "C" __global__ void __launch_bounds__(256) nn_add(const GluParams p) {
     if (e >= p.n) return;
     fla_store(p.y, p.dtype, e, fla_load(p.a, p.dtype, e) + fla_load(p.b, p.dtype, e));
 }
+
+// Keep in sync with `RowsParams` in fla-nn/src/cuda.rs (repr(C)).
+struct RowsParams {
+    const void* x;     // gather: [*, width] source; scatter: [n, width] rows to add
+    void* y;           // gather: [n, width]; scatter: [*, width] accumulated in place
+    const int* rows;   // [n] row indices into the [*, width] side, or null for 0 .. n - 1
+    const float* w;    // [n] row weights, or null for 1
+    const void* gate;  // [n] per-row gate inputs (dtype), weight times sigmoid(gate), or null
+    int dtype, n, width;
+};
+
+// y[i] = x[rows[i]], a thread per element (the tokens routed to one expert).
+extern "C" __global__ void __launch_bounds__(256) nn_gather_rows(const RowsParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= (long long)p.n * p.width) return;
+    const long long i = e / p.width, c = e % p.width;
+    fla_store(p.y, p.dtype, e, fla_load(p.x, p.dtype, (long long)p.rows[i] * p.width + c));
+}
+
+// y[rows[i]] += w[i] sigmoid(gate[i]) x[i], a thread per element; the rows must be distinct
+// (one expert's tokens), so no two threads add to the same element.
+extern "C" __global__ void __launch_bounds__(256) nn_scatter_add_rows(const RowsParams p) {
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= (long long)p.n * p.width) return;
+    const long long i = e / p.width, c = e % p.width;
+    float s = p.w ? p.w[i] : 1.0f;
+    if (p.gate) s *= fla_sigmoidf(fla_load(p.gate, p.dtype, i));
+    const long long d = (p.rows ? (long long)p.rows[i] : i) * p.width + c;
+    fla_store(p.y, p.dtype, d, fla_load(p.y, p.dtype, d) + s * fla_load(p.x, p.dtype, e));
+}

@@ -1,17 +1,19 @@
 //! The decoder on a CUDA device ([`Model::to_cuda`]): the layers' GPU twins
 //! ([`fla_nn::gated_deltanet::GatedDeltaNetCuda`], [`fla_nn::attention::GatedAttentionCuda`],
-//! [`fla_nn::mlp::MlpCuda`]) in the pre-norm decoder of [`crate::Decoder`], activations in one
-//! dtype. Gated DeltaNet and gated attention mixers with dense MLPs so far (Qwen3.5's dense
-//! models); KDA, MLA and the mixtures of experts answer with [`Error::Unsupported`]. The token
+//! [`fla_nn::mlp::MlpCuda`], [`fla_nn::moe::MoeCuda`]) in the pre-norm decoder of
+//! [`crate::Decoder`], activations in one dtype. Gated DeltaNet and gated attention mixers with
+//! dense MLPs or mixtures of experts so far (Qwen3.5, Qwen3-Next); KDA and MLA mixers answer with
+//! [`Error::Unsupported`]. The token
 //! embedding is gathered on the host and uploaded (one row per token).
 use std::sync::Arc;
 
 use fla_core::cuda::{CudaDevice, CudaTensor};
 use fla_core::{cuda_blas, DType, Error, Result, Tensor};
 use fla_nn::attention::{GatedAttentionCuda, KvCacheCuda};
-use fla_nn::cuda::{add_assign_cuda, rms_norm_cuda};
+use fla_nn::cuda::{add_assign_cuda, gather_rows_cuda, rms_norm_cuda};
 use fla_nn::gated_deltanet::{GatedDeltaNetCuda, GdnCacheCuda};
 use fla_nn::mlp::MlpCuda;
+use fla_nn::moe::MoeCuda;
 use fla_nn::Batch;
 
 use crate::decoder::{Ffn, Mixer};
@@ -22,11 +24,27 @@ enum MixerCuda {
     Attention(GatedAttentionCuda),
 }
 
+// One per layer, built once: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum FfnCuda {
+    Dense(MlpCuda),
+    Moe(MoeCuda),
+}
+
+impl FfnCuda {
+    fn forward(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        match self {
+            FfnCuda::Dense(m) => m.forward(x),
+            FfnCuda::Moe(m) => m.forward(x),
+        }
+    }
+}
+
 struct BlockCuda {
     input_norm: CudaTensor,
     post_norm: CudaTensor,
     mixer: MixerCuda,
-    ffn: MlpCuda,
+    ffn: FfnCuda,
 }
 
 /// A [`Model`] on a CUDA device.
@@ -76,13 +94,9 @@ impl Model {
                 }
             };
             let ffn = match &l.ffn {
-                Ffn::Dense(m) => m.to_cuda(dev, dtype)?,
-                Ffn::QwenMoe(_) | Ffn::KimiMoe(_) => {
-                    return Err(Error::Unsupported {
-                        op: OP,
-                        msg: format!("layer {i}: mixtures of experts are not on the GPU yet"),
-                    })
-                }
+                Ffn::Dense(m) => FfnCuda::Dense(m.to_cuda(dev, dtype)?),
+                Ffn::QwenMoe(m) => FfnCuda::Moe(m.to_cuda(dev, dtype)?),
+                Ffn::KimiMoe(m) => FfnCuda::Moe(m.to_cuda(dev, dtype)?),
             };
             layers.push(BlockCuda { input_norm: vec_up(&l.input_norm)?, post_norm: vec_up(&l.post_norm)?, mixer, ffn });
         }
@@ -177,7 +191,7 @@ impl crate::generate::Backend for ModelCuda {
                 Some(*end - 1)
             })
             .collect();
-        self.logits(&hidden.select_rows(&last)?)?.to_host()?.to_vec()
+        self.logits(&gather_rows_cuda(&hidden, &last)?)?.to_host()?.to_vec()
     }
     fn vocab(&self) -> usize {
         self.host.vocab

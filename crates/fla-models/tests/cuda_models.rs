@@ -1,7 +1,8 @@
 //! The model on the GPU (`Model::to_cuda`) against the same model on the CPU and the HF
-//! reference: Qwen3.5's tiny checkpoint (Gated DeltaNet and gated attention layers, dense MLPs),
-//! logits of the reference prompts in f32, f16 and bf16, prefill then decode equal to one pass, HF's greedy
-//! tokens, and a batch of prompts of different lengths equal to each alone.
+//! reference: the tiny Qwen3.5 (Gated DeltaNet and gated attention layers, dense MLPs) and
+//! Qwen3-Next (interleaved projections, mixtures of experts) checkpoints; logits of the reference
+//! prompts in f32, f16 and bf16, prefill then decode equal to one pass, HF's greedy tokens, and a
+//! batch of prompts of different lengths equal to each alone.
 //! Skips cleanly without a GPU (CI).
 mod common;
 
@@ -20,9 +21,36 @@ fn gpu(test: &str) -> Option<std::sync::Arc<CudaDevice>> {
 
 #[test]
 fn qwen3_5_logits_on_the_gpu() {
-    let Some(dev) = gpu("qwen3_5_logits_on_the_gpu") else { return };
-    let model = Model::load(&model_dir("qwen3_5_tiny")).unwrap();
-    let r = reference("qwen3_5_tiny");
+    check_logits("qwen3_5_tiny");
+}
+
+#[test]
+fn qwen3_next_logits_on_the_gpu() {
+    check_logits("qwen3_next_tiny");
+}
+
+#[test]
+fn qwen3_5_greedy_on_the_gpu() {
+    check_greedy("qwen3_5_tiny");
+}
+
+#[test]
+fn qwen3_next_greedy_on_the_gpu() {
+    check_greedy("qwen3_next_tiny");
+}
+
+/// Kimi Linear's KDA and MLA mixers are not on the GPU yet: a typed error, not a panic.
+#[test]
+fn kimi_linear_is_unsupported_on_the_gpu() {
+    let Some(dev) = gpu("kimi_linear_is_unsupported_on_the_gpu") else { return };
+    let model = Model::load(&model_dir("kimi_linear_tiny")).unwrap();
+    assert!(matches!(model.to_cuda(&dev, DType::F32), Err(fla_core::Error::Unsupported { .. })));
+}
+
+fn check_logits(name: &str) {
+    let Some(dev) = gpu(name) else { return };
+    let model = Model::load(&model_dir(name)).unwrap();
+    let r = reference(name);
     let seqs: Vec<&[u32]> = r.input_ids.iter().map(|p| &p[..]).collect();
     // 16-bit activations round the residual stream at every layer; bf16 keeps 8 mantissa bits,
     // f16 11, so f16 lands about 8x closer. A wrong kernel is off by O(1).
@@ -30,8 +58,8 @@ fn qwen3_5_logits_on_the_gpu() {
         let gpu_model = model.to_cuda(&dev, dtype).unwrap();
         let logits = gpu_model.forward_logits(&seqs).unwrap();
         let err = rel_err(&logits, &r.logits);
-        eprintln!("{dtype}: logits rel err {err:.2e} against the reference (tolerance {tol:.0e})");
-        assert!(err <= tol, "{dtype}: logits rel err {err:.2e} against the reference");
+        eprintln!("{name} {dtype}: logits rel err {err:.2e} against the reference (tolerance {tol:.0e})");
+        assert!(err <= tol, "{name} {dtype}: logits rel err {err:.2e} against the reference");
     }
     // Prefill all but the last token, then decode it: the last row equals the one-pass logits.
     let gpu_model = model.to_cuda(&dev, DType::F32).unwrap();
@@ -43,20 +71,19 @@ fn qwen3_5_logits_on_the_gpu() {
     let last = gpu_model.logits(&h).unwrap().to_host().unwrap().to_vec::<f32>().unwrap();
     let v = gpu_model.vocab();
     let err = rel_err(&last, &full[(p.len() - 1) * v..]);
-    assert!(err <= 1e-4, "prefill + decode vs one pass: rel err {err:.2e}");
+    assert!(err <= 1e-4, "{name}: prefill + decode vs one pass: rel err {err:.2e}");
 }
 
-#[test]
-fn qwen3_5_greedy_on_the_gpu() {
-    let Some(dev) = gpu("qwen3_5_greedy_on_the_gpu") else { return };
-    let model = Model::load(&model_dir("qwen3_5_tiny")).unwrap();
-    let r = reference("qwen3_5_tiny");
+fn check_greedy(name: &str) {
+    let Some(dev) = gpu(name) else { return };
+    let model = Model::load(&model_dir(name)).unwrap();
+    let r = reference(name);
     let gpu_model = model.to_cuda(&dev, DType::F32).unwrap();
     // HF's greedy tokens, prefill through the chunk kernels and decode through the step kernel.
     let prompt = r.gen_ids[..r.prompt_len].to_vec();
     let params = generate::Params { max_new_tokens: r.gen_ids.len() - r.prompt_len, ..Default::default() };
     let out = generate::generate(&gpu_model, std::slice::from_ref(&prompt), &params, |_, _| {}).unwrap();
-    assert_eq!(out[0], r.gen_ids[r.prompt_len..].to_vec(), "greedy generation on the GPU");
+    assert_eq!(out[0], r.gen_ids[r.prompt_len..].to_vec(), "{name}: greedy generation on the GPU");
     // A batch of prompts of different lengths (packed varlen prefill, then batched decode) gives
     // what each prompt gives alone.
     let prompts = vec![prompt, r.input_ids[0][..5].to_vec(), r.input_ids[1][..1].to_vec()];
@@ -64,6 +91,6 @@ fn qwen3_5_greedy_on_the_gpu() {
     let batch = generate::generate(&gpu_model, &prompts, &params, |_, _| {}).unwrap();
     for (i, p) in prompts.iter().enumerate() {
         let alone = generate::generate(&gpu_model, std::slice::from_ref(p), &params, |_, _| {}).unwrap();
-        assert_eq!(batch[i], alone[0], "prompt {i}: batched vs alone");
+        assert_eq!(batch[i], alone[0], "{name} prompt {i}: batched vs alone");
     }
 }

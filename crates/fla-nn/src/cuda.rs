@@ -1,7 +1,8 @@
 //! GPU forms of the layer primitives (`fla-kernels/cuda/nn.cu`), each the twin of a CPU form:
 //! [`rms_norm_cuda`] of [`crate::ops::rms_norm`] / [`crate::ops::rms_norm_gated`],
 //! [`short_conv_cuda`] of [`crate::conv::ShortConv::forward`], [`silu_mul_cuda`] of the SwiGLU
-//! gate, [`copy_cols_cuda`] of a column slice. Activations f32, bf16 or f16 (outputs in their dtype, arithmetic in f32); weights and
+//! gate, [`copy_cols_cuda`] of a column slice, [`gather_rows_cuda`] / [`scatter_add_rows_cuda`] of a
+//! mixture of experts' token routing. Activations f32, bf16 or f16 (outputs in their dtype, arithmetic in f32); weights and
 //! caches f32. The work is queued on the device's stream.
 use std::sync::Arc;
 
@@ -458,6 +459,156 @@ pub(crate) fn grow_pool(old: &CudaTensor, cap_new: usize, rows: usize) -> Result
     Ok(new)
 }
 
+/// Mirror of `RowsParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RowsParams {
+    x: u64,
+    y: u64,
+    rows: u64,
+    w: u64,
+    gate: u64,
+    dtype: i32,
+    n: i32,
+    width: i32,
+    _pad: i32,
+}
+// SAFETY: plain old data in the C layout the kernels read.
+unsafe impl DeviceRepr for RowsParams {}
+
+/// Launches `name` (`nn_gather_rows` or `nn_scatter_add_rows`) over `n` rows of `width`, with
+/// the row indices and weights uploaded as one table.
+///
+/// # Safety
+/// `params.x`, `params.y` and `params.gate` must cover what the kernel indexes for `n`, `width`
+/// and the given rows (checked by the callers), alive until the work is done in stream order.
+unsafe fn rows_launch(
+    dev: &Arc<CudaDevice>,
+    name: &str,
+    mut params: RowsParams,
+    rows: Option<&[usize]>,
+    weights: Option<&[f32]>,
+) -> Result<()> {
+    const OP: &str = "rows_launch";
+    let (n, width) = (params.n as usize, params.width as usize);
+    if n * width == 0 {
+        return Ok(());
+    }
+    let mut table: Vec<u32> = Vec::new();
+    if let Some(r) = rows {
+        table.extend(r.iter().map(|&i| to_i32(OP, "row", i).map(|i| i as u32)).collect::<Result<Vec<_>>>()?);
+    }
+    table.extend(weights.unwrap_or(&[]).iter().map(|w| w.to_bits()));
+    let table = (!table.is_empty()).then(|| dev.stream().clone_htod(&table)).transpose()?;
+    let base = table.as_ref().map_or(0, |t| {
+        use fla_core::cuda::cudarc::driver::DevicePtr;
+        t.device_ptr(dev.stream()).0
+    });
+    params.rows = if rows.is_some() { base } else { 0 };
+    params.w = if weights.is_some() { base + 4 * rows.map_or(0, |r| r.len()) as u64 } else { 0 };
+    let cfg =
+        LaunchConfig { grid_dim: (blocks(OP, n * width, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: RowsParams mirrors the kernels' argument; the caller's contract covers x, y and
+    // gate; the table holds n row indices and / or n weights and lives past the launch.
+    unsafe { launch(dev, &function(dev, name)?, cfg, &params) }?;
+    drop(table);
+    Ok(())
+}
+
+/// Rows `rows[i]` of `x [R, width]` stacked into `[rows.len(), width]` on the GPU (the tokens
+/// routed to one expert, the last token of each sequence).
+pub fn gather_rows_cuda(x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+    const OP: &str = "gather_rows_cuda";
+    let &[r, width] = x.shape() else {
+        return Err(Error::shape(OP, "x", "[rows, width]", x.shape()));
+    };
+    if let Some(&bad) = rows.iter().find(|&&i| i >= r) {
+        return Err(Error::Argument { op: OP, arg: "rows", msg: format!("row {bad} of a tensor with {r} rows") });
+    }
+    to_i32(OP, "rows·width", rows.len().max(r) * width)?;
+    let dev = x.cuda_device().clone();
+    // SAFETY: the kernel writes every element of y (a thread per element).
+    let mut y = unsafe { CudaTensor::uninit(&[rows.len(), width], x.dtype(), &dev)? };
+    let params = RowsParams {
+        x: x.raw_addr(),
+        y: y.raw_addr_mut(),
+        rows: 0,
+        w: 0,
+        gate: 0,
+        dtype: dtype_code(OP, "x", x.dtype())?,
+        n: to_i32(OP, "rows", rows.len())?,
+        width: to_i32(OP, "width", width)?,
+        _pad: 0,
+    };
+    // SAFETY: x holds r·width and y rows.len()·width elements of `dtype`; every row index < r.
+    unsafe { rows_launch(&dev, "nn_gather_rows", params, Some(rows), None) }?;
+    Ok(y)
+}
+
+/// `y[rows[i]] += weights[i] · sigmoid(gate[i]) · x[i]` on the GPU, for `x [n, width]`: `rows`
+/// (distinct, in `y`'s rows) defaults to `0 .. n`, `weights` to 1, `gate [n]` (x's dtype) to no
+/// gate. A mixture of experts adds each expert's rows back with it (and the shared expert, gated).
+pub fn scatter_add_rows_cuda(
+    y: &mut CudaTensor,
+    x: &CudaTensor,
+    rows: Option<&[usize]>,
+    weights: Option<&[f32]>,
+    gate: Option<&CudaTensor>,
+) -> Result<()> {
+    const OP: &str = "scatter_add_rows_cuda";
+    let &[n, width] = x.shape() else {
+        return Err(Error::shape(OP, "x", "[rows, width]", x.shape()));
+    };
+    let &[r, yw] = y.shape() else {
+        return Err(Error::shape(OP, "y", format!("[rows, width = {width}]"), y.shape()));
+    };
+    check_like(OP, "y", y, x, None, true)?;
+    if yw != width {
+        return Err(Error::shape(OP, "y", format!("[rows, width = {width}]"), y.shape()));
+    }
+    match rows {
+        Some(rows) if rows.len() != n => {
+            return Err(Error::Argument { op: OP, arg: "rows", msg: format!("{} rows for {n} rows of x", rows.len()) })
+        }
+        Some(rows) => {
+            if let Some(&bad) = rows.iter().find(|&&i| i >= r) {
+                return Err(Error::Argument { op: OP, arg: "rows", msg: format!("row {bad} of y's {r}") });
+            }
+            let mut seen = vec![false; r];
+            if rows.iter().any(|&i| std::mem::replace(&mut seen[i], true)) {
+                return Err(Error::Argument { op: OP, arg: "rows", msg: "a row appears twice".into() });
+            }
+        }
+        None if r != n => return Err(Error::shape(OP, "y", format!("[{n}, {width}] (no rows given)"), y.shape())),
+        None => {}
+    }
+    if let Some(w) = weights.filter(|w| w.len() != n) {
+        return Err(Error::Argument { op: OP, arg: "weights", msg: format!("{} weights for {n} rows", w.len()) });
+    }
+    if let Some(g) = gate {
+        check_like(OP, "gate", g, x, None, true)?;
+        if g.elem_count() != n {
+            return Err(Error::shape(OP, "gate", format!("{n} elements"), g.shape()));
+        }
+    }
+    to_i32(OP, "rows·width", n.max(r) * width)?;
+    let dev = x.cuda_device().clone();
+    let params = RowsParams {
+        x: x.raw_addr(),
+        y: y.raw_addr_mut(),
+        rows: 0,
+        w: 0,
+        gate: gate.map_or(0, |g| g.raw_addr()),
+        dtype: dtype_code(OP, "x", x.dtype())?,
+        n: to_i32(OP, "rows", n)?,
+        width: to_i32(OP, "width", width)?,
+        _pad: 0,
+    };
+    // SAFETY: x holds n·width and y r·width elements of `dtype`, gate n; rows are distinct and
+    // < r (checked), so each element of y has one writer.
+    unsafe { rows_launch(&dev, "nn_scatter_add_rows", params, rows, weights) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,5 +621,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<ColsParams>(), 2 * 8 + 5 * 4 + 4);
         assert_eq!(std::mem::size_of::<AttnParams>(), 12 * 8 + 11 * 4 + 4);
         assert_eq!(std::mem::size_of::<PoolParams>(), 2 * 8 + 6 * 4);
+        assert_eq!(std::mem::size_of::<RowsParams>(), 5 * 8 + 4 * 4);
     }
 }

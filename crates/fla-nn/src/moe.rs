@@ -11,11 +11,14 @@
 //! the rows of the tokens that chose it. Top-k follows `torch.topk`: largest first, ties to the
 //! lower index, NaN above everything.
 use std::cmp::Ordering;
+use std::sync::Arc;
 
-use fla_core::{Error, Result};
+use fla_core::cuda::{CudaDevice, CudaTensor};
+use fla_core::{cuda_blas, DType, Error, Result};
 use rayon::prelude::*;
 
-use crate::mlp::Mlp;
+use crate::cuda::{gather_rows_cuda, scatter_add_rows_cuda};
+use crate::mlp::{Mlp, MlpCuda};
 use crate::ops::{sigmoid, softmax};
 use crate::{Linear, VarBuilder};
 
@@ -28,6 +31,83 @@ pub struct Routing {
     pub experts: Vec<usize>,
     /// Weights `[tokens, top_k]`.
     pub weights: Vec<f32>,
+}
+
+impl Routing {
+    /// The `(token, weight)` pairs routed to each of `experts` experts, tokens ascending.
+    pub fn per_expert(&self, experts: usize) -> Vec<Vec<(usize, f32)>> {
+        let mut lists: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts];
+        for (slot, (&e, &w)) in self.experts.iter().zip(&self.weights).enumerate() {
+            lists[e].push((slot / self.top_k.max(1), w));
+        }
+        lists
+    }
+}
+
+/// A block's routing rule without its weights: router logits `[tokens, E]` in, [`Routing`] out.
+/// The CPU blocks apply it to their router's output; [`MoeCuda`] to the logits it computes on the
+/// GPU.
+#[derive(Debug, Clone)]
+pub enum Router {
+    /// [`QwenMoe`]'s softmax top-k.
+    Qwen(QwenMoeConfig),
+    /// [`KimiMoe`]'s biased sigmoid top-k, with `e_score_correction_bias`.
+    Kimi(KimiMoeConfig, Vec<f32>),
+}
+
+impl Router {
+    /// The routing of every token from its router logits `[tokens, E]`.
+    pub fn route(&self, mut logits: Vec<f32>) -> Routing {
+        match self {
+            Router::Qwen(c) => {
+                let (e, k) = (c.num_experts, c.top_k);
+                let mut routing = Routing { top_k: k, experts: Vec::new(), weights: Vec::new() };
+                for p in logits.chunks_mut(e) {
+                    softmax(p);
+                    let idx = top_k(p, k);
+                    let mut w: Vec<f32> = idx.iter().map(|&i| p[i]).collect();
+                    if c.norm_topk_prob {
+                        let s: f32 = w.iter().sum();
+                        w.iter_mut().for_each(|v| *v /= s);
+                    }
+                    routing.experts.extend(idx);
+                    routing.weights.extend(w);
+                }
+                routing
+            }
+            Router::Kimi(c, bias) => {
+                let (e, k) = (c.num_experts, c.top_k);
+                let per_group = e / c.n_group;
+                let mut routing = Routing { top_k: k, experts: Vec::new(), weights: Vec::new() };
+                for l in logits.chunks(e) {
+                    let s: Vec<f32> = l.iter().map(|&v| sigmoid(v)).collect();
+                    let mut choice: Vec<f32> = s.iter().zip(bias).map(|(s, b)| s + b).collect();
+                    if c.n_group > 1 {
+                        // Group score: the sum of its two best biased scores; keep the best
+                        // `topk_group` groups.
+                        let group: Vec<f32> =
+                            choice.chunks(per_group).map(|g| top_k(g, 2).iter().map(|&i| g[i]).sum()).collect();
+                        let keep = top_k(&group, c.topk_group);
+                        for (gi, g) in choice.chunks_mut(per_group).enumerate() {
+                            if !keep.contains(&gi) {
+                                g.fill(f32::NEG_INFINITY);
+                            }
+                        }
+                    }
+                    let idx = top_k(&choice, k);
+                    let mut w: Vec<f32> = idx.iter().map(|&i| s[i]).collect();
+                    if c.renormalize {
+                        let d = w.iter().sum::<f32>() + 1e-20;
+                        w.iter_mut().for_each(|v| *v /= d);
+                    }
+                    w.iter_mut().for_each(|v| *v *= c.routed_scaling_factor);
+                    routing.experts.extend(idx);
+                    routing.weights.extend(w);
+                }
+                routing
+            }
+        }
+    }
 }
 
 /// Descending order as `torch.topk` ranks: NaN first, then larger values, ties by lower index.
@@ -89,10 +169,7 @@ fn load_experts(vb: &VarBuilder, n: usize, hidden: usize, inter: usize, names: [
 /// `Σ_k w_k · expert_k(x)` for each token: the tokens of each selected expert are gathered and
 /// run through it in one call, experts in parallel, and added back in expert order.
 fn run_experts(experts: &[Mlp], x: &[f32], hidden: usize, routing: &Routing) -> Result<Vec<f32>> {
-    let mut lists: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts.len()];
-    for (slot, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
-        lists[e].push((slot / routing.top_k.max(1), w));
-    }
+    let lists = routing.per_expert(experts.len());
     let outs: Vec<(usize, Vec<f32>)> = lists
         .par_iter()
         .enumerate()
@@ -199,21 +276,7 @@ impl QwenMoe {
     /// when `norm_topk_prob`.
     pub fn route(&self, x: &[f32]) -> Result<Routing> {
         check_x("QwenMoe::route", x, self.cfg.hidden)?;
-        let (e, k) = (self.cfg.num_experts, self.cfg.top_k);
-        let mut probs = self.gate.forward(x)?;
-        let mut routing = Routing { top_k: k, experts: Vec::new(), weights: Vec::new() };
-        for p in probs.chunks_mut(e) {
-            softmax(p);
-            let idx = top_k(p, k);
-            let mut w: Vec<f32> = idx.iter().map(|&i| p[i]).collect();
-            if self.cfg.norm_topk_prob {
-                let s: f32 = w.iter().sum();
-                w.iter_mut().for_each(|v| *v /= s);
-            }
-            routing.experts.extend(idx);
-            routing.weights.extend(w);
-        }
-        Ok(routing)
+        Ok(Router::Qwen(self.cfg.clone()).route(self.gate.forward(x)?))
     }
 
     /// `x [tokens, hidden]` → `[tokens, hidden]`.
@@ -329,36 +392,7 @@ impl KimiMoe {
     /// renormalised and scaled.
     pub fn route(&self, x: &[f32]) -> Result<Routing> {
         check_x("KimiMoe::route", x, self.cfg.hidden)?;
-        let c = &self.cfg;
-        let (e, k) = (c.num_experts, c.top_k);
-        let per_group = e / c.n_group;
-        let logits = self.gate.forward(x)?;
-        let mut routing = Routing { top_k: k, experts: Vec::new(), weights: Vec::new() };
-        for l in logits.chunks(e) {
-            let s: Vec<f32> = l.iter().map(|&v| sigmoid(v)).collect();
-            let mut choice: Vec<f32> = s.iter().zip(&self.bias).map(|(s, b)| s + b).collect();
-            if c.n_group > 1 {
-                // Group score: the sum of its two best biased scores; keep the best `topk_group` groups.
-                let group: Vec<f32> =
-                    choice.chunks(per_group).map(|g| top_k(g, 2).iter().map(|&i| g[i]).sum()).collect();
-                let keep = top_k(&group, c.topk_group);
-                for (gi, g) in choice.chunks_mut(per_group).enumerate() {
-                    if !keep.contains(&gi) {
-                        g.fill(f32::NEG_INFINITY);
-                    }
-                }
-            }
-            let idx = top_k(&choice, k);
-            let mut w: Vec<f32> = idx.iter().map(|&i| s[i]).collect();
-            if c.renormalize {
-                let d = w.iter().sum::<f32>() + 1e-20;
-                w.iter_mut().for_each(|v| *v /= d);
-            }
-            w.iter_mut().for_each(|v| *v *= c.routed_scaling_factor);
-            routing.experts.extend(idx);
-            routing.weights.extend(w);
-        }
-        Ok(routing)
+        Ok(Router::Kimi(self.cfg.clone(), self.bias.clone()).route(self.gate.forward(x)?))
     }
 
     /// `x [tokens, hidden]` → `[tokens, hidden]`.
@@ -367,6 +401,71 @@ impl KimiMoe {
         let mut out = run_experts(&self.experts, x, self.cfg.hidden, &routing)?;
         if let Some(mlp) = &self.shared {
             out.iter_mut().zip(mlp.forward(x)?).for_each(|(o, y)| *o += y);
+        }
+        Ok(out)
+    }
+}
+
+/// A mixture of experts on a CUDA device ([`QwenMoe::to_cuda`], [`KimiMoe::to_cuda`]), the twin
+/// of their `forward`: the router's product on the GPU, the routing decisions on the host from
+/// its logits (one small copy per call), then each selected expert once over the rows of its
+/// tokens ([`gather_rows_cuda`]), added back weighted ([`scatter_add_rows_cuda`]) in expert
+/// order, in the activations' dtype as HF does, then the shared expert(s).
+pub struct MoeCuda {
+    router: Router,
+    /// `[E, hidden]`.
+    gate: CudaTensor,
+    experts: Vec<MlpCuda>,
+    shared: Option<MlpCuda>,
+    /// Qwen's `shared_expert_gate [1, hidden]`.
+    shared_gate: Option<CudaTensor>,
+}
+
+fn experts_to_cuda(experts: &[Mlp], dev: &Arc<CudaDevice>, dtype: DType) -> Result<Vec<MlpCuda>> {
+    experts.iter().map(|m| m.to_cuda(dev, dtype)).collect()
+}
+
+impl QwenMoe {
+    /// The block on `dev` with its weights in `dtype`.
+    pub fn to_cuda(&self, dev: &Arc<CudaDevice>, dtype: DType) -> Result<MoeCuda> {
+        let up = |l: &Linear| CudaTensor::from_host(&l.weight().to_dtype(dtype)?, dev);
+        Ok(MoeCuda {
+            router: Router::Qwen(self.cfg.clone()),
+            gate: up(&self.gate)?,
+            experts: experts_to_cuda(&self.experts, dev, dtype)?,
+            shared: self.shared.as_ref().map(|(m, _)| m.to_cuda(dev, dtype)).transpose()?,
+            shared_gate: self.shared.as_ref().map(|(_, g)| up(g)).transpose()?,
+        })
+    }
+}
+
+impl KimiMoe {
+    /// The block on `dev` with its weights in `dtype`.
+    pub fn to_cuda(&self, dev: &Arc<CudaDevice>, dtype: DType) -> Result<MoeCuda> {
+        Ok(MoeCuda {
+            router: Router::Kimi(self.cfg.clone(), self.bias.clone()),
+            gate: CudaTensor::from_host(&self.gate.weight().to_dtype(dtype)?, dev)?,
+            experts: experts_to_cuda(&self.experts, dev, dtype)?,
+            shared: self.shared.as_ref().map(|m| m.to_cuda(dev, dtype)).transpose()?,
+            shared_gate: None,
+        })
+    }
+}
+
+impl MoeCuda {
+    /// `x [tokens, hidden]` in the weights' dtype, on their device → `[tokens, hidden]`.
+    pub fn forward(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let logits: Vec<f32> = cuda_blas::matmul(x, &self.gate, true)?.to_host()?.to_vec()?;
+        let routing = self.router.route(logits);
+        let mut out = CudaTensor::zeros(x.shape(), x.dtype(), x.cuda_device())?;
+        for (e, list) in routing.per_expert(self.experts.len()).iter().enumerate().filter(|(_, l)| !l.is_empty()) {
+            let (tokens, weights): (Vec<usize>, Vec<f32>) = list.iter().copied().unzip();
+            let y = self.experts[e].forward(&gather_rows_cuda(x, &tokens)?)?;
+            scatter_add_rows_cuda(&mut out, &y, Some(&tokens), Some(&weights), None)?;
+        }
+        if let Some(mlp) = &self.shared {
+            let gate = self.shared_gate.as_ref().map(|w| cuda_blas::matmul(x, w, true)).transpose()?;
+            scatter_add_rows_cuda(&mut out, &mlp.forward(x)?, None, None, gate.as_ref())?;
         }
         Ok(out)
     }

@@ -1,7 +1,7 @@
 //! The GPU layer primitives (`fla_nn::cuda`) against their CPU twins on random inputs: RMSNorm
 //! (plain, 1 + w, gated by SiLU and sigmoid), the short convolution over a varlen batch with a
 //! cache (a sequence of one token, an empty one), SiLU(a)·b; f32 and bf16 activations; the typed
-//! errors. Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
+//! errors; the mixtures of experts and their row gather / scatter-add. Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
 use std::sync::Arc;
 
 use fla_core::cuda::{self, CudaDevice, CudaTensor};
@@ -316,4 +316,112 @@ fn gated_attention_vs_cpu() {
             past.iter_mut().zip(lens).for_each(|(p, l)| *p += l);
         }
     }
+}
+
+/// Both mixtures of experts on the GPU against their CPU twins (f32, so that the routing is the
+/// same): Qwen's softmax top-k with the sigmoid-gated shared expert, Kimi's grouped biased
+/// sigmoid top-k with routed scaling and an ungated shared expert.
+#[test]
+fn moe_vs_cpu() {
+    use fla_nn::moe::{KimiMoe, KimiMoeConfig, QwenMoe, QwenMoeConfig};
+    let Some(dev) = gpu("moe_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(17);
+    let (h, e, i, si, tokens) = (48, 6, 40, 24, 37);
+    let mut m = std::collections::HashMap::new();
+    let mut put = |name: String, shape: &[usize]| {
+        let n = shape.iter().product();
+        let scale = 1.0 / (*shape.last().unwrap() as f32).sqrt();
+        m.insert(name, Tensor::from_vec(random(&mut rng, n, scale), shape).unwrap());
+    };
+    put("gate.weight".into(), &[e, h]);
+    for x in 0..e {
+        for (g, u, d) in [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")] {
+            put(format!("experts.{x}.{g}.weight"), &[i, h]);
+            put(format!("experts.{x}.{u}.weight"), &[i, h]);
+            put(format!("experts.{x}.{d}.weight"), &[h, i]);
+        }
+    }
+    for s in ["shared_expert", "shared_experts"] {
+        put(format!("{s}.gate_proj.weight"), &[si, h]);
+        put(format!("{s}.up_proj.weight"), &[si, h]);
+        put(format!("{s}.down_proj.weight"), &[h, si]);
+    }
+    put("shared_expert_gate.weight".into(), &[1, h]);
+    put("gate.e_score_correction_bias".into(), &[e]);
+    let vb = fla_nn::VarBuilder::from_tensors(m);
+    let qcfg = QwenMoeConfig {
+        hidden: h,
+        num_experts: e,
+        top_k: 2,
+        intermediate: i,
+        shared_intermediate: si,
+        norm_topk_prob: true,
+    };
+    let kcfg = KimiMoeConfig {
+        hidden: h,
+        num_experts: e,
+        top_k: 2,
+        intermediate: i,
+        shared_intermediate: si,
+        renormalize: true,
+        routed_scaling_factor: 2.5,
+        n_group: 2,
+        topk_group: 1,
+    };
+    let qwen = QwenMoe::load(&qcfg, &vb).unwrap();
+    let kimi = KimiMoe::load(&kcfg, &vb).unwrap();
+    let x = random(&mut rng, tokens * h, 1.0);
+    let gx = up(&x, &[tokens, h], DType::F32, &dev);
+    let pairs = [
+        ("qwen", qwen.forward(&x).unwrap(), qwen.to_cuda(&dev, DType::F32).unwrap().forward(&gx).unwrap()),
+        ("kimi", kimi.forward(&x).unwrap(), kimi.to_cuda(&dev, DType::F32).unwrap().forward(&gx).unwrap()),
+    ];
+    for (name, want, got) in pairs {
+        let e = rel_err(&down(&got), &want);
+        assert!(e < 1e-5, "{name}: rel err {e:.2e}");
+    }
+}
+
+/// Row gather and weighted, gated scatter-add in bf16 against the host, and their typed errors.
+#[test]
+fn gather_scatter_rows_vs_host() {
+    use fla_nn::cuda::{gather_rows_cuda, scatter_add_rows_cuda};
+    let Some(dev) = gpu("gather_scatter_rows_vs_host") else { return };
+    let mut rng = StdRng::seed_from_u64(18);
+    let (r, w) = (9, 70);
+    let x = rounded(&random(&mut rng, r * w, 1.0), DType::BF16);
+    let gx = up(&x, &[r, w], DType::BF16, &dev);
+    let rows = [7, 0, 3, 3, 8];
+    let got = down(&gather_rows_cuda(&gx, &rows).unwrap());
+    let want: Vec<f32> = rows.iter().flat_map(|&i| x[i * w..][..w].to_vec()).collect();
+    assert_eq!(got, want, "gather");
+    let (add_rows, weights) = ([2usize, 6, 4], [0.5f32, -1.0, 2.0]);
+    let y = rounded(&random(&mut rng, 3 * w, 1.0), DType::BF16);
+    let gate = rounded(&[0.3, -2.0, 1.1], DType::BF16);
+    let mut out = gx.to_host().unwrap();
+    let mut gout = CudaTensor::from_host(&out, &dev).unwrap();
+    let (gy, gg) = (up(&y, &[3, w], DType::BF16, &dev), up(&gate, &[3], DType::BF16, &dev));
+    scatter_add_rows_cuda(&mut gout, &gy, Some(&add_rows), Some(&weights), Some(&gg)).unwrap();
+    let mut host: Vec<f32> = out.to_vec().unwrap();
+    for (j, &row) in add_rows.iter().enumerate() {
+        let s = weights[j] / (1.0 + (-gate[j]).exp());
+        for c in 0..w {
+            host[row * w + c] += s * y[j * w + c];
+        }
+    }
+    let e = rel_err(&down(&gout), &host);
+    assert!(e < 1e-2, "scatter-add: rel err {e:.2e}");
+    out = Tensor::from_vec(vec![0.0f32; 4], &[2, 2]).unwrap();
+    let mut small = CudaTensor::from_host(&out, &dev).unwrap();
+    let two = up(&[1.0; 4], &[2, 2], DType::F32, &dev);
+    assert!(matches!(gather_rows_cuda(&gx, &[9]), Err(Error::Argument { arg: "rows", .. })));
+    assert!(matches!(
+        scatter_add_rows_cuda(&mut small, &two, Some(&[1, 1]), None, None),
+        Err(Error::Argument { arg: "rows", .. })
+    ));
+    assert!(matches!(
+        scatter_add_rows_cuda(&mut small, &two, None, Some(&[1.0]), None),
+        Err(Error::Argument { arg: "weights", .. })
+    ));
+    assert!(matches!(scatter_add_rows_cuda(&mut small, &gy, None, None, None), Err(Error::DType { arg: "y", .. })));
 }
