@@ -1,17 +1,18 @@
 //! The decoder on a CUDA device ([`Model::to_cuda`]): the layers' GPU twins
-//! ([`fla_nn::gated_deltanet::GatedDeltaNetCuda`], [`fla_nn::attention::GatedAttentionCuda`],
-//! [`fla_nn::mlp::MlpCuda`], [`fla_nn::moe::MoeCuda`]) in the pre-norm decoder of
-//! [`crate::Decoder`], activations in one dtype. Gated DeltaNet and gated attention mixers with
-//! dense MLPs or mixtures of experts so far (Qwen3.5, Qwen3-Next); KDA and MLA mixers answer with
-//! [`Error::Unsupported`]. The token
-//! embedding is gathered on the host and uploaded (one row per token).
+//! ([`fla_nn::gated_deltanet::GatedDeltaNetCuda`], [`fla_nn::kda::KimiDeltaAttentionCuda`],
+//! [`fla_nn::attention::GatedAttentionCuda`], [`fla_nn::mlp::MlpCuda`], [`fla_nn::moe::MoeCuda`])
+//! in the pre-norm decoder of [`crate::Decoder`], activations in one dtype: Qwen3.5 and
+//! Qwen3-Next whole; Kimi Linear's MLA layers are not on the GPU yet ([`Error::Unsupported`]).
+//! The token embedding is gathered on the host and uploaded (one row per token).
 use std::sync::Arc;
 
 use fla_core::cuda::{CudaDevice, CudaTensor};
 use fla_core::{cuda_blas, DType, Error, Result, Tensor};
 use fla_nn::attention::{GatedAttentionCuda, KvCacheCuda};
 use fla_nn::cuda::{add_assign_cuda, gather_rows_cuda, rms_norm_cuda};
-use fla_nn::gated_deltanet::{GatedDeltaNetCuda, GdnCacheCuda};
+use fla_nn::gated_deltanet::GatedDeltaNetCuda;
+use fla_nn::kda::KimiDeltaAttentionCuda;
+use fla_nn::linear_cuda::LinearCacheCuda;
 use fla_nn::mlp::MlpCuda;
 use fla_nn::moe::MoeCuda;
 use fla_nn::Batch;
@@ -21,6 +22,7 @@ use crate::Model;
 
 enum MixerCuda {
     Gdn(GatedDeltaNetCuda),
+    Kda(KimiDeltaAttentionCuda),
     Attention(GatedAttentionCuda),
 }
 
@@ -69,7 +71,7 @@ struct ModelHost {
 /// The per-layer caches of a [`ModelCuda`] for a batch of sequences, on its device.
 #[derive(Debug, Default)]
 pub struct CacheCuda {
-    gdn: Vec<GdnCacheCuda>,
+    linear: Vec<LinearCacheCuda>,
     attn: Vec<KvCacheCuda>,
     /// Tokens each sequence holds.
     pub past: Vec<usize>,
@@ -86,10 +88,11 @@ impl Model {
             let mixer = match &l.mixer {
                 Mixer::Gdn(m) => MixerCuda::Gdn(m.to_cuda(dev, dtype)?),
                 Mixer::Attention(m) => MixerCuda::Attention(m.to_cuda(dev, dtype)?),
-                Mixer::Kda(_) | Mixer::Mla(_) => {
+                Mixer::Kda(m) => MixerCuda::Kda(m.to_cuda(dev, dtype)?),
+                Mixer::Mla(_) => {
                     return Err(Error::Unsupported {
                         op: OP,
-                        msg: format!("layer {i}: KDA and MLA layers are not on the GPU yet"),
+                        msg: format!("layer {i}: MLA layers are not on the GPU yet"),
                     })
                 }
             };
@@ -115,9 +118,11 @@ impl Model {
 impl ModelCuda {
     /// An empty cache for `n` sequences.
     pub fn new_cache(&self, n: usize) -> CacheCuda {
-        let count = |gdn: bool| self.layers.iter().filter(|l| matches!(l.mixer, MixerCuda::Gdn(_)) == gdn).count();
+        let count = |linear: bool| {
+            self.layers.iter().filter(|l| matches!(l.mixer, MixerCuda::Gdn(_) | MixerCuda::Kda(_)) == linear).count()
+        };
         CacheCuda {
-            gdn: (0..count(true)).map(|_| GdnCacheCuda::default()).collect(),
+            linear: (0..count(true)).map(|_| LinearCacheCuda::default()).collect(),
             attn: (0..count(false)).map(|_| KvCacheCuda::default()).collect(),
             past: vec![0; n],
         }
@@ -135,13 +140,17 @@ impl ModelCuda {
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
         let x = Tensor::from_vec(m.embed.forward(&ids)?, &[ids.len(), m.hidden])?.to_dtype(self.dtype)?;
         let mut x = CudaTensor::from_host(&x, &self.dev)?;
-        let (mut gi, mut ai) = (0, 0);
+        let (mut li, mut ai) = (0, 0);
         for layer in &self.layers {
             let h = rms_norm_cuda(&x, &layer.input_norm, m.eps, m.norm_offset, None)?;
             let y = match &layer.mixer {
                 MixerCuda::Gdn(g) => {
-                    gi += 1;
-                    g.forward(&h, &batch, &mut cache.gdn[gi - 1])?
+                    li += 1;
+                    g.forward(&h, &batch, &mut cache.linear[li - 1])?
+                }
+                MixerCuda::Kda(k) => {
+                    li += 1;
+                    k.forward(&h, &batch, &mut cache.linear[li - 1])?
                 }
                 MixerCuda::Attention(a) => {
                     ai += 1;

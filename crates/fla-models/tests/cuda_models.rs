@@ -39,7 +39,7 @@ fn qwen3_next_greedy_on_the_gpu() {
     check_greedy("qwen3_next_tiny");
 }
 
-/// Kimi Linear's KDA and MLA mixers are not on the GPU yet: a typed error, not a panic.
+/// Kimi Linear's MLA mixers are not on the GPU yet: a typed error, not a panic.
 #[test]
 fn kimi_linear_is_unsupported_on_the_gpu() {
     let Some(dev) = gpu("kimi_linear_is_unsupported_on_the_gpu") else { return };

@@ -13,11 +13,12 @@
 use std::sync::Arc;
 
 use fla_core::cuda::{CudaDevice, CudaTensor};
-use fla_core::{cuda_blas, DType, Error, Result, Tensor};
+use fla_core::{cuda_blas, DType, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
 use crate::conv::{ConvState, ShortConv};
-use crate::cuda::{copy_cols_cuda, rms_norm_cuda, short_conv_cuda};
+use crate::cuda::rms_norm_cuda;
+use crate::linear_cuda::{check_input, conv_recurrence, LinearCacheCuda, Recurrence};
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -255,15 +256,6 @@ pub struct GatedDeltaNetCuda {
     out_proj: CudaTensor,
 }
 
-/// The cache of one [`GatedDeltaNetCuda`] layer for a batch of sequences, on its device.
-#[derive(Debug, Default)]
-pub struct GdnCacheCuda {
-    /// Last conv inputs `[N, conv_dim, kernel]` f32, once a forward has run.
-    pub conv: Option<CudaTensor>,
-    /// Recurrent state `[N, HV, K, V]` f32, once a forward has run.
-    pub state: Option<CudaTensor>,
-}
-
 impl GatedDeltaNet {
     /// The layer on `dev` with its projection weights in `dtype` (f32, bf16 or f16; the conv,
     /// gate and norm parameters stay f32).
@@ -324,83 +316,25 @@ impl GatedDeltaNetCuda {
     /// `x [tokens, hidden]` (the dtype of the projection weights, on their device) →
     /// `[tokens, hidden]`, continuing each sequence from `cache`: prefill through the chunk form,
     /// a decode batch (one new token per cached sequence) through the recurrent step.
-    pub fn forward(&self, x: &CudaTensor, batch: &Batch, cache: &mut GdnCacheCuda) -> Result<CudaTensor> {
+    pub fn forward(&self, x: &CudaTensor, batch: &Batch, cache: &mut LinearCacheCuda) -> Result<CudaTensor> {
         const OP: &str = "GatedDeltaNetCuda::forward";
         let c = &self.cfg;
         let tokens = batch.tokens();
-        if x.shape() != [tokens, c.hidden] {
-            return Err(Error::shape(OP, "x", format!("[tokens, hidden] = [{tokens}, {}]", c.hidden), x.shape()));
-        }
-        if x.dtype() != self.qkv.dtype() {
-            return Err(Error::DType {
-                op: OP,
-                arg: "x",
-                expected: format!("{} (the weights' dtype)", self.qkv.dtype()),
-                got: x.dtype(),
-            });
-        }
-        if x.device() != self.qkv.device() {
-            return Err(Error::Device {
-                op: OP,
-                arg: "x",
-                expected: self.qkv.device().to_string(),
-                got: x.device().to_string(),
-            });
-        }
-        let n = batch.len();
-        let held = cache.state.as_ref().map_or(0, |s| s.shape()[0]);
-        if batch.past.iter().any(|&p| p > 0) && held != n {
-            return Err(Error::size(OP, format!("{n} sequences continue from a cache holding {held} states")));
-        }
-        let dev = x.cuda_device().clone();
+        check_input(OP, x, tokens, c.hidden, &self.qkv)?;
         let lin = |w: &CudaTensor| cuda_blas::matmul(x, w, true);
-        let (qkv, z, b, a) = (lin(&self.qkv)?, lin(&self.z)?, lin(&self.b)?, lin(&self.a)?);
-        let (kt, vt, cd) = (c.key_total(), c.value_total(), c.conv_dim());
-        let conv_state = match cache.conv.take() {
-            Some(s) if s.shape()[0] == n => s,
-            _ => CudaTensor::zeros(&[n, cd, c.conv_kernel], DType::F32, &dev)?,
+        let (hv, dv) = (c.value_heads, c.value_dim);
+        let r = Recurrence {
+            family: Family::GatedDeltaRule,
+            heads: [c.key_heads, hv],
+            dims: [c.key_dim, dv],
+            g: lin(&self.a)?,
+            beta: lin(&self.b)?,
+            a_log: &self.a_log,
+            dt_bias: &self.dt_bias,
         };
-        let cu = batch.cu_seqlens();
-        let (mixed, conv_new) = short_conv_cuda(&qkv, &self.conv, &conv_state, &cu)?;
-        cache.conv = Some(conv_new);
-        let (hk, hv, dk, dv) = (c.key_heads, c.value_heads, c.key_dim, c.value_dim);
-        let decode = batch.is_decode() && held == n;
-        let (bsz, t) = if decode { (n, 1) } else { (1, tokens) };
-        let q = copy_cols_cuda(&mixed, 0, kt)?.reshape(&[bsz, t, hk, dk])?;
-        let k = copy_cols_cuda(&mixed, kt, kt)?.reshape(&[bsz, t, hk, dk])?;
-        let v = copy_cols_cuda(&mixed, 2 * kt, vt)?.reshape(&[bsz, t, hv, dv])?;
-        let (a, b) = (a.reshape(&[bsz, t, hv])?, b.reshape(&[bsz, t, hv])?);
-        let opts = Options {
-            output_final_state: true,
-            use_qk_l2norm_in_kernel: true,
-            use_beta_sigmoid_in_kernel: true,
-            use_gate_in_kernel: true,
-            scale: None,
-        };
-        let inputs = Inputs {
-            g: Some(&a),
-            beta: Some(&b),
-            a_log: Some(&self.a_log),
-            dt_bias: Some(&self.dt_bias),
-            cu_seqlens: (!decode).then_some(&cu[..]),
-            ..Inputs::new(&q, &k, &v)
-        };
-        let o = match cache.state.as_mut() {
-            Some(state) if decode => recurrent::step_cuda(Family::GatedDeltaRule, &inputs, &opts, state, None)?,
-            _ => {
-                let h0 = cache.state.take().filter(|s| s.shape()[0] == n && batch.past.iter().any(|&p| p > 0));
-                let (o, ht) = chunk::forward_cuda(
-                    Family::GatedDeltaRule,
-                    &Inputs { initial_state: h0.as_ref(), ..inputs },
-                    &opts,
-                )?;
-                cache.state = ht;
-                o
-            }
-        };
-        let o = o.reshape(&[tokens * hv, dv])?;
-        let z = z.reshape(&[tokens * hv, dv])?;
-        let y = rms_norm_cuda(&o, &self.norm, c.eps, 0.0, Some((&z, GateAct::Silu)))?.reshape(&[tokens, vt])?;
+        let o = conv_recurrence(OP, &lin(&self.qkv)?, &self.conv, r, batch, cache)?;
+        let z = lin(&self.z)?.reshape(&[tokens * hv, dv])?;
+        let y = rms_norm_cuda(&o, &self.norm, c.eps, 0.0, Some((&z, GateAct::Silu)))?.reshape(&[tokens, hv * dv])?;
         cuda_blas::matmul(&y, &self.out_proj, true)
     }
 }

@@ -12,10 +12,15 @@
 //!
 //! The cache of a batch ([`KdaCache`]) holds the last `conv_kernel` inputs of each convolution
 //! and the recurrent state `[N, H, dk, dv]` (f32) of each sequence.
-use fla_core::{DType, Error, Result, Tensor};
+use std::sync::Arc;
+
+use fla_core::cuda::{CudaDevice, CudaTensor};
+use fla_core::{cuda_blas, DType, Error, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
 use crate::conv::{ConvState, ShortConv};
+use crate::cuda::rms_norm_cuda;
+use crate::linear_cuda::{check_input, conv_recurrence, LinearCacheCuda, Recurrence};
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -295,6 +300,94 @@ impl KimiDeltaAttention {
             fresh.iter().for_each(|&i| s[i * h * d * d..][..h * d * d].fill(0.0));
         }
         Ok(())
+    }
+}
+
+/// The KDA layer on a CUDA device ([`KimiDeltaAttention::to_cuda`]), the twin of
+/// [`KimiDeltaAttention::forward`]: the three projections and their three convolutions fused into
+/// one each (rows q | k | v), the low-rank gate and output-gate projections and `b_proj` with
+/// cuBLAS, the recurrence ([`crate::linear_cuda`]: per-channel decay computed in the op), then
+/// the per-head RMSNorm gated by the sigmoid of the output gate. Activations in the weights'
+/// dtype.
+pub struct KimiDeltaAttentionCuda {
+    cfg: KdaConfig,
+    /// `[3·H·dk, hidden]`: q, k, v projections stacked.
+    qkv: CudaTensor,
+    /// `[3·H·dk, kernel]` f32: the three convolutions stacked.
+    conv: CudaTensor,
+    f_a: CudaTensor,
+    f_b: CudaTensor,
+    b: CudaTensor,
+    g_a: CudaTensor,
+    g_b: CudaTensor,
+    /// `[H]` and `[H·dk]` f32.
+    a_log: CudaTensor,
+    dt_bias: CudaTensor,
+    /// `[dk]` f32.
+    o_norm: CudaTensor,
+    o_proj: CudaTensor,
+}
+
+impl KimiDeltaAttention {
+    /// The layer on `dev` with its projection weights in `dtype` (f32, bf16 or f16; the conv,
+    /// gate and norm parameters stay f32). FLA's safe gate is not on the GPU yet: a typed error.
+    pub fn to_cuda(&self, dev: &Arc<CudaDevice>, dtype: DType) -> Result<KimiDeltaAttentionCuda> {
+        if let KdaGate::Safe { .. } = self.cfg.gate {
+            return Err(Error::Unsupported {
+                op: "KimiDeltaAttention::to_cuda",
+                msg: "the safe gate (gate_lower_bound) is not on the GPU yet".into(),
+            });
+        }
+        let up = |t: &Tensor| CudaTensor::from_host(&t.to_dtype(dtype)?, dev);
+        let up32 = |v: Vec<f32>, shape: &[usize]| CudaTensor::from_host(&Tensor::from_vec(v, shape)?, dev);
+        let (dim, kernel) = (self.cfg.heads * self.cfg.head_dim, self.cfg.conv_kernel);
+        let mut qkv: Vec<f32> = Vec::with_capacity(3 * dim * self.cfg.hidden);
+        for l in [&self.q_proj, &self.k_proj, &self.v_proj] {
+            qkv.extend(l.weight().to_vec::<f32>()?);
+        }
+        let conv: Vec<f32> =
+            [&self.q_conv, &self.k_conv, &self.v_conv].iter().flat_map(|c| c.weight().to_vec()).collect();
+        Ok(KimiDeltaAttentionCuda {
+            qkv: up(&Tensor::from_vec(qkv, &[3 * dim, self.cfg.hidden])?)?,
+            conv: up32(conv, &[3 * dim, kernel])?,
+            f_a: up(self.f_a_proj.weight())?,
+            f_b: up(self.f_b_proj.weight())?,
+            b: up(self.b_proj.weight())?,
+            g_a: up(self.g_a_proj.weight())?,
+            g_b: up(self.g_b_proj.weight())?,
+            a_log: CudaTensor::from_host(&self.a_log, dev)?,
+            dt_bias: CudaTensor::from_host(&self.dt_bias, dev)?,
+            o_norm: up32(self.o_norm.clone(), &[self.cfg.head_dim])?,
+            o_proj: up(self.o_proj.weight())?,
+            cfg: self.cfg.clone(),
+        })
+    }
+}
+
+impl KimiDeltaAttentionCuda {
+    /// `x [tokens, hidden]` (the dtype of the projection weights, on their device) →
+    /// `[tokens, hidden]`, continuing each sequence from `cache`: prefill through the chunk form,
+    /// a decode batch (one new token per cached sequence) through the recurrent step.
+    pub fn forward(&self, x: &CudaTensor, batch: &Batch, cache: &mut LinearCacheCuda) -> Result<CudaTensor> {
+        const OP: &str = "KimiDeltaAttentionCuda::forward";
+        let c = &self.cfg;
+        let tokens = batch.tokens();
+        check_input(OP, x, tokens, c.hidden, &self.qkv)?;
+        let lin = |x: &CudaTensor, w: &CudaTensor| cuda_blas::matmul(x, w, true);
+        let (h, d) = (c.heads, c.head_dim);
+        let r = Recurrence {
+            family: Family::Kda,
+            heads: [h, h],
+            dims: [d, d],
+            g: lin(&lin(x, &self.f_a)?, &self.f_b)?,
+            beta: lin(x, &self.b)?,
+            a_log: &self.a_log,
+            dt_bias: &self.dt_bias,
+        };
+        let o = conv_recurrence(OP, &lin(x, &self.qkv)?, &self.conv, r, batch, cache)?;
+        let gate = lin(&lin(x, &self.g_a)?, &self.g_b)?.reshape(&[tokens * h, d])?;
+        let y = rms_norm_cuda(&o, &self.o_norm, c.rms_norm_eps, 0.0, Some((&gate, GateAct::Sigmoid)))?;
+        lin(&y.reshape(&[tokens, h * d])?, &self.o_proj)
     }
 }
 

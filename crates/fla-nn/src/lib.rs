@@ -25,6 +25,7 @@ pub mod embedding;
 pub mod gated_deltanet;
 pub mod kda;
 mod linear;
+pub mod linear_cuda;
 pub mod mla;
 pub mod mlp;
 pub mod moe;

@@ -1,7 +1,7 @@
 //! The GPU layer primitives (`fla_nn::cuda`) against their CPU twins on random inputs: RMSNorm
 //! (plain, 1 + w, gated by SiLU and sigmoid), the short convolution over a varlen batch with a
 //! cache (a sequence of one token, an empty one), SiLU(a)·b; f32 and bf16 activations; the typed
-//! errors; the mixtures of experts and their row gather / scatter-add. Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
+//! errors; the mixtures of experts and their row gather / scatter-add; the KDA layer. Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
 use std::sync::Arc;
 
 use fla_core::cuda::{self, CudaDevice, CudaTensor};
@@ -204,7 +204,8 @@ fn gdn_weights(
 /// path, K = 32) and bf16 (tensor cores, K = V = 64).
 #[test]
 fn gated_deltanet_layer_vs_cpu() {
-    use fla_nn::gated_deltanet::{GatedDeltaNet, GatedDeltaNetConfig, GdnCache, GdnCacheCuda, ProjLayout};
+    use fla_nn::gated_deltanet::{GatedDeltaNet, GatedDeltaNetConfig, GdnCache, ProjLayout};
+    use fla_nn::linear_cuda::LinearCacheCuda;
     let Some(dev) = gpu("gated_deltanet_layer_vs_cpu") else { return };
     let mut rng = StdRng::seed_from_u64(14);
     for (dtype, dk, dv) in [(DType::F32, 32, 48), (DType::BF16, 64, 64)] {
@@ -222,7 +223,7 @@ fn gated_deltanet_layer_vs_cpu() {
             let vb = fla_nn::VarBuilder::from_tensors(gdn_weights(&mut rng, &cfg, layout));
             let cpu = GatedDeltaNet::load(&cfg, &vb).unwrap();
             let gpu_layer = cpu.to_cuda(&dev, dtype).unwrap();
-            let (mut cc, mut gc) = (GdnCache::default(), GdnCacheCuda::default());
+            let (mut cc, mut gc) = (GdnCache::default(), LinearCacheCuda::default());
             let lens = [[70, 1, 130], [1, 1, 1], [1, 1, 1]];
             let mut past = [0usize; 3];
             for (step, lens) in lens.iter().enumerate() {
@@ -424,4 +425,69 @@ fn gather_scatter_rows_vs_host() {
         Err(Error::Argument { arg: "weights", .. })
     ));
     assert!(matches!(scatter_add_rows_cuda(&mut small, &gy, None, None, None), Err(Error::DType { arg: "y", .. })));
+}
+
+/// The GPU KDA layer against its CPU twin: a varlen prefill of three prompts (one of a single
+/// token), two decode steps, then a second prefill chunk on the cached states; f32 (the f32 chunk
+/// path, dk = 32) and bf16 (tensor cores, dk = 64). The safe gate is a typed error on the GPU.
+#[test]
+fn kda_layer_vs_cpu() {
+    use fla_nn::kda::{KdaCache, KdaConfig, KdaGate, KimiDeltaAttention};
+    use fla_nn::linear_cuda::LinearCacheCuda;
+    let Some(dev) = gpu("kda_layer_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(19);
+    for (dtype, d) in [(DType::F32, 32), (DType::BF16, 64)] {
+        let (hidden, h, rank, ker) = (80, 2, 24, 4);
+        let dim = h * d;
+        let mut m = std::collections::HashMap::new();
+        let mut put = |name: &str, shape: &[usize], scale: f32| {
+            let n = shape.iter().product();
+            m.insert(
+                name.to_string(),
+                Tensor::from_vec(rounded(&random(&mut rng, n, scale), DType::BF16), shape).unwrap(),
+            );
+        };
+        for p in ["q_proj", "k_proj", "v_proj"] {
+            put(&format!("{p}.weight"), &[dim, hidden], 0.15);
+        }
+        for c in ["q_conv1d", "k_conv1d", "v_conv1d"] {
+            put(&format!("{c}.weight"), &[dim, 1, ker], 0.4);
+        }
+        put("f_a_proj.weight", &[rank, hidden], 0.15);
+        put("f_b_proj.weight", &[dim, rank], 0.2);
+        put("b_proj.weight", &[h, hidden], 0.15);
+        put("g_a_proj.weight", &[rank, hidden], 0.15);
+        put("g_b_proj.weight", &[dim, rank], 0.2);
+        put("A_log", &[h], 0.5);
+        put("dt_bias", &[dim], 0.5);
+        put("o_norm.weight", &[d], 0.2);
+        put("o_proj.weight", &[hidden, dim], 0.1);
+        let cfg = KdaConfig {
+            hidden,
+            heads: h,
+            head_dim: d,
+            conv_kernel: ker,
+            rms_norm_eps: 1e-5,
+            low_rank: None,
+            gate: KdaGate::Softplus,
+        };
+        let vb = fla_nn::VarBuilder::from_tensors(m);
+        let cpu = KimiDeltaAttention::load(&cfg, &vb).unwrap();
+        let layer = cpu.to_cuda(&dev, dtype).unwrap();
+        let (mut cc, mut gc) = (KdaCache::default(), LinearCacheCuda::default());
+        let mut past = [0usize; 3];
+        for (step, lens) in [[70, 1, 130], [1, 1, 1], [1, 1, 1], [9, 65, 2]].iter().enumerate() {
+            let batch = Batch::new(lens, &past);
+            let x = rounded(&random(&mut rng, batch.tokens() * hidden, 1.0), dtype);
+            let want = cpu.forward(&x, &batch, &mut cc).unwrap();
+            let got = down(&layer.forward(&up(&x, &[batch.tokens(), hidden], dtype, &dev), &batch, &mut gc).unwrap());
+            let e = rel_err(&got, &want);
+            let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+            assert!(e < tol, "{dtype} step {step}: rel err {e:.2e}");
+            past.iter_mut().zip(lens).for_each(|(p, l)| *p += l);
+        }
+        let safe = KdaConfig { gate: KdaGate::Safe { lower_bound: -5.0 }, ..cfg };
+        let cpu = KimiDeltaAttention::load(&safe, &vb).unwrap();
+        assert!(matches!(cpu.to_cuda(&dev, dtype), Err(Error::Unsupported { .. })));
+    }
 }

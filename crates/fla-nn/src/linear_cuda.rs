@@ -1,0 +1,124 @@
+//! What the GPU linear-attention layers ([`crate::gated_deltanet::GatedDeltaNetCuda`],
+//! [`crate::kda::KimiDeltaAttentionCuda`]) share: their cache, the check of their input, and the
+//! core from the fused q|k|v projection to the attention output — the short convolution with its
+//! cache, the split into q, k and v, then the recurrent step (a decode batch) or the chunk form
+//! (anything else) on the cached states.
+use fla_core::cuda::CudaTensor;
+use fla_core::{DType, Error, Result};
+use fla_ops::{chunk, recurrent, Family, Inputs, Options};
+
+use crate::cuda::{copy_cols_cuda, short_conv_cuda};
+use crate::Batch;
+
+/// The cache of one GPU linear-attention layer for a batch of sequences, on its device.
+#[derive(Debug, Default)]
+pub struct LinearCacheCuda {
+    /// Last conv inputs `[N, conv channels, kernel]` f32, once a forward has run.
+    pub conv: Option<CudaTensor>,
+    /// Recurrent state `[N, HV, K, V]` f32, once a forward has run.
+    pub state: Option<CudaTensor>,
+}
+
+/// `x` is `[tokens, hidden]` of `weight`'s dtype, on its device.
+pub(crate) fn check_input(
+    op: &'static str,
+    x: &CudaTensor,
+    tokens: usize,
+    hidden: usize,
+    weight: &CudaTensor,
+) -> Result<()> {
+    if x.shape() != [tokens, hidden] {
+        return Err(Error::shape(op, "x", format!("[tokens, hidden] = [{tokens}, {hidden}]"), x.shape()));
+    }
+    if x.dtype() != weight.dtype() {
+        return Err(Error::DType {
+            op,
+            arg: "x",
+            expected: format!("{} (the weights' dtype)", weight.dtype()),
+            got: x.dtype(),
+        });
+    }
+    if x.device() != weight.device() {
+        return Err(Error::Device { op, arg: "x", expected: weight.device().to_string(), got: x.device().to_string() });
+    }
+    Ok(())
+}
+
+/// The recurrence of one layer call: its family, head counts and dims, and the per-token gate
+/// inputs besides q, k and v.
+pub(crate) struct Recurrence<'a> {
+    pub family: Family,
+    /// Query / key heads and value heads.
+    pub heads: [usize; 2],
+    /// Key and value head dims.
+    pub dims: [usize; 2],
+    /// Gate inputs `[tokens, HV]` (a scalar decay per head) or `[tokens, HV·K]` (per channel),
+    /// turned into the log decay in the op by `a_log` and `dt_bias`.
+    pub g: CudaTensor,
+    /// `[tokens, HV]`, through a sigmoid in the op.
+    pub beta: CudaTensor,
+    pub a_log: &'a CudaTensor,
+    pub dt_bias: &'a CudaTensor,
+}
+
+/// `qkv [tokens, 2·H·K + HV·V]` (the projections, before the convolution) → the attention
+/// output `[tokens·HV, V]`, continuing each sequence from `cache`: `silu(conv(qkv))` with the
+/// cached conv inputs, then the recurrence with in-op L2 norm of q and k, sigmoid of beta and
+/// the gate, on the cached states.
+pub(crate) fn conv_recurrence(
+    op: &'static str,
+    qkv: &CudaTensor,
+    conv: &CudaTensor,
+    r: Recurrence<'_>,
+    batch: &Batch,
+    cache: &mut LinearCacheCuda,
+) -> Result<CudaTensor> {
+    let ([hk, hv], [dk, dv]) = (r.heads, r.dims);
+    let (n, tokens) = (batch.len(), batch.tokens());
+    let held = cache.state.as_ref().map_or(0, |s| s.shape()[0]);
+    if batch.past.iter().any(|&p| p > 0) && held != n {
+        return Err(Error::size(op, format!("{n} sequences continue from a cache holding {held} states")));
+    }
+    let dev = qkv.cuda_device().clone();
+    let conv_state = match cache.conv.take() {
+        Some(s) if s.shape()[0] == n => s,
+        _ => CudaTensor::zeros(&[n, conv.shape()[0], conv.shape()[1]], DType::F32, &dev)?,
+    };
+    let cu = batch.cu_seqlens();
+    let (mixed, conv_new) = short_conv_cuda(qkv, conv, &conv_state, &cu)?;
+    cache.conv = Some(conv_new);
+    let decode = batch.is_decode() && held == n;
+    let (bsz, t) = if decode { (n, 1) } else { (1, tokens) };
+    let kt = hk * dk;
+    let q = copy_cols_cuda(&mixed, 0, kt)?.reshape(&[bsz, t, hk, dk])?;
+    let k = copy_cols_cuda(&mixed, kt, kt)?.reshape(&[bsz, t, hk, dk])?;
+    let v = copy_cols_cuda(&mixed, 2 * kt, hv * dv)?.reshape(&[bsz, t, hv, dv])?;
+    let g_shape: &[usize] = if r.g.elem_count() == tokens * hv { &[bsz, t, hv] } else { &[bsz, t, hv, dk] };
+    let g = r.g.reshape(g_shape)?;
+    let beta = r.beta.reshape(&[bsz, t, hv])?;
+    let opts = Options {
+        output_final_state: true,
+        use_qk_l2norm_in_kernel: true,
+        use_beta_sigmoid_in_kernel: true,
+        use_gate_in_kernel: true,
+        scale: None,
+    };
+    let inputs = Inputs {
+        g: Some(&g),
+        beta: Some(&beta),
+        a_log: Some(r.a_log),
+        dt_bias: Some(r.dt_bias),
+        cu_seqlens: (!decode).then_some(&cu[..]),
+        ..Inputs::new(&q, &k, &v)
+    };
+    let o = match cache.state.as_mut() {
+        Some(state) if decode => recurrent::step_cuda(r.family, &inputs, &opts, state, None)?,
+        _ => {
+            let h0 = cache.state.take().filter(|s| s.shape()[0] == n && batch.past.iter().any(|&p| p > 0));
+            let (o, ht) = chunk::forward_cuda(r.family, &Inputs { initial_state: h0.as_ref(), ..inputs }, &opts)?;
+            cache.state = ht;
+            o
+        }
+    };
+    o.reshape(&[tokens * hv, dv])
+}
