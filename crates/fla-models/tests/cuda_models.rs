@@ -21,12 +21,12 @@ fn gpu(test: &str) -> Option<std::sync::Arc<CudaDevice>> {
 
 #[test]
 fn qwen3_5_logits_on_the_gpu() {
-    check_logits("qwen3_5_tiny");
+    check_logits("qwen3_5_tiny", false);
 }
 
 #[test]
 fn qwen3_next_logits_on_the_gpu() {
-    check_logits("qwen3_next_tiny");
+    check_logits("qwen3_next_tiny", true);
 }
 
 #[test]
@@ -47,14 +47,18 @@ fn kimi_linear_is_unsupported_on_the_gpu() {
     assert!(matches!(model.to_cuda(&dev, DType::F32), Err(fla_core::Error::Unsupported { .. })));
 }
 
-fn check_logits(name: &str) {
+/// `moe`: the model routes tokens to experts. There a 16-bit router can pick another expert than
+/// the f32 reference for a near tie, which moves those tokens' logits by O(10%); the 16-bit
+/// bound then only catches a broken kernel.
+fn check_logits(name: &str, moe: bool) {
     let Some(dev) = gpu(name) else { return };
     let model = Model::load(&model_dir(name)).unwrap();
     let r = reference(name);
     let seqs: Vec<&[u32]> = r.input_ids.iter().map(|p| &p[..]).collect();
     // 16-bit activations round the residual stream at every layer; bf16 keeps 8 mantissa bits,
     // f16 11, so f16 lands about 8x closer. A wrong kernel is off by O(1).
-    for (dtype, tol) in [(DType::F32, 1e-4), (DType::F16, 2e-2), (DType::BF16, 1.5e-1)] {
+    let (f16_tol, bf16_tol) = if moe { (0.5, 0.5) } else { (2e-2, 1.5e-1) };
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::F16, f16_tol), (DType::BF16, bf16_tol)] {
         let gpu_model = model.to_cuda(&dev, dtype).unwrap();
         let logits = gpu_model.forward_logits(&seqs).unwrap();
         let err = rel_err(&logits, &r.logits);
