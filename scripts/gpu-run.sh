@@ -8,8 +8,18 @@
 # `fla bench ops --device cuda` next to FLA 0.6.0 (Python, Triton) on the same shapes, through
 # scripts/fla_side_by_side.py; `prepare` downloads FLA's pure-Python wheels (and einops) into
 # .device/wheels, `side` unpacks them into .device/pylib the first time.
+# `scripts/gpu-run.sh hf [--prompt-tokens N]` (on the GPU machine): `fla bench model --device cuda`
+# next to HF transformers with FLA (scripts/hf_model_bench.py) on the same model shape.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# FLA's wheels unpacked into .device/pylib (once).
+pylib() {
+  if [ ! -d .device/pylib/fla ]; then
+    ls .device/wheels/*.whl > /dev/null 2>&1 || { echo "no wheels in .device/wheels: run $0 prepare" >&2; exit 1; }
+    python3 -m pip install --no-deps --no-index --target .device/pylib .device/wheels/*.whl \
+      || for w in .device/wheels/*.whl; do python3 -m zipfile -e "$w" .device/pylib/ || exit 1; done
+  fi
+}
 case "${1:-}" in
 prepare)
   set -e
@@ -34,7 +44,7 @@ prepare)
     .device/wheels/einops-*.whl > /dev/null 2>&1 \
     || python3 -m pip download --no-deps -d .device/wheels fla-core==0.6.0 flash-linear-attention==0.6.0 einops==0.8.2 \
     || echo "warning: could not download the FLA wheels into .device/wheels (only \`side\` needs them)"
-  cp scripts/fla_side_by_side.py .device/
+  cp scripts/fla_side_by_side.py scripts/hf_model_bench.py .device/
   ls -la .device
   ;;
 run)
@@ -73,11 +83,7 @@ side)
   shift
   out="${OUT:-}"
   if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then out="$1"; shift; fi
-  if [ ! -d .device/pylib/fla ]; then
-    ls .device/wheels/*.whl > /dev/null 2>&1 || { echo "no wheels in .device/wheels: run $0 prepare" >&2; exit 1; }
-    python3 -m pip install --no-deps --no-index --target .device/pylib .device/wheels/*.whl \
-      || for w in .device/wheels/*.whl; do python3 -m zipfile -e "$w" .device/pylib/ || exit 1; done
-  fi
+  pylib
   script=scripts/fla_side_by_side.py
   [ -f "$script" ] || script=.device/fla_side_by_side.py
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
@@ -89,8 +95,20 @@ side)
     python3 "$script" --fla-bin .device/fla --pylib .device/pylib "$@"
   fi
   ;;
+hf)
+  # Our GPU model next to HF transformers (with FLA) on the same model shape and card.
+  shift
+  tokens=8192
+  [ "${1:-}" = "--prompt-tokens" ] && tokens="$2"
+  pylib
+  script=scripts/hf_model_bench.py
+  [ -f "$script" ] || script=.device/hf_model_bench.py
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
+  .device/fla bench model --device cuda --seconds 2 --prompt-tokens "$tokens" --decode-tokens 64 --json
+  python3 "$script" --pylib .device/pylib --prompt-tokens "$tokens"
+  ;;
 *)
-  echo "usage: $0 prepare | run [OUTDIR] | side [OUTDIR] [--seconds S] [--only a,b] [--no-ours]" >&2
+  echo "usage: $0 prepare | run [OUTDIR] | side [OUTDIR] [--seconds S] [--only a,b] [--no-ours] | hf [--prompt-tokens N]" >&2
   exit 2
   ;;
 esac
