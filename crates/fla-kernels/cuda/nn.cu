@@ -1,27 +1,35 @@
 // Row-wise and elementwise kernels of the model layers (fla-nn/src/cuda.rs launches them; the CPU
-// twins are fla-nn/src/ops.rs and conv.rs): RMSNorm (plain, 1 + w, gated by SiLU or sigmoid), the
-// depthwise causal short convolution with SiLU and its cache, and SiLU(a) * b. Activations in
+// twins are fla-nn/src/ops.rs and conv.rs): RMSNorm (plain, 1 + w, gated by SiLU or sigmoid, with
+// the residual add fused in front), the depthwise causal short convolution with SiLU and its
+// cache, SiLU(gate) * up, column and row copies. Activations in
 // f32, bf16 or f16 (read and written in that dtype, f32 arithmetic), weights and caches in f32.
 #include "common/dtype.cuh"
 #include "common/math.cuh"
 
 // Keep in sync with `NormParams` in fla-nn/src/cuda.rs (repr(C)).
 struct NormParams {
-    const void* x;   // [rows, dim]
+    const void* x;   // [rows, dim]; with `res`, the residual stream, updated in place
     const float* w;  // [dim]
     const void* z;   // [rows, dim] gate input, or null
     void* y;         // [rows, dim], dtype of x
+    const void* res; // [rows, dim] added into x first (x += res, rounded to the dtype), or null
     int dtype, rows, dim;
     int gate;        // 0: none, 1: silu(z), 2: sigmoid(z)
     float eps, offset;
 };
 
-// One CTA (128 threads) per row: y = x rsqrt(mean(x^2) + eps) (offset + w) [act(z)].
+// One CTA (128 threads) per row: [x += res, then] y = x rsqrt(mean(x^2) + eps) (offset + w)
+// [act(z)]. Each thread reads back only the elements it wrote, so the in-place residual needs no
+// barrier; the norm sees x rounded to its dtype, as the layers' residual stream holds it.
 extern "C" __global__ void __launch_bounds__(128) nn_rms_norm(const NormParams p) {
     __shared__ float part[4];
     const long long base = (long long)blockIdx.x * p.dim;
     float ss = 0.0f;
     for (int c = threadIdx.x; c < p.dim; c += 128) {
+        if (p.res) {
+            fla_store(const_cast<void*>(p.x), p.dtype, base + c,
+                      fla_load(p.x, p.dtype, base + c) + fla_load(p.res, p.dtype, base + c));
+        }
         const float v = fla_load(p.x, p.dtype, base + c);
         ss += v * v;
     }
@@ -81,19 +89,20 @@ extern "C" __global__ void __launch_bounds__(256) nn_short_conv_state(const Conv
 
 // Keep in sync with `GluParams` in fla-nn/src/cuda.rs (repr(C)).
 struct GluParams {
-    const void* a;  // [n]
-    const void* b;  // [n]
-    void* y;        // [n], dtype of a
+    const void* ab;  // [n / half, 2 half]: gate | up in each row
+    void* y;         // [n / half, half], dtype of ab
     int dtype;
-    long long n;
+    long long n, half;
 };
 
-// y = silu(a) b (the SwiGLU MLP's gate), a thread per element.
-extern "C" __global__ void __launch_bounds__(256) nn_silu_mul(const GluParams p) {
+// y = silu(a) b for the two halves a | b of each row of the fused gate | up product (the SwiGLU
+// MLP), a thread per output element.
+extern "C" __global__ void __launch_bounds__(256) nn_swiglu(const GluParams p) {
     const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
     if (e >= p.n) return;
-    const float a = fla_load(p.a, p.dtype, e);
-    fla_store(p.y, p.dtype, e, a * fla_sigmoidf(a) * fla_load(p.b, p.dtype, e));
+    const long long ia = e / p.half * 2 * p.half + e % p.half;
+    const float a = fla_load(p.ab, p.dtype, ia);
+    fla_store(p.y, p.dtype, e, a * fla_sigmoidf(a) * fla_load(p.ab, p.dtype, ia + p.half));
 }
 
 // Keep in sync with `ColsParams` in fla-nn/src/cuda.rs (repr(C)).
@@ -240,13 +249,6 @@ extern "C" __global__ void __launch_bounds__(256) nn_copy_pool(const PoolParams 
     if (e >= p.n * per) return;
     const long long n = e / per, r = e % per;
     fla_store(p.dst, p.dtype, n * p.cap_new * p.width + r, fla_load(p.src, p.dtype, n * p.cap_old * p.width + r));
-}
-
-// a += b (the residual stream), a thread per element; GluParams with y = a.
-extern "C" __global__ void __launch_bounds__(256) nn_add(const GluParams p) {
-    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
-    if (e >= p.n) return;
-    fla_store(p.y, p.dtype, e, fla_load(p.a, p.dtype, e) + fla_load(p.b, p.dtype, e));
 }
 
 // Keep in sync with `RowsParams` in fla-nn/src/cuda.rs (repr(C)).

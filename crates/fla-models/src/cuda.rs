@@ -9,7 +9,7 @@ use std::sync::Arc;
 use fla_core::cuda::{CudaDevice, CudaTensor};
 use fla_core::{cuda_blas, DType, Error, Result, Tensor};
 use fla_nn::attention::{GatedAttentionCuda, KvCacheCuda};
-use fla_nn::cuda::{add_assign_cuda, gather_rows_cuda, rms_norm_cuda};
+use fla_nn::cuda::{add_rms_norm_cuda, gather_rows_cuda, rms_norm_cuda};
 use fla_nn::gated_deltanet::GatedDeltaNetCuda;
 use fla_nn::kda::KimiDeltaAttentionCuda;
 use fla_nn::linear_cuda::LinearCacheCuda;
@@ -141,8 +141,15 @@ impl ModelCuda {
         let x = Tensor::from_vec(m.embed.forward(&ids)?, &[ids.len(), m.hidden])?.to_dtype(self.dtype)?;
         let mut x = CudaTensor::from_host(&x, &self.dev)?;
         let (mut li, mut ai) = (0, 0);
+        // Each residual add is fused into the norm that follows it: the FFN output of a layer
+        // waits in `pending` for the next layer's input norm (or the final norm).
+        let mut pending: Option<CudaTensor> = None;
+        let norm = |x: &mut CudaTensor, pending: Option<CudaTensor>, w: &CudaTensor| match pending {
+            Some(f) => add_rms_norm_cuda(x, &f, w, m.eps, m.norm_offset),
+            None => rms_norm_cuda(x, w, m.eps, m.norm_offset, None),
+        };
         for layer in &self.layers {
-            let h = rms_norm_cuda(&x, &layer.input_norm, m.eps, m.norm_offset, None)?;
+            let h = norm(&mut x, pending.take(), &layer.input_norm)?;
             let y = match &layer.mixer {
                 MixerCuda::Gdn(g) => {
                     li += 1;
@@ -157,12 +164,11 @@ impl ModelCuda {
                     a.forward(&h, &batch, &mut cache.attn[ai - 1])?
                 }
             };
-            add_assign_cuda(&mut x, &y)?;
-            let h = rms_norm_cuda(&x, &layer.post_norm, m.eps, m.norm_offset, None)?;
-            add_assign_cuda(&mut x, &layer.ffn.forward(&h)?)?;
+            let h = norm(&mut x, Some(y), &layer.post_norm)?;
+            pending = Some(layer.ffn.forward(&h)?);
         }
         cache.past.iter_mut().zip(&lens).for_each(|(p, l)| *p += l);
-        rms_norm_cuda(&x, &self.norm, m.eps, m.norm_offset, None)
+        norm(&mut x, pending, &self.norm)
     }
 
     /// Logits `[rows, vocab]` of final hidden states, on the device.

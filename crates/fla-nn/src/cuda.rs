@@ -1,9 +1,10 @@
 //! GPU forms of the layer primitives (`fla-kernels/cuda/nn.cu`), each the twin of a CPU form:
 //! [`rms_norm_cuda`] of [`crate::ops::rms_norm`] / [`crate::ops::rms_norm_gated`],
-//! [`short_conv_cuda`] of [`crate::conv::ShortConv::forward`], [`silu_mul_cuda`] of the SwiGLU
-//! gate, [`copy_cols_cuda`] of a column slice, [`gather_rows_cuda`] / [`scatter_add_rows_cuda`] of a
-//! mixture of experts' token routing. Activations f32, bf16 or f16 (outputs in their dtype, arithmetic in f32); weights and
-//! caches f32. The work is queued on the device's stream.
+//! [`add_rms_norm_cuda`] of a residual add and a norm, [`short_conv_cuda`] of
+//! [`crate::conv::ShortConv::forward`], [`swiglu_cuda`] of the SwiGLU gate, [`copy_cols_cuda`] of
+//! a column slice, [`gather_rows_cuda`] / [`scatter_add_rows_cuda`] of a mixture of experts'
+//! token routing. Activations f32, bf16 or f16 (outputs in their dtype, arithmetic in f32);
+//! weights and caches f32. The work is queued on the device's stream.
 use std::sync::Arc;
 
 use fla_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -90,6 +91,7 @@ struct NormParams {
     w: u64,
     z: u64,
     y: u64,
+    res: u64,
     dtype: i32,
     rows: i32,
     dim: i32,
@@ -109,25 +111,60 @@ pub fn rms_norm_cuda(
     offset: f32,
     gate: Option<(&CudaTensor, GateAct)>,
 ) -> Result<CudaTensor> {
-    const OP: &str = "rms_norm_cuda";
-    let dim = *x.shape().last().ok_or_else(|| Error::shape(OP, "x", "at least one dimension", x.shape()))?;
-    check_f32(OP, "w", w)?;
-    check_like(OP, "w", w, x, Some(&[dim]), false)?;
+    // SAFETY: without a residual the kernel only reads x.
+    unsafe { norm("rms_norm_cuda", x.raw_addr(), x, None, w, eps, offset, gate) }
+}
+
+/// The residual step of a pre-norm block on the GPU: `x += res` (in `x`'s dtype), then the
+/// RMSNorm of the new `x` as [`rms_norm_cuda`] (no gate), in one pass.
+pub fn add_rms_norm_cuda(
+    x: &mut CudaTensor,
+    res: &CudaTensor,
+    w: &CudaTensor,
+    eps: f32,
+    offset: f32,
+) -> Result<CudaTensor> {
+    check_like("add_rms_norm_cuda", "res", res, x, Some(x.shape()), true)?;
+    let addr = x.raw_addr_mut();
+    // SAFETY: `addr` is x's buffer, borrowed mutably for the call; each element of it is read and
+    // written by one thread of the kernel.
+    unsafe { norm("add_rms_norm_cuda", addr, x, Some(res), w, eps, offset, None) }
+}
+
+/// Launches `nn_rms_norm` over `x` (at `x_addr`), `res` added into it first when given.
+///
+/// # Safety
+/// `x_addr` must be `x`'s buffer; with `res`, writable for the duration of the work.
+#[allow(clippy::too_many_arguments)]
+unsafe fn norm(
+    op: &'static str,
+    x_addr: u64,
+    x: &CudaTensor,
+    res: Option<&CudaTensor>,
+    w: &CudaTensor,
+    eps: f32,
+    offset: f32,
+    gate: Option<(&CudaTensor, GateAct)>,
+) -> Result<CudaTensor> {
+    let dim = *x.shape().last().ok_or_else(|| Error::shape(op, "x", "at least one dimension", x.shape()))?;
+    check_f32(op, "w", w)?;
+    check_like(op, "w", w, x, Some(&[dim]), false)?;
     if let Some((z, _)) = gate {
-        check_like(OP, "z", z, x, Some(x.shape()), true)?;
+        check_like(op, "z", z, x, Some(x.shape()), true)?;
     }
     let rows = x.elem_count().checked_div(dim).unwrap_or(0);
     let dev = x.cuda_device().clone();
     // SAFETY: every element of y is written by the kernel (a CTA per row, every column).
     let mut y = unsafe { CudaTensor::uninit(x.shape(), x.dtype(), &dev)? };
     let params = NormParams {
-        x: x.raw_addr(),
+        x: x_addr,
         w: w.raw_addr(),
         z: gate.map_or(0, |(z, _)| z.raw_addr()),
         y: y.raw_addr_mut(),
-        dtype: dtype_code(OP, "x", x.dtype())?,
-        rows: to_i32(OP, "rows", rows)?,
-        dim: to_i32(OP, "dim", dim)?,
+        res: res.map_or(0, |r| r.raw_addr()),
+        dtype: dtype_code(op, "x", x.dtype())?,
+        rows: to_i32(op, "rows", rows)?,
+        dim: to_i32(op, "dim", dim)?,
         gate: match gate {
             None => 0,
             Some((_, GateAct::Silu)) => 1,
@@ -138,9 +175,10 @@ pub fn rms_norm_cuda(
     };
     if rows > 0 {
         let f = function(&dev, "nn_rms_norm")?;
-        let cfg = LaunchConfig { grid_dim: (blocks(OP, rows, 1)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: NormParams mirrors the kernel's argument; x, z, y hold rows·dim elements of
-        // the dtype named by `dtype`, w dim f32 values (all checked above).
+        let cfg = LaunchConfig { grid_dim: (blocks(op, rows, 1)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: NormParams mirrors the kernel's argument; x, z, res, y hold rows·dim elements
+        // of the dtype named by `dtype` (checked above), w dim f32 values; the caller's contract
+        // covers writing x.
         unsafe { launch(&dev, &f, cfg, &params) }?;
     }
     Ok(y)
@@ -248,53 +286,43 @@ pub fn short_conv_cuda(
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct GluParams {
-    a: u64,
-    b: u64,
+    ab: u64,
     y: u64,
     dtype: i32,
     n: i64,
+    half: i64,
 }
 // SAFETY: plain old data in the C layout the kernel reads.
 unsafe impl DeviceRepr for GluParams {}
 
-/// `silu(a)·b` elementwise on the GPU (the SwiGLU MLP's gate); `b` of `a`'s shape and dtype.
-pub fn silu_mul_cuda(a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
-    const OP: &str = "silu_mul_cuda";
-    check_like(OP, "b", b, a, Some(a.shape()), true)?;
-    let dev = a.cuda_device().clone();
+/// The SwiGLU gate on the GPU: `silu(a)·b` for the halves `a | b` of each row of the fused
+/// gate | up product `gate_up [rows, 2·I]` → `[rows, I]`.
+pub fn swiglu_cuda(gate_up: &CudaTensor) -> Result<CudaTensor> {
+    const OP: &str = "swiglu_cuda";
+    let &[rows, two_i] = gate_up.shape() else {
+        return Err(Error::shape(OP, "gate_up", "[rows, 2·intermediate]", gate_up.shape()));
+    };
+    if two_i % 2 != 0 {
+        return Err(Error::shape(OP, "gate_up", "[rows, 2·intermediate] (an even width)", gate_up.shape()));
+    }
+    let dev = gate_up.cuda_device().clone();
     // SAFETY: a thread per element writes y.
-    let mut y = unsafe { CudaTensor::uninit(a.shape(), a.dtype(), &dev)? };
-    let n = a.elem_count();
+    let mut y = unsafe { CudaTensor::uninit(&[rows, two_i / 2], gate_up.dtype(), &dev)? };
+    let n = rows * two_i / 2;
     let params = GluParams {
-        a: a.raw_addr(),
-        b: b.raw_addr(),
+        ab: gate_up.raw_addr(),
         y: y.raw_addr_mut(),
-        dtype: dtype_code(OP, "a", a.dtype())?,
+        dtype: dtype_code(OP, "gate_up", gate_up.dtype())?,
         n: n as i64,
+        half: (two_i / 2) as i64,
     };
     if n > 0 {
         let cfg = LaunchConfig { grid_dim: (blocks(OP, n, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: GluParams mirrors the kernel's argument; a, b, y hold n elements of `dtype`.
-        unsafe { launch(&dev, &function(&dev, "nn_silu_mul")?, cfg, &params) }?;
+        // SAFETY: GluParams mirrors the kernel's argument; gate_up holds 2n and y n elements of
+        // `dtype`.
+        unsafe { launch(&dev, &function(&dev, "nn_swiglu")?, cfg, &params) }?;
     }
     Ok(y)
-}
-
-/// `a += b` on the GPU (the residual stream); `b` of `a`'s shape and dtype.
-pub fn add_assign_cuda(a: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
-    const OP: &str = "add_assign_cuda";
-    check_like(OP, "b", b, a, Some(a.shape()), true)?;
-    let dev = a.cuda_device().clone();
-    let n = a.elem_count();
-    let y = a.raw_addr_mut();
-    let params = GluParams { a: y, b: b.raw_addr(), y, dtype: dtype_code(OP, "a", a.dtype())?, n: n as i64 };
-    if n > 0 {
-        let cfg = LaunchConfig { grid_dim: (blocks(OP, n, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: GluParams mirrors the kernel's argument; a and b hold n elements of `dtype`;
-        // each thread reads and writes only its own element of a.
-        unsafe { launch(&dev, &function(&dev, "nn_add")?, cfg, &params) }?;
-    }
-    Ok(())
 }
 
 /// Mirror of `ColsParams` in `nn.cu` (same order, `repr(C)`).
@@ -615,9 +643,9 @@ mod tests {
 
     #[test]
     fn params_match_the_kernel_structs() {
-        assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 6 * 4);
+        assert_eq!(std::mem::size_of::<NormParams>(), 5 * 8 + 6 * 4);
         assert_eq!(std::mem::size_of::<ConvParams>(), 7 * 8 + 5 * 4 + 4);
-        assert_eq!(std::mem::size_of::<GluParams>(), 3 * 8 + 8 + 8);
+        assert_eq!(std::mem::size_of::<GluParams>(), 2 * 8 + 8 + 2 * 8);
         assert_eq!(std::mem::size_of::<ColsParams>(), 2 * 8 + 5 * 4 + 4);
         assert_eq!(std::mem::size_of::<AttnParams>(), 12 * 8 + 11 * 4 + 4);
         assert_eq!(std::mem::size_of::<PoolParams>(), 2 * 8 + 6 * 4);

@@ -2,9 +2,9 @@
 use std::sync::Arc;
 
 use fla_core::cuda::{CudaDevice, CudaTensor};
-use fla_core::{cuda_blas, DType, Result};
+use fla_core::{cuda_blas, DType, Result, Tensor};
 
-use crate::cuda::silu_mul_cuda;
+use crate::cuda::swiglu_cuda;
 use crate::ops::silu;
 use crate::{Linear, VarBuilder};
 
@@ -45,13 +45,12 @@ impl Mlp {
     }
 }
 
-/// The SwiGLU MLP on a CUDA device ([`Mlp::to_cuda`]): `down(silu(gate x)·up x)` with cuBLAS and
-/// [`crate::cuda::silu_mul_cuda`], the twin of [`Mlp::forward`].
+/// The SwiGLU MLP on a CUDA device ([`Mlp::to_cuda`]): `down(silu(gate x)·up x)` with the gate
+/// and up projections fused into one cuBLAS product and [`crate::cuda::swiglu_cuda`] over its
+/// halves, the twin of [`Mlp::forward`].
 pub struct MlpCuda {
-    /// `[intermediate, hidden]`.
-    gate_proj: CudaTensor,
-    /// `[intermediate, hidden]`.
-    up_proj: CudaTensor,
+    /// `[2·intermediate, hidden]`: gate rows, then up rows.
+    gate_up: CudaTensor,
     /// `[hidden, intermediate]`.
     down_proj: CudaTensor,
 }
@@ -59,16 +58,21 @@ pub struct MlpCuda {
 impl Mlp {
     /// The MLP on `dev` with its weights in `dtype`.
     pub fn to_cuda(&self, dev: &Arc<CudaDevice>, dtype: DType) -> Result<MlpCuda> {
-        let up = |l: &Linear| CudaTensor::from_host(&l.weight().to_dtype(dtype)?, dev);
-        Ok(MlpCuda { gate_proj: up(&self.gate_proj)?, up_proj: up(&self.up_proj)?, down_proj: up(&self.down_proj)? })
+        let (g, u) = (self.gate_proj.weight(), self.up_proj.weight());
+        let mut rows: Vec<f32> = g.to_vec()?;
+        rows.extend(u.to_vec::<f32>()?);
+        let gate_up = Tensor::from_vec(rows, &[2 * g.shape()[0], g.shape()[1]])?.to_dtype(dtype)?;
+        Ok(MlpCuda {
+            gate_up: CudaTensor::from_host(&gate_up, dev)?,
+            down_proj: CudaTensor::from_host(&self.down_proj.weight().to_dtype(dtype)?, dev)?,
+        })
     }
 }
 
 impl MlpCuda {
     /// `x [tokens, hidden]` in the weights' dtype, on their device → `[tokens, hidden]`.
     pub fn forward(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        let g = cuda_blas::matmul(x, &self.gate_proj, true)?;
-        let u = cuda_blas::matmul(x, &self.up_proj, true)?;
-        cuda_blas::matmul(&silu_mul_cuda(&g, &u)?, &self.down_proj, true)
+        let gate_up = cuda_blas::matmul(x, &self.gate_up, true)?;
+        cuda_blas::matmul(&swiglu_cuda(&gate_up)?, &self.down_proj, true)
     }
 }

@@ -1,13 +1,15 @@
-//! The GPU layer primitives (`fla_nn::cuda`) against their CPU twins on random inputs: RMSNorm
-//! (plain, 1 + w, gated by SiLU and sigmoid), the short convolution over a varlen batch with a
-//! cache (a sequence of one token, an empty one), SiLU(a)·b; f32 and bf16 activations; the typed
-//! errors; the mixtures of experts and their row gather / scatter-add; the KDA layer. Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
+//! The GPU layer primitives (`fla_nn::cuda`) and layers against their CPU twins on random
+//! inputs: RMSNorm (plain, 1 + w, gated by SiLU and sigmoid, with the residual add), the short
+//! convolution over a varlen batch with a cache (a sequence of one token, an empty one), SwiGLU,
+//! row gather / scatter-add, the MLP, the mixtures of experts, the Gated DeltaNet, KDA and gated
+//! attention layers; f32 and bf16 activations; the typed errors. Every test prints "skipped: no
+//! CUDA device" and passes where there is no GPU (CI).
 use std::sync::Arc;
 
 use fla_core::cuda::{self, CudaDevice, CudaTensor};
 use fla_core::{DType, Error, Tensor};
 use fla_nn::conv::{ConvState, ShortConv};
-use fla_nn::cuda::{rms_norm_cuda, short_conv_cuda, silu_mul_cuda};
+use fla_nn::cuda::{add_rms_norm_cuda, rms_norm_cuda, short_conv_cuda, swiglu_cuda};
 use fla_nn::ops::{rms_norm, rms_norm_gated, silu, GateAct};
 use fla_nn::Batch;
 use rand::rngs::StdRng;
@@ -123,16 +125,46 @@ fn short_conv_vs_cpu() {
     }
 }
 
+/// SwiGLU over the halves of a fused gate | up product, f32 and bf16.
 #[test]
-fn silu_mul_vs_cpu() {
-    let Some(dev) = gpu("silu_mul_vs_cpu") else { return };
+fn swiglu_vs_cpu() {
+    let Some(dev) = gpu("swiglu_vs_cpu") else { return };
     let mut rng = StdRng::seed_from_u64(13);
     for dtype in [DType::F32, DType::BF16] {
-        let n = 3 * 3584 + 5;
-        let (a, b) = (rounded(&random(&mut rng, n, 4.0), dtype), rounded(&random(&mut rng, n, 2.0), dtype));
-        let want: Vec<f32> = a.iter().zip(&b).map(|(&a, &b)| silu(a) * b).collect();
-        let got = down(&silu_mul_cuda(&up(&a, &[n], dtype, &dev), &up(&b, &[n], dtype, &dev)).unwrap());
+        let (rows, half) = (3, 3584 + 5);
+        let ab = rounded(&random(&mut rng, rows * 2 * half, 4.0), dtype);
+        let want: Vec<f32> =
+            ab.chunks(2 * half).flat_map(|r| (0..half).map(|c| silu(r[c]) * r[half + c]).collect::<Vec<_>>()).collect();
+        let got = down(&swiglu_cuda(&up(&ab, &[rows, 2 * half], dtype, &dev)).unwrap());
         let e = rel_err(&got, &want);
+        assert!(e < tol(dtype), "{dtype}: rel err {e:.2e}");
+    }
+}
+
+/// The fused residual add and RMSNorm: x += res in x's dtype, then the norm of the new x.
+#[test]
+fn add_rms_norm_vs_cpu() {
+    let Some(dev) = gpu("add_rms_norm_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(20);
+    for dtype in [DType::F32, DType::BF16] {
+        let (rows, dim) = (5, 1024);
+        let (x, res) =
+            (rounded(&random(&mut rng, rows * dim, 2.0), dtype), rounded(&random(&mut rng, rows * dim, 1.0), dtype));
+        let w = random(&mut rng, dim, 0.5);
+        let sum: Vec<f32> = rounded(&x.iter().zip(&res).map(|(a, b)| a + b).collect::<Vec<_>>(), dtype);
+        let mut want = sum.clone();
+        rms_norm(&mut want, &w, 1e-6, 1.0);
+        let mut gx = up(&x, &[rows, dim], dtype, &dev);
+        let got = add_rms_norm_cuda(
+            &mut gx,
+            &up(&res, &[rows, dim], dtype, &dev),
+            &up(&w, &[dim], DType::F32, &dev),
+            1e-6,
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(down(&gx), sum, "{dtype}: the residual stream");
+        let e = rel_err(&down(&got), &want);
         assert!(e < tol(dtype), "{dtype}: rel err {e:.2e}");
     }
 }
@@ -159,7 +191,12 @@ fn bad_arguments_are_typed_errors() {
         short_conv_cuda(&x, &z(&[8, 4], DType::BF16), &st, &[0, 1, 4]),
         Err(Error::DType { arg: "weight", .. })
     ));
-    assert!(matches!(silu_mul_cuda(&x, &z(&[4, 9], DType::BF16)), Err(Error::Shape { arg: "b", .. })));
+    assert!(matches!(swiglu_cuda(&z(&[4, 9], DType::BF16)), Err(Error::Shape { arg: "gate_up", .. })));
+    let mut xm = z(&[4, 8], DType::BF16);
+    assert!(matches!(
+        add_rms_norm_cuda(&mut xm, &z(&[4, 8], DType::F32), &z(&[8], DType::F32), 1e-6, 0.0),
+        Err(Error::DType { arg: "res", .. })
+    ));
 }
 
 /// Random weights of a Gated DeltaNet layer in `layout`, each value representable in bf16 (so a
