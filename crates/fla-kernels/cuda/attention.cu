@@ -13,7 +13,7 @@
 //   online softmax (running max and sum, log2 domain) and o in f32 registers; the 4 warps merge
 //   in shared memory. With one split the CTA writes the gated output, otherwise its partial
 //   (unnormalised o, max, sum) to the f32 scratch `part`.
-// attn_combine: one CTA per (token, query head) merges the splits (log-sum-exp) and applies the
+// attn_combine: one CTA (8 warps) per (token, query head) merges the splits (log-sum-exp) and applies the
 //   output gate sigmoid(gate).
 // attn_prefill_tc_<dt>_d<HD>: FA2-style causal attention on tensor cores (mma.sync m16n8k16,
 //   f32 accumulation) for bf16 / f16 and head_dim 64, 128, 256. A CTA (4 warps) takes a block of
@@ -291,26 +291,66 @@ ATTN_SPLIT_DT(f32, FLA_F32)
 ATTN_SPLIT_DT(bf16, FLA_BF16)
 ATTN_SPLIT_DT(f16, FLA_F16)
 
-// grid (tokens, H): o = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the splits s that hold
-// keys of the token's context (M = max m_s), times the output gate.
-extern "C" __global__ void __launch_bounds__(ATTN_NT) attn_combine(const AttnParams p) {
+#define ATTN_COMBINE_WARPS 8  // keep in sync with `COMBINE_NT` in fla-nn/src/cuda.rs (32 x this)
+
+// grid (tokens, H), 8 warps: o = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the splits s
+// that hold keys of the token's context (M = max m_s), times the output gate. Thread s computes
+// split s's weight; warp w sums the rows o_s of the splits s = w, w + 8, .. (lane: columns
+// lane + 32 i, several rows in flight), and the 8 warps' sums meet in shared memory.
+extern "C" __global__ void __launch_bounds__(32 * ATTN_COMBINE_WARPS) attn_combine(const AttnParams p) {
+    constexpr int NT = 32 * ATTN_COMBINE_WARPS;
+    static_assert(ATTN_MAX_SPLITS <= NT, "one split per thread");
     __shared__ float w[ATTN_MAX_SPLITS];
+    __shared__ float red[ATTN_COMBINE_WARPS];
+    __shared__ float acc_s[ATTN_COMBINE_WARPS][512];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int t = blockIdx.x, hd = p.hd;
     const long long row = (long long)t * p.h + blockIdx.y;
-    const int ns = (p.pos[t] + p.split_len) / p.split_len;  // ceil((pos + 1) / split_len)
+    const int ns = (p.pos[t] + p.split_len) / p.split_len;  // ceil((pos + 1) / split_len) <= splits
     const float* ml = p.part + (long long)p.tokens * p.h * p.splits * hd + 2 * row * p.splits;
     const float* po = p.part + row * p.splits * hd;
-    float mx = -INFINITY;
-    for (int s = 0; s < ns; ++s) mx = fmaxf(mx, ml[2 * s]);
-    for (int s = threadIdx.x; s < ns; s += ATTN_NT) w[s] = exp2f(ml[2 * s] - mx);
+    // M = max_s m_s (one split per thread: ns <= ATTN_MAX_SPLITS = NT).
+    const float ms = tid < ns ? ml[2 * tid] : -INFINITY;
+    float mx = ms;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    if (lane == 0) red[warp] = mx;
     __syncthreads();
-    float sum = 0.0f;
-    for (int s = 0; s < ns; ++s) sum += w[s] * ml[2 * s + 1];
+    mx = red[0];
+#pragma unroll
+    for (int i = 1; i < ATTN_COMBINE_WARPS; ++i) mx = fmaxf(mx, red[i]);
+    __syncthreads();
+    // L = sum_s 2^(m_s - M) l_s.
+    const float ws = tid < ns ? exp2f(ms - mx) : 0.0f;
+    if (tid < ns) w[tid] = ws;
+    float sum = tid < ns ? ws * ml[2 * tid + 1] : 0.0f, unused = 0.0f;
+    fla_warp_sum2(sum, unused);
+    if (lane == 0) red[warp] = sum;
+    __syncthreads();
+    sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < ATTN_COMBINE_WARPS; ++i) sum += red[i];
+    float acc[16];  // columns lane + 32 i (hd <= 512)
+#pragma unroll
+    for (int i = 0; i < 16; ++i) acc[i] = 0.0f;
+#pragma unroll 4
+    for (int s = warp; s < ns; s += ATTN_COMBINE_WARPS) {
+        const float f = w[s];
+        const float* r = po + (long long)s * hd;
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+            if (lane + 32 * i < hd) acc[i] += f * r[lane + 32 * i];
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+        if (lane + 32 * i < hd) acc_s[warp][lane + 32 * i] = acc[i];
+    __syncthreads();
     const float inv = 1.0f / sum;
-    for (int d = threadIdx.x; d < hd; d += ATTN_NT) {
-        float acc = 0.0f;
-        for (int s = 0; s < ns; ++s) acc += w[s] * po[(long long)s * hd + d];
-        fla_store(p.o, p.dtype, row * hd + d, acc * inv * attn_gate(p, row, d));
+    for (int d = tid; d < hd; d += NT) {
+        float o = 0.0f;
+#pragma unroll
+        for (int i = 0; i < ATTN_COMBINE_WARPS; ++i) o += acc_s[i][d];
+        fla_store(p.o, p.dtype, row * hd + d, o * inv * attn_gate(p, row, d));
     }
 }
 

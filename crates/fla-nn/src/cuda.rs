@@ -383,10 +383,12 @@ pub(crate) struct AttnParams {
 // SAFETY: plain old data in the C layout the kernels read.
 unsafe impl DeviceRepr for AttnParams {}
 
-/// Threads per CTA of every attention kernel.
+/// Threads per CTA of the attention kernels but the combine pass.
 const ATTN_NT: u32 = 128;
+/// Threads per CTA of the split-KV combine pass (`ATTN_COMBINE_WARPS` in attention.cu).
+const COMBINE_NT: u32 = 256;
 /// Most slices of one token's context in the split-KV kernel (`ATTN_MAX_SPLITS` in attention.cu:
-/// the combine kernel's weights live in shared memory).
+/// the combine kernel takes one per thread).
 const MAX_SPLITS: usize = 256;
 /// Fewest keys per slice when the split-KV kernel cuts a context to fill the GPU.
 const MIN_SPLIT_KEYS: usize = 64;
@@ -525,7 +527,7 @@ pub(crate) unsafe fn attention_launch(dev: &Arc<CudaDevice>, params: &AttnParams
     // SAFETY: the caller's contract; the scratch holds tokens·H·splits·(hd + 2) f32 values.
     unsafe { launch(dev, &f, cfg, &p) }?;
     if splits > 1 {
-        let cfg = LaunchConfig { grid_dim: (t32, h as u32, 1), block_dim: (ATTN_NT, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (t32, h as u32, 1), block_dim: (COMBINE_NT, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: as above; the scratch lives until after the launch in stream order.
         unsafe { launch(dev, &attn_function(dev, "attn_combine")?, cfg, &p) }?;
     }

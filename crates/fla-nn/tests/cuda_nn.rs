@@ -2,7 +2,8 @@
 //! (plain, 1 + w, gated by SiLU and sigmoid), the short convolution over a varlen batch with a
 //! cache (a sequence of one token, an empty one), SiLU(a)·b; f32 and bf16 activations; the typed
 //! errors; the Gated DeltaNet, MLP and gated attention layers (attention: long varlen prefills on
-//! the split-KV and the tensor-core kernels, prefill in two calls, decode after ~600 tokens). Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
+//! the split-KV and the tensor-core kernels, prefill in two calls, decode after ~600 tokens).
+//! Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
 use std::sync::Arc;
 
 use fla_core::cuda::{self, CudaDevice, CudaTensor};
