@@ -359,7 +359,8 @@ extern "C" __global__ void __launch_bounds__(32 * ATTN_COMBINE_WARPS) attn_combi
 
 #define ATTN_BQ 64  // query rows per CTA (16 per warp)
 
-// grid (query blocks, H): see the top of the file.
+// grid (H, query blocks): see the top of the file. Heads vary fastest, so the blocks with the
+// longest contexts (first in `qblk`) start first for every head.
 template <class E, int HD>
 __device__ __forceinline__ void attn_prefill_tc(const AttnParams& p) {
     // BK cache rows per K / V block: 32 for HD = 256, where the O accumulator takes 128 registers.
@@ -372,7 +373,7 @@ __device__ __forceinline__ void attn_prefill_tc(const AttnParams& p) {
     u16* ks0 = qs + ATTN_BQ * LD;             // K buffers 0, 1: ks0 + buf * BK LD
     u16* vs0 = qs + (ATTN_BQ + 2 * BK) * LD;  // V buffers 0, 1
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3, m0 = warp * 16;
-    const int t0 = p.qblk[2 * blockIdx.x], qn = p.qblk[2 * blockIdx.x + 1], j = blockIdx.y;
+    const int t0 = p.qblk[2 * blockIdx.y], qn = p.qblk[2 * blockIdx.y + 1], j = blockIdx.x;
     const int n = p.seq_of[t0], pos0 = p.pos[t0], kh = j / (p.h / p.kvh);
     // Row r of the block is token t0 + r at position pos0 + r; it sees cache rows 0 ..= pos0 + r.
     const int kv_end = pos0 + qn, nkb = (kv_end + BK - 1) / BK;
@@ -407,7 +408,7 @@ __device__ __forceinline__ void attn_prefill_tc(const AttnParams& p) {
             fla_cp_wait_all();
         }
         __syncthreads();
-        // S = Q K^T for this warp's 16 rows and the block's 64 keys.
+        // S = Q K^T for this warp's 16 rows and the block's BK keys.
         float s[NTS][4];
 #pragma unroll
         for (int nt = 0; nt < NTS; ++nt)

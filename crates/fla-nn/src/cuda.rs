@@ -458,7 +458,7 @@ pub(crate) unsafe fn attention_launch(dev: &Arc<CudaDevice>, params: &AttnParams
     if batch.tokens() != tokens {
         return Err(Error::size(OP, format!("{tokens} tokens for a batch of {}", batch.tokens())));
     }
-    if kvh == 0 || h == 0 || h % kvh != 0 || h > 65_535 {
+    if kvh == 0 || h == 0 || h % kvh != 0 || h + kvh > 65_535 {
         return Err(Error::Unsupported { op: OP, msg: format!("{h} query heads over {kvh} key/value heads") });
     }
     if hd == 0 || hd > 512 {
@@ -496,8 +496,10 @@ pub(crate) unsafe fn attention_launch(dev: &Arc<CudaDevice>, params: &AttnParams
         let f = attn_function(dev, &format!("attn_prefill_tc_{dt}_d{hd}"))?;
         let smem = tc_smem(hd);
         f.set_attribute(MAX_DYN_SMEM, smem as i32)?;
-        let nb = u32::try_from(blocks.len()).map_err(|_| Error::size(OP, format!("{} query blocks", blocks.len())))?;
-        let cfg = LaunchConfig { grid_dim: (nb, h as u32, 1), block_dim: (ATTN_NT, 1, 1), shared_mem_bytes: smem };
+        let nb = u32::try_from(blocks.len()).ok().filter(|&b| b <= 65_535);
+        let nb = nb.ok_or_else(|| Error::size(OP, format!("{} query blocks (at most 65535)", blocks.len())))?;
+        // Heads vary fastest: the longest contexts (first in the table) start first.
+        let cfg = LaunchConfig { grid_dim: (h as u32, nb, 1), block_dim: (ATTN_NT, 1, 1), shared_mem_bytes: smem };
         // SAFETY: the caller's contract; the table holds (first token, rows) of every block, each
         // inside one sequence, and lives until after the launch in stream order.
         unsafe { launch(dev, &f, cfg, &p) }?;
