@@ -175,8 +175,10 @@ impl GatedAttention {
 
 /// The gated attention layer on a CUDA device ([`GatedAttention::to_cuda`]): the computation of
 /// [`GatedAttention::forward`], its CPU twin, with cuBLAS projections, q / k RMSNorm and partial
-/// RoPE fused with the cache append (`nn_attn_prep`), and causal softmax attention over each
-/// token's cached context (`nn_attention`, one CTA per token and head: correct, not yet fast).
+/// RoPE fused with the cache append (`attn_prep`), and causal softmax attention over each
+/// token's cached context (`fla-kernels/cuda/attention.cu`): a tensor-core flash-attention
+/// kernel for 16-bit prefills with head_dim 64, 128 or 256, a split-KV kernel otherwise
+/// (decode, f32, other head dims).
 pub struct GatedAttentionCuda {
     cfg: AttentionConfig,
     q_proj: CudaTensor,
@@ -278,12 +280,6 @@ impl GatedAttentionCuda {
         let cap = cache.k.as_ref().map_or(0, |k| k.shape()[1]);
         if cap < need || cache.k.is_none() {
             let new_cap = need.next_power_of_two().max(64);
-            if new_cap > 56 * 1024 {
-                return Err(Error::Unsupported {
-                    op: OP,
-                    msg: format!("a context of {need} tokens (the GPU scores take at most 57344)"),
-                });
-            }
             let held = cache.len.iter().copied().max().unwrap_or(0);
             let grow = |old: Option<&CudaTensor>| match old {
                 Some(old) => crate::cuda::grow_pool(old, new_cap, held),
@@ -308,8 +304,8 @@ impl GatedAttentionCuda {
             use fla_core::cuda::cudarc::driver::DevicePtr;
             table.device_ptr(dev.stream()).0
         };
-        // SAFETY: nn_attn_prep writes every element of q (a CTA per (token, head)) and
-        // nn_attention every element of o.
+        // SAFETY: attn_prep writes every element of q (a CTA per (token, head)) and the
+        // attention kernels every element of o.
         let mut q = unsafe { CudaTensor::uninit(&[tokens, h, hd], x.dtype(), &dev)? };
         let mut o = unsafe { CudaTensor::uninit(&[tokens, h, hd], x.dtype(), &dev)? };
         let to_i32 = |what: &str, v: usize| {
@@ -349,12 +345,14 @@ impl GatedAttentionCuda {
             gate: c.output_gate as i32,
             eps: c.eps,
             scale: 1.0 / (hd as f32).sqrt(),
+            ..Default::default()
         };
         // SAFETY: the buffers above have the shapes `attention_launch` names (qg [tokens, H,
         // per] from q_proj's [H·per, hidden] weight; the pools [N, cap, KVH, hd] with every
-        // position past + i < need <= cap; seq_of < N), head_dim <= 512 (checked in to_cuda),
-        // and all of them (the table too) live past the launches in stream order.
-        unsafe { crate::cuda::attention_launch(&dev, &params) }?;
+        // position past + i < need <= cap; seq_of < N; seq_of and pos are `batch`'s),
+        // head_dim <= 512 (checked in to_cuda), and all of them (the table too) live past the
+        // launches in stream order.
+        unsafe { crate::cuda::attention_launch(&dev, &params, batch) }?;
         drop(table);
         for (l, r) in cache.len.iter_mut().zip(&batch.seqs) {
             *l += r.len();

@@ -376,7 +376,8 @@ pub fn copy_cols_cuda(x: &CudaTensor, start: usize, len: usize) -> Result<CudaTe
     Ok(y)
 }
 
-/// Mirror of `AttnParams` in `nn.cu` (same order, `repr(C)`).
+/// Mirror of `AttnParams` in `attention.cu` (same order, `repr(C)`). `part`, `qblk`, `splits`
+/// and `split_len` are set by [`attention_launch`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct AttnParams {
@@ -392,6 +393,8 @@ pub(crate) struct AttnParams {
     pub o: u64,
     pub seq_of: u64,
     pub pos: u64,
+    pub part: u64,
+    pub qblk: u64,
     pub dtype: i32,
     pub tokens: i32,
     pub h: i32,
@@ -401,37 +404,166 @@ pub(crate) struct AttnParams {
     pub rot: i32,
     pub cap: i32,
     pub gate: i32,
+    pub splits: i32,
+    pub split_len: i32,
     pub eps: f32,
     pub scale: f32,
 }
 // SAFETY: plain old data in the C layout the kernels read.
 unsafe impl DeviceRepr for AttnParams {}
 
-/// Runs `nn_attn_prep` (q / k norm and RoPE, k and v into the caches) and then `nn_attention`
-/// (causal softmax attention over each token's cached context, gated) with `params`, for
-/// `tokens` tokens; `cap` cache rows bound the scores' shared memory.
+/// Threads per CTA of the attention kernels but the combine pass.
+const ATTN_NT: u32 = 128;
+/// Threads per CTA of the split-KV combine pass (`ATTN_COMBINE_WARPS` in attention.cu).
+const COMBINE_NT: u32 = 256;
+/// Most slices of one token's context in the split-KV kernel (`ATTN_MAX_SPLITS` in attention.cu:
+/// the combine kernel takes one per thread).
+const MAX_SPLITS: usize = 256;
+/// Fewest keys per slice when the split-KV kernel cuts a context to fill the GPU.
+const MIN_SPLIT_KEYS: usize = 64;
+/// New tokens of one sequence from which a call goes to the tensor-core prefill kernel.
+const TC_MIN_ROWS: usize = 64;
+/// Query rows per CTA of the tensor-core prefill kernel.
+const TC_BQ: usize = 64;
+
+/// A kernel of the attention module (`fla-kernels/cuda/attention.cu`).
+fn attn_function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    let image = fla_kernels::cubin("attention").map_err(|msg| Error::NoCudaKernel { kernel: name.to_string(), msg })?;
+    dev.function("attention", image, name)
+}
+
+/// Elements per lane (`EPL`) and query heads per CTA (`GC`) of the split-KV kernel
+/// `attn_split_<dt>_e<EPL>_g<GC>` for head dim `hd` (≤ 512) and a GQA group of `group` query
+/// heads per KV head: a warp reads a key row as 32 lanes × EPL elements; GC·EPL ≤ 64 bounds the
+/// registers and the merge buffer.
+fn split_shape(hd: usize, group: usize) -> (usize, usize) {
+    let epl = hd.div_ceil(32).next_power_of_two().max(2);
+    let gc = group.next_power_of_two().min(if epl >= 16 { 4 } else { 8 });
+    (epl, gc)
+}
+
+/// How the split-KV kernel cuts contexts of up to `max_ctx` keys for a call of `ctas` CTAs per
+/// slice on a GPU of `sms` SMs: `(splits, keys per split)`, enough slices for two CTAs per SM,
+/// each of at least [`MIN_SPLIT_KEYS`] keys (a multiple of 16), at most [`MAX_SPLITS`].
+fn split_plan(ctas: usize, max_ctx: usize, sms: usize) -> (usize, usize) {
+    let max_ctx = max_ctx.max(1);
+    let want = (2 * sms).div_ceil(ctas.max(1));
+    let splits = want.min(max_ctx.div_ceil(MIN_SPLIT_KEYS)).clamp(1, MAX_SPLITS);
+    let len = max_ctx.div_ceil(splits).next_multiple_of(16);
+    (max_ctx.div_ceil(len), len)
+}
+
+/// Dynamic shared memory of the tensor-core prefill kernel for head dim `hd` (`attn_prefill_tc`
+/// in attention.cu): Q [64][hd + 8] and double-buffered K, V blocks [bk][hd + 8], 16-bit.
+fn tc_smem(hd: usize) -> u32 {
+    let bk = if hd == 256 { 32 } else { 64 };
+    ((TC_BQ + 4 * bk) * (hd + 8) * 2) as u32
+}
+
+/// Whether a call goes to the tensor-core prefill kernel: a 16-bit dtype (code 1 or 2), head dim
+/// 64, 128 or 256, and at least [`TC_MIN_ROWS`] new tokens in some sequence.
+fn use_tensor_cores(dtype: i32, hd: usize, max_new: usize) -> bool {
+    dtype != 0 && matches!(hd, 64 | 128 | 256) && max_new >= TC_MIN_ROWS
+}
+
+/// Runs `attn_prep` (q / k norm and RoPE, k and v into the caches) and then causal softmax
+/// attention over each token's cached context, gated, for the packed `batch` described by
+/// `params` (its `part`, `qblk`, `splits` and `split_len` are set here): the tensor-core
+/// prefill kernel when [`use_tensor_cores`] says so, otherwise the split-KV kernel (and its
+/// combine kernel when a context is cut in more than one slice).
 ///
 /// # Safety
 /// Every address in `params` must cover what the kernels index for its sizes (qg [tokens, H,
 /// per], kn / vn [tokens, KVH, hd], the norms [hd] and inv_freq [rot / 2] f32, q and o [tokens,
-/// H, hd], the caches [N, cap, KVH, hd], seq_of / pos [tokens] with pos < cap and seq_of < N),
-/// hd ≤ 512, and the buffers must live until the work is done in stream order.
-pub(crate) unsafe fn attention_launch(dev: &Arc<CudaDevice>, params: &AttnParams) -> Result<()> {
+/// H, hd], the caches [N, cap, KVH, hd], seq_of / pos [tokens] with seq_of < N), seq_of and pos
+/// must be `batch`'s (the tokens of sequence n at positions past[n] .. past[n] + len, all < cap),
+/// and the buffers must live until the work is done in stream order.
+pub(crate) unsafe fn attention_launch(dev: &Arc<CudaDevice>, params: &AttnParams, batch: &crate::Batch) -> Result<()> {
     use fla_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM;
-    let (tokens, h, kvh) = (params.tokens as u32, params.h as u32, params.kvh as u32);
+    use fla_core::cuda::cudarc::driver::DevicePtr;
+    const OP: &str = "attention_launch";
+    let mut p = *params;
+    let (tokens, h, kvh, hd) = (p.tokens as usize, p.h as usize, p.kvh as usize, p.hd as usize);
+    if batch.tokens() != tokens {
+        return Err(Error::size(OP, format!("{tokens} tokens for a batch of {}", batch.tokens())));
+    }
+    if kvh == 0 || h == 0 || h % kvh != 0 || h + kvh > 65_535 {
+        return Err(Error::Unsupported { op: OP, msg: format!("{h} query heads over {kvh} key/value heads") });
+    }
+    if hd == 0 || hd > 512 {
+        return Err(Error::Unsupported { op: OP, msg: format!("head_dim = {hd} (the GPU takes 1 ..= 512)") });
+    }
+    let dt = match p.dtype {
+        0 => "f32",
+        1 => "bf16",
+        2 => "f16",
+        code => return Err(Error::Unsupported { op: OP, msg: format!("dtype code {code}") }),
+    };
     if tokens == 0 {
         return Ok(());
     }
-    let prep = function(dev, "nn_attn_prep")?;
-    let cfg = LaunchConfig { grid_dim: (tokens, h + kvh, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let t32 = u32::try_from(tokens).map_err(|_| Error::size(OP, format!("{tokens} tokens")))?;
+    let cfg = LaunchConfig { grid_dim: (t32, (h + kvh) as u32, 1), block_dim: (ATTN_NT, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the caller's contract.
-    unsafe { launch(dev, &prep, cfg, params) }?;
-    let attn = function(dev, "nn_attention")?;
-    let smem = 4 * params.cap as u32;
-    attn.set_attribute(MAX_DYN_SMEM, smem as i32)?;
-    let cfg = LaunchConfig { grid_dim: (tokens, h, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
-    // SAFETY: the caller's contract; the scores take pos + 1 <= cap floats.
-    unsafe { launch(dev, &attn, cfg, params) }
+    unsafe { launch(dev, &attn_function(dev, "attn_prep")?, cfg, &p) }?;
+
+    let max_new = batch.seqs.iter().map(|r| r.len()).max().unwrap_or(0);
+    if use_tensor_cores(p.dtype, hd, max_new) {
+        // Query blocks of up to 64 rows of one sequence, the longest contexts first (they take
+        // the longest, so they should not start last).
+        let mut blocks: Vec<(usize, i32, i32)> = Vec::new();
+        for (r, &past) in batch.seqs.iter().zip(&batch.past) {
+            for q0 in (0..r.len()).step_by(TC_BQ) {
+                let qn = TC_BQ.min(r.len() - q0);
+                blocks.push((past + q0 + qn, (r.start + q0) as i32, qn as i32));
+            }
+        }
+        blocks.sort_by_key(|b| std::cmp::Reverse(b.0));
+        let table: Vec<i32> = blocks.iter().flat_map(|&(_, t0, qn)| [t0, qn]).collect();
+        let table = dev.stream().clone_htod(&table)?;
+        p.qblk = table.device_ptr(dev.stream()).0;
+        let f = attn_function(dev, &format!("attn_prefill_tc_{dt}_d{hd}"))?;
+        let smem = tc_smem(hd);
+        f.set_attribute(MAX_DYN_SMEM, smem as i32)?;
+        let nb = u32::try_from(blocks.len()).ok().filter(|&b| b <= 65_535);
+        let nb = nb.ok_or_else(|| Error::size(OP, format!("{} query blocks (at most 65535)", blocks.len())))?;
+        // Heads vary fastest: the longest contexts (first in the table) start first.
+        let cfg = LaunchConfig { grid_dim: (h as u32, nb, 1), block_dim: (ATTN_NT, 1, 1), shared_mem_bytes: smem };
+        // SAFETY: the caller's contract; the table holds (first token, rows) of every block, each
+        // inside one sequence, and lives until after the launch in stream order.
+        unsafe { launch(dev, &f, cfg, &p) }?;
+        drop(table);
+        return Ok(());
+    }
+
+    let group = h / kvh;
+    let (epl, gc) = split_shape(hd, group);
+    let chunks = group.div_ceil(gc);
+    let max_ctx = batch.seqs.iter().zip(&batch.past).map(|(r, &past)| past + r.len()).max().unwrap_or(1);
+    let (splits, split_len) = split_plan(tokens * kvh * chunks, max_ctx, dev.sm_count());
+    p.splits = splits as i32;
+    p.split_len = split_len as i32;
+    let mut part = None;
+    if splits > 1 {
+        // SAFETY: each split CTA writes the slots of its (token, head, split) and the combine
+        // kernel reads only the splits that hold keys of the token's context, which are those.
+        let mut t = unsafe { CudaTensor::uninit(&[tokens * h * splits * (hd + 2)], DType::F32, dev)? };
+        p.part = t.raw_addr_mut();
+        part = Some(t);
+    }
+    let ny = u32::try_from(kvh * chunks).ok().filter(|&y| y <= 65_535);
+    let ny = ny.ok_or_else(|| Error::size(OP, format!("{kvh} key/value heads × {chunks} head chunks")))?;
+    let f = attn_function(dev, &format!("attn_split_{dt}_e{epl}_g{gc}"))?;
+    let cfg = LaunchConfig { grid_dim: (t32, ny, splits as u32), block_dim: (ATTN_NT, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the caller's contract; the scratch holds tokens·H·splits·(hd + 2) f32 values.
+    unsafe { launch(dev, &f, cfg, &p) }?;
+    if splits > 1 {
+        let cfg = LaunchConfig { grid_dim: (t32, h as u32, 1), block_dim: (COMBINE_NT, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: as above; the scratch lives until after the launch in stream order.
+        unsafe { launch(dev, &attn_function(dev, "attn_combine")?, cfg, &p) }?;
+    }
+    drop(part);
+    Ok(())
 }
 
 /// Mirror of `PoolParams` in `nn.cu` (same order, `repr(C)`).
@@ -647,8 +779,68 @@ mod tests {
         assert_eq!(std::mem::size_of::<ConvParams>(), 7 * 8 + 5 * 4 + 4);
         assert_eq!(std::mem::size_of::<GluParams>(), 2 * 8 + 8 + 2 * 8);
         assert_eq!(std::mem::size_of::<ColsParams>(), 2 * 8 + 5 * 4 + 4);
-        assert_eq!(std::mem::size_of::<AttnParams>(), 12 * 8 + 11 * 4 + 4);
+        assert_eq!(std::mem::size_of::<AttnParams>(), 14 * 8 + 13 * 4 + 4);
         assert_eq!(std::mem::size_of::<PoolParams>(), 2 * 8 + 6 * 4);
         assert_eq!(std::mem::size_of::<RowsParams>(), 5 * 8 + 4 * 4);
+    }
+
+    #[test]
+    fn shared_memory_fits_an_sm90_cta() {
+        // The largest dynamic shared memory a Hopper CTA can opt into (227 KB); a launch above it
+        // fails at run time, so check every size the attention launcher asks for here.
+        const MAX: u32 = 232_448;
+        for hd in [64, 128, 256] {
+            assert!(tc_smem(hd) <= MAX, "tensor-core prefill, head_dim {hd}: {}", tc_smem(hd));
+        }
+        // The split-KV kernel's merge buffer (o, max and sum of its 4 warps) is static shared
+        // memory: at most 48 KB.
+        let split_smem = |epl: usize, gc: usize| 4 * gc * (32 * epl + 2) * 4;
+        for hd in 1..=512 {
+            for group in 1..=64 {
+                let (epl, gc) = split_shape(hd, group);
+                assert!(split_smem(epl, gc) <= 48 * 1024, "hd {hd}, group {group}");
+            }
+        }
+    }
+
+    #[test]
+    fn split_kernel_instances_cover_every_shape() {
+        // attention.cu instantiates EPL in {2, 4, 8} with GC in {1, 2, 4, 8}, and EPL 16 with GC
+        // in {1, 2, 4}.
+        for hd in 1..=512 {
+            for group in 1..=64 {
+                let (epl, gc) = split_shape(hd, group);
+                assert!(32 * epl >= hd && [2, 4, 8, 16].contains(&epl), "hd {hd}: EPL {epl}");
+                assert!([1, 2, 4, 8].contains(&gc) && !(epl == 16 && gc == 8), "group {group}: GC {gc}");
+            }
+        }
+        assert_eq!(split_shape(256, 4), (8, 4));
+        assert_eq!(split_shape(128, 8), (4, 8));
+        assert_eq!(split_shape(32, 3), (2, 4));
+    }
+
+    #[test]
+    fn split_plan_fills_the_gpu_and_covers_the_context() {
+        for ctas in [1, 2, 4, 16, 264, 10_000] {
+            for max_ctx in [1, 15, 64, 600, 8192, 100_000, 1 << 20] {
+                let (splits, len) = split_plan(ctas, max_ctx, 132);
+                assert!((1..=MAX_SPLITS).contains(&splits), "{ctas} {max_ctx}: {splits}");
+                assert!(len % 16 == 0 && splits * len >= max_ctx && (splits - 1) * len < max_ctx);
+            }
+        }
+        // Decode at batch 1 with 2 KV heads: 8k context over 132 slices of 64 keys.
+        assert_eq!(split_plan(2, 8192, 132), (128, 64));
+        // ~600 tokens: slices of 64 keys.
+        assert_eq!(split_plan(2, 601, 132).0, 10);
+        // A long prefill fills the GPU on its own: one slice, no combine pass.
+        assert_eq!(split_plan(2000, 1000, 132).0, 1);
+    }
+
+    #[test]
+    fn tensor_cores_for_long_16_bit_prefills() {
+        assert!(use_tensor_cores(1, 256, 64) && use_tensor_cores(2, 64, 1000));
+        assert!(!use_tensor_cores(0, 256, 1000), "f32");
+        assert!(!use_tensor_cores(1, 96, 1000), "head_dim 96");
+        assert!(!use_tensor_cores(1, 128, 63), "short");
     }
 }

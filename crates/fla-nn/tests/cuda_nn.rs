@@ -2,8 +2,9 @@
 //! inputs: RMSNorm (plain, 1 + w, gated by SiLU and sigmoid, with the residual add), the short
 //! convolution over a varlen batch with a cache (a sequence of one token, an empty one), SwiGLU,
 //! row gather / scatter-add, the MLP, the mixtures of experts, the Gated DeltaNet, KDA and gated
-//! attention layers; f32 and bf16 activations; the typed errors. Every test prints "skipped: no
-//! CUDA device" and passes where there is no GPU (CI).
+//! attention layers (attention: long varlen prefills on the split-KV and the tensor-core kernels,
+//! prefill in two calls, decode after ~600 tokens); f32, bf16 and f16 activations; the typed
+//! errors. Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
 use std::sync::Arc;
 
 use fla_core::cuda::{self, CudaDevice, CudaTensor};
@@ -527,4 +528,112 @@ fn kda_layer_vs_cpu() {
         let cpu = KimiDeltaAttention::load(&safe, &vb).unwrap();
         assert!(matches!(cpu.to_cuda(&dev, dtype), Err(Error::Unsupported { .. })));
     }
+}
+
+/// A gated attention layer with random weights (each value representable in bf16): hidden 128,
+/// `h` query heads over `kvh` key/value heads of `hd` dims, a quarter of each head rotated, the
+/// output gate.
+fn attention_layer(
+    rng: &mut StdRng,
+    h: usize,
+    kvh: usize,
+    hd: usize,
+) -> (fla_nn::attention::GatedAttention, fla_nn::attention::AttentionConfig) {
+    use fla_nn::attention::{AttentionConfig, GatedAttention};
+    let hidden = 128;
+    let cfg = AttentionConfig {
+        hidden,
+        heads: h,
+        kv_heads: kvh,
+        head_dim: hd,
+        rope_dim: hd / 4,
+        rope_theta: 10000.0,
+        eps: 1e-6,
+        output_gate: true,
+    };
+    let mut w =
+        |r: usize, c: usize, s: f32| Tensor::from_vec(rounded(&random(rng, r * c, s), DType::BF16), &[r, c]).unwrap();
+    let s = 1.0 / (hidden as f32).sqrt();
+    let m = std::collections::HashMap::from([
+        ("q_proj.weight".to_string(), w(h * hd * 2, hidden, s)),
+        ("k_proj.weight".to_string(), w(kvh * hd, hidden, s)),
+        ("v_proj.weight".to_string(), w(kvh * hd, hidden, s)),
+        ("o_proj.weight".to_string(), w(hidden, h * hd, 1.0 / ((h * hd) as f32).sqrt())),
+        ("q_norm.weight".to_string(), w(1, hd, 0.2).reshape(&[hd]).unwrap()),
+        ("k_norm.weight".to_string(), w(1, hd, 0.2).reshape(&[hd]).unwrap()),
+    ]);
+    (GatedAttention::load(&cfg, &fla_nn::VarBuilder::from_tensors(m)).unwrap(), cfg)
+}
+
+/// Runs the calls `steps` (new tokens per sequence in each) through the CPU layer and the GPU
+/// layer in `dtype`, the caches carried from call to call, and compares every call's output.
+fn attention_steps(
+    dev: &Arc<CudaDevice>,
+    rng: &mut StdRng,
+    h: usize,
+    kvh: usize,
+    hd: usize,
+    dtype: DType,
+    steps: &[Vec<usize>],
+) {
+    use fla_nn::attention::{KvCache, KvCacheCuda};
+    let (cpu, cfg) = attention_layer(rng, h, kvh, hd);
+    let layer = cpu.to_cuda(dev, dtype).unwrap();
+    let (mut cc, mut gc) = (KvCache::default(), KvCacheCuda::default());
+    let mut past = vec![0usize; steps[0].len()];
+    for (step, lens) in steps.iter().enumerate() {
+        let batch = Batch::new(lens, &past);
+        let x = rounded(&random(rng, batch.tokens() * cfg.hidden, 1.0), dtype);
+        let want = cpu.forward(&x, &batch, &mut cc).unwrap();
+        let got = down(&layer.forward(&up(&x, &[batch.tokens(), cfg.hidden], dtype, dev), &batch, &mut gc).unwrap());
+        let e = rel_err(&got, &want);
+        let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+        eprintln!("{dtype} H {h} KVH {kvh} hd {hd} step {step} lens {lens:?} past {past:?}: rel err {e:.2e}");
+        assert!(!got.iter().any(|v| v.is_nan()), "{dtype} hd {hd} step {step}: NaN");
+        assert!(e < tol, "{dtype} H {h} KVH {kvh} hd {hd} step {step} lens {lens:?}: rel err {e:.2e}");
+        past.iter_mut().zip(lens).for_each(|(p, l)| *p += l);
+    }
+}
+
+/// One long varlen prefill against the CPU twin: sequences of 1, 70, 300 and 1000 tokens at
+/// head_dim 256 (8 query heads over 2 KV heads, Qwen3.5's shape), then head_dim 128 with a GQA
+/// group of 3 and head_dim 64 with a group of 8. f32 goes through the split-KV kernel, bf16 and
+/// f16 through the tensor-core prefill kernel.
+#[test]
+fn attention_prefill_vs_cpu() {
+    let Some(dev) = gpu("attention_prefill_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(17);
+    for dtype in [DType::F32, DType::BF16] {
+        attention_steps(&dev, &mut rng, 8, 2, 256, dtype, &[vec![1, 70, 300, 1000]]);
+    }
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        attention_steps(&dev, &mut rng, 6, 2, 128, dtype, &[vec![65, 3, 200]]);
+        attention_steps(&dev, &mut rng, 8, 1, 64, dtype, &[vec![130, 64, 1]]);
+    }
+}
+
+/// A prefill in two calls, the second continuing each sequence from the cache (and growing the
+/// pools from 256 to 512 rows), so the causal limit of a query block starts past 0.
+#[test]
+fn attention_prefill_in_two_calls_vs_cpu() {
+    let Some(dev) = gpu("attention_prefill_in_two_calls_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(18);
+    for dtype in [DType::F32, DType::BF16] {
+        attention_steps(&dev, &mut rng, 8, 2, 256, dtype, &[vec![40, 130], vec![300, 77]]);
+        attention_steps(&dev, &mut rng, 4, 2, 128, dtype, &[vec![100, 5], vec![3, 150]]);
+    }
+}
+
+/// Decode steps after a prefill of about 600 tokens: the split-KV kernel with several slices per
+/// context and the combine pass, f32, bf16 and f16.
+#[test]
+fn attention_decode_vs_cpu() {
+    let Some(dev) = gpu("attention_decode_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(19);
+    let steps = [vec![600, 257], vec![1, 1], vec![1, 1], vec![1, 1]];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        attention_steps(&dev, &mut rng, 8, 2, 256, dtype, &steps);
+    }
+    attention_steps(&dev, &mut rng, 6, 2, 128, DType::BF16, &steps);
+    attention_steps(&dev, &mut rng, 1, 1, 64, DType::F32, &[vec![700], vec![1], vec![1]]);
 }
