@@ -146,14 +146,7 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
     u16* vb = reinterpret_cast<u16*>(af);
     tc_load_v(p, 0, vb, bos, l, hv);
 
-    if (p.tm) {
-        u16* tg = static_cast<u16*>(p.tm) + (bos * p.hv + hv) * FLA_C;
-        for (int e = tid; e < l * FLA_C / 2; e += TC_NT) {
-            const int i = e >> 5, j = (e & 31) * 2;
-            *reinterpret_cast<unsigned*>(tg + i * (long long)p.hv * FLA_C + j) =
-                fla_pack2<E>(tf[i * TC_LDF + j], tf[i * TC_LDF + j + 1]);
-        }
-    }
+    tc_save_t<E>(p, tf, bos, l, hv);
     // W = T diag(beta e^G rk) K, with the scaled T rounded to 16 bits where Q was.
     u16* tt = qs;
     for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
@@ -194,7 +187,8 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
 // e^(G_rc - G_jc)) with both factors <= 1 (exact under any decay; FLA's sub-chunk form), products
 // on tensor cores; the four 16x16 diagonal blocks take the per-pair sum in f32. Then T as in
 // chunk_gdn_tc_intra, W = T (beta e^G k^), U = T (beta V), P, and for the sweep the tiles
-// q^ . e^G and k^ . e^(G_L - G) and G (f32).
+// q^ . e^G and k^ . e^(G_L - G) and G (f32); for the backward (tm not null) also T (16-bit) and
+// 1/|q|, 1/|k| (f32), as chunk_gdn_tc_intra.
 template <class E, int KD>
 __device__ __forceinline__ void kda_intra(const ChunkParams& p) {
     constexpr int LK = KD + 8, LG = KD + 1; // LG: row stride of G (odd: no bank conflicts)
@@ -360,6 +354,12 @@ __device__ __forceinline__ void kda_intra(const ChunkParams& p) {
     // place.
     u16* vb = reinterpret_cast<u16*>(af);
     tc_load_v(p, 0, vb, bos, l, hv);
+    // For the backward: T, and the norms its dq/dk kernel reads.
+    tc_save_t<E>(p, tf, bos, l, hv);
+    if (p.tm && tid < l) {
+        p.rq[hrow + (long long)tid * p.hv] = rq[tid];
+        p.rk[hrow + (long long)tid * p.hv] = rk[tid];
+    }
     u16* tt = qs;
     u16* kb = ks;
     for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {

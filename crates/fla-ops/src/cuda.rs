@@ -681,9 +681,10 @@ fn dtype_name(dt: DType) -> &'static str {
 /// The chunk forward of Gated DeltaNet, DeltaNet and KDA on the GPU; see
 /// [`crate::chunk::forward_cuda`].
 ///
-/// bf16 / f16 inputs of Gated DeltaNet and DeltaNet with K = 64 or 128 and V a multiple of 16
-/// take the tensor-core path (`chunk_gdn_tc.cu`); everything else (f32 inputs, KDA, other head
-/// dims up to K = 128) the f32 path (`chunk_gdn.cu`).
+/// bf16 / f16 inputs with K = 64 or 128 and V a multiple of 16 take the tensor-core path
+/// (`chunk_gdn_tc.cu`; a saving forward only where the backward does, see
+/// `backward_tensor_cores`); everything else (f32 inputs, other head dims up to K = 128) the f32
+/// path (`chunk_gdn.cu`).
 pub(crate) fn chunk_forward(
     family: Family,
     x: &Inputs<'_, CudaTensor>,
@@ -695,9 +696,9 @@ pub(crate) fn chunk_forward(
     let d = call.p.dims;
     let dev = call.dev.clone();
     let dtype = x.q.dtype();
-    // A saving forward takes the path its backward will take (f32 for KDA so far).
+    // A saving forward takes the path its backward will take.
     let tensor_cores = if save {
-        backward_tensor_cores(family, dtype, &d)
+        backward_tensor_cores(dtype, &d)
     } else {
         matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && d.v % 16 == 0
     };
@@ -739,13 +740,11 @@ pub(crate) fn chunk_forward(
     Ok((o, ht, Some(ChunkSaved { call, bufs, family, tensor_cores, inputs })))
 }
 
-/// Whether the chunk backward of `family` runs on tensor cores for these inputs: 16-bit Gated
-/// DeltaNet / DeltaNet with K and V of 64 or 128.
-fn backward_tensor_cores(family: Family, dtype: DType, d: &crate::Dims) -> bool {
-    family != Family::Kda
-        && matches!(dtype, DType::BF16 | DType::F16)
-        && matches!(d.k, 64 | 128)
-        && matches!(d.v, 64 | 128)
+/// Whether the chunk backward runs on tensor cores for these inputs: 16-bit Gated DeltaNet,
+/// DeltaNet or KDA with K and V of 64 or 128 (`chunk_bwd_tc.cu`; every family `chunk_call`
+/// accepts has a form there).
+fn backward_tensor_cores(dtype: DType, d: &crate::Dims) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && matches!(d.k, 64 | 128) && matches!(d.v, 64 | 128)
 }
 
 /// Device addresses of a call's tensors (q, k, v, g, beta, A_log, dt_bias, initial state), which
@@ -858,7 +857,14 @@ fn tc_dqk_smem(k: usize, v: usize) -> u32 {
     ((2 * 64 * (k + 8) + 4 * 64 * (v + 8) + 2 * k * (v + 8) + 4 * 64 * 72) * 2 + (9 * 64 + 4) * 4) as u32
 }
 
-/// Threads of `chunk_bwd_tc_dqk_*` (`TC_BWD_DQK`): four warps per 32 key columns (16 warps at
+/// Dynamic shared memory of `chunk_kda_bwd_tc_dqk_*` (`KDA_DQK_SMEM` in chunk_bwd_tc.cu): the Q^,
+/// K^ tiles, three [C][V+8] (dY over dU) and two [K][V+8] tiles, three [C][C+8] (16-bit), G
+/// ([C][K+4]), seven [C] vectors and dG_L [K] (f32): 215 KB at K = V = 128.
+fn kda_dqk_smem(k: usize, v: usize) -> u32 {
+    ((2 * 64 * (k + 8) + 3 * 64 * (v + 8) + 2 * k * (v + 8) + 3 * 64 * 72) * 2 + (64 * (k + 4) + 7 * 64 + k) * 4) as u32
+}
+
+/// Threads of `chunk_bwd_tc_dqk_*` and `chunk_kda_bwd_tc_dqk_*` (`TC_BWD_DQK`, `KDA_BWD_DQK`): four warps per 32 key columns (16 warps at
 /// K = 128, 8 at K = 64).
 fn tc_dqk_threads(k: usize) -> u32 {
     (128 * k / 32) as u32
@@ -920,7 +926,7 @@ pub(crate) fn chunk_backward(
             (&s.call, s.tensor_cores, Vec::new())
         }
         None => {
-            let tc = backward_tensor_cores(family, dtype, &d);
+            let tc = backward_tensor_cores(dtype, &d);
             let bufs = if tc { fresh.tc_forward(OP, true)? } else { fresh.f32_forward(OP, true)? };
             (&fresh, tc, bufs)
         }
@@ -1001,7 +1007,8 @@ pub(crate) fn chunk_backward(
         // `recomputed` or in `saved` (checked to belong to these inputs). The backward's buffers are allocated above with the shapes the kernels index:
         // do, dv [tokens,HV,V]; dht, dh0 [N,HV,K,V] f32 (dht checked); dhs [nc,HV,K,V] and du
         // [tokens,HV,V] (16-bit on the tensor-core path, whose kernels take K, V of 64 or 128 by
-        // their names, and the value block `bv` dividing V, as the forward's sweep); dq, dk
+        // their names, and the value block `bv` dividing V, as the forward's sweep; KDA's forms
+        // also read the forward's gc [tokens,HV,K] f32 and qg16, kt16 [tokens,HV,K]); dq, dk
         // [tokens,H,K]; dg in g's shape; dbeta, dbh [tokens,HV]; dA_log, ddt_bias in the shapes
         // and dtypes of A_log, dt_bias (present with use_gate: Problem checked);
         // dp, da [tokens,HV,64]; dqa, dka, dkb [tokens,HV,K]; dgl [nc,HV,K]; dgh [tokens,HV,KG];
@@ -1016,15 +1023,17 @@ pub(crate) fn chunk_backward(
         let image = cubin("chunk_bwd_tc")?;
         let bv = tc_block_v(d.v, dev.sm_count(), |bv| d.n * d.hv * d.v / bv);
         let tiles = call.tiles(OP, bv)?;
-        let f_dh = dev.function("chunk_bwd_tc", image, &format!("chunk_bwd_tc_dh_{name}_k{}_v{bv}", d.k))?;
-        let f_dqk = dev.function("chunk_bwd_tc", image, &format!("chunk_bwd_tc_dqk_{name}_k{}_v{}", d.k, d.v))?;
+        // KDA: the per-channel forms of both kernels (the sweep's tiling is the same).
+        let (fam, dqk_smem) = if call.kg > 1 { ("kda_", kda_dqk_smem(d.k, d.v)) } else { ("", tc_dqk_smem(d.k, d.v)) };
+        let f_dh = dev.function("chunk_bwd_tc", image, &format!("chunk_{fam}bwd_tc_dh_{name}_k{}_v{bv}", d.k))?;
+        let f_dqk = dev.function("chunk_bwd_tc", image, &format!("chunk_{fam}bwd_tc_dqk_{name}_k{}_v{}", d.k, d.v))?;
         f_dh.set_attribute(MAX_DYN_SMEM, tc_fwd_smem(d.k, bv) as i32)?;
-        f_dqk.set_attribute(MAX_DYN_SMEM, tc_dqk_smem(d.k, d.v) as i32)?;
+        f_dqk.set_attribute(MAX_DYN_SMEM, dqk_smem as i32)?;
         if tiles > 0 {
             launch(&f_dh, (tiles, 1, 1), tc_fwd_threads(bv), tc_fwd_smem(d.k, bv))?;
         }
         if nc > 0 {
-            launch(&f_dqk, (nc as u32, d.hv as u32, 1), tc_dqk_threads(d.k), tc_dqk_smem(d.k, d.v))?;
+            launch(&f_dqk, (nc as u32, d.hv as u32, 1), tc_dqk_threads(d.k), dqk_smem)?;
         }
     } else {
         let tiles = call.tiles(OP, GPU_CHUNK_BV)?;
@@ -1091,6 +1100,7 @@ mod tests {
             }
             for v in [64, 128] {
                 assert!(tc_dqk_smem(k, v) <= MAX, "dq/dk, K = {k}, V = {v}");
+                assert!(kda_dqk_smem(k, v) <= MAX, "KDA dq/dk, K = {k}, V = {v}");
             }
         }
         for smem in [INTRA_SMEM, FWD_SMEM, BWD_DH_SMEM, BWD_DQK_SMEM, BWD_GATE_SMEM] {

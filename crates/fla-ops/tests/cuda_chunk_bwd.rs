@@ -21,7 +21,7 @@ use fla_ops::{chunk, Family, Grads};
 /// forward (the state gradient over the whole sequence).
 const TOL_F32: f64 = 2e-4;
 /// bf16 / f16 inputs: the gradients are rounded to 16 bits on both sides, and the tensor-core
-/// path (K, V of 64 or 128, not KDA) rounds its matmul operands to 16 bits as FLA does.
+/// path (K, V of 64 or 128, every family) rounds its matmul operands to 16 bits as FLA does.
 const TOL_HALF: f64 = 1e-2;
 
 fn specs(fam: Family) -> Vec<Spec> {
@@ -60,7 +60,18 @@ fn specs(fam: Family) -> Vec<Spec> {
     out.push(Spec::new(fam, [1, 100, 1, 2, 64, 128]).h0(true).l2norm().seed(next()));
     out.push(Spec::new(fam, [1, 80, 2, 2, 128, 64]).h0(true).seed(next()));
     out.push(Spec::new(fam, [1, 140, 1, 4, 64, 200]).h0(true).l2norm().seed(next()));
+    // H = HV with the in-op gate and norm over a varlen batch (KDA: dq, dk finished in its dq/dk
+    // kernel beside the per-channel gate gradient).
+    if fam == Family::Kda {
+        let s = Spec::new(fam, [1, 150, 2, 2, 128, 128]).cu(&[0, 20, 150]).h0(true).l2norm().sigmoid();
+        out.push(s.gate_in_kernel(DtBias::Flat).seed(next()));
+    }
     out
+}
+
+/// Whether the backward of `s` in 16 bits takes the tensor-core path (K and V of 64 or 128).
+fn tensor_core_dims(s: &Spec) -> bool {
+    [64, 128].contains(&s.k) && [64, 128].contains(&s.v)
 }
 
 fn to_host(g: Grads<CudaTensor>) -> Grads {
@@ -137,7 +148,7 @@ fn sweep(test: &str, family: Family) {
         check_case(&mut c, &dev, spec, DType::F32, true, &mut worst);
         check_case(&mut c, &dev, spec, DType::BF16, false, &mut worst);
     }
-    for spec in specs.iter().filter(|s| s.k == s.v && s.t > 64) {
+    for spec in specs.iter().filter(|s| s.t > 64 && (s.k == s.v || tensor_core_dims(s))) {
         check_case(&mut c, &dev, spec, DType::F16, true, &mut worst);
     }
     let summary = format!("{family} chunk backward: largest rel err: f32 {:.2e}, 16-bit {:.2e}", worst[0], worst[1]);
@@ -192,33 +203,42 @@ fn bad_upstream_gradients_are_typed_errors() {
 
 /// Every value-block width of the tensor-core reverse sweep (the launcher picks 16 for the small
 /// shapes above; 32 and 64 serve many heads), forced through `FLA_CHUNK_BV`, as the forward's
-/// `tensor_core_value_blocks` does.
+/// `tensor_core_value_blocks` does: Gated DeltaNet's and KDA's forms, the latter also through the
+/// saving forward (whose sweep takes the same block).
 #[test]
 fn tensor_core_backward_value_blocks() {
     let Some(dev) = gpu("tensor_core_backward_value_blocks") else { return };
-    let spec = Spec::new(Family::GatedDeltaRule, [1, 300, 2, 4, 128, 128])
-        .cu(&[0, 64, 65, 300])
-        .h0(true)
-        .l2norm()
-        .gate(Gate::Strong)
-        .seed(78);
-    let x = spec.data().cast(DType::BF16);
-    let opts = spec.opts();
-    let (d_o, dht) = spec.upstream();
-    let d_o = d_o.to_dtype(DType::BF16).unwrap();
-    let dht = dht.to_dtype(DType::F32).unwrap();
-    let cpu = chunk::backward(spec.family, &x.inputs(), &opts, &d_o, Some(&dht)).unwrap();
-    let g = GpuData::new(&x, &dev);
-    let up = |t: &Tensor| CudaTensor::from_host(t, &dev).unwrap();
-    let (d_o_gpu, dht_gpu) = (up(&d_o), up(&dht));
     let mut c = Checker::default();
-    for bv in ["16", "32", "64"] {
-        // SAFETY (set_var): the tests of this binary run on one thread (`--test-threads=1` on
-        // the GPU box); no other thread reads the environment meanwhile.
-        unsafe { std::env::set_var("FLA_CHUNK_BV", bv) };
-        let got = chunk::backward_cuda(spec.family, &g.inputs(true), &opts, &d_o_gpu, Some(&dht_gpu), None).unwrap();
-        c.grads(&format!("BV={bv}"), &to_host(got), &cpu, TOL_HALF);
+    for family in [Family::GatedDeltaRule, Family::Kda] {
+        let spec = Spec::new(family, [1, 300, 2, 4, 128, 128])
+            .cu(&[0, 64, 65, 300])
+            .h0(true)
+            .l2norm()
+            .gate(Gate::Strong)
+            .seed(78);
+        let x = spec.data().cast(DType::BF16);
+        let opts = spec.opts();
+        let (d_o, dht) = spec.upstream();
+        let d_o = d_o.to_dtype(DType::BF16).unwrap();
+        let dht = dht.to_dtype(DType::F32).unwrap();
+        let cpu = chunk::backward(spec.family, &x.inputs(), &opts, &d_o, Some(&dht)).unwrap();
+        let g = GpuData::new(&x, &dev);
+        let up = |t: &Tensor| CudaTensor::from_host(t, &dev).unwrap();
+        let (d_o_gpu, dht_gpu) = (up(&d_o), up(&dht));
+        for bv in ["16", "32", "64"] {
+            // SAFETY (set_var): the tests of this binary run on one thread (`--test-threads=1` on
+            // the GPU box); no other thread reads the environment meanwhile.
+            unsafe { std::env::set_var("FLA_CHUNK_BV", bv) };
+            let inputs = g.inputs(true);
+            let got = chunk::backward_cuda(family, &inputs, &opts, &d_o_gpu, Some(&dht_gpu), None).unwrap();
+            c.grads(&format!("{family} BV={bv}"), &to_host(got), &cpu, TOL_HALF);
+            if family == Family::Kda {
+                let (_, _, saved) = chunk::forward_cuda_saving(family, &inputs, &opts).unwrap();
+                let got = chunk::backward_cuda(family, &inputs, &opts, &d_o_gpu, Some(&dht_gpu), Some(&saved)).unwrap();
+                c.grads(&format!("{family} saved BV={bv}"), &to_host(got), &cpu, TOL_HALF);
+            }
+        }
+        unsafe { std::env::remove_var("FLA_CHUNK_BV") };
     }
-    unsafe { std::env::remove_var("FLA_CHUNK_BV") };
-    c.finish(3 * 6);
+    c.finish(3 * 3 * 6);
 }

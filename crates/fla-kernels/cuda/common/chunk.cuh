@@ -54,6 +54,13 @@ struct ChunkParams {
 };
 
 
+// Beta of token `i` (index into [tokens, HV]), with the in-op sigmoid applied.
+__device__ __forceinline__ float chunk_beta(const ChunkParams& p, long long i) {
+    float b = fla_load(p.beta, p.dtype, i);
+    if (p.beta_sigmoid) b = fla_sigmoidf(b);
+    return b;
+}
+
 // The log decay and beta of token `i` (index into [tokens, HV]) of value head `hv`, with the
 // in-op gate and sigmoid applied; no decay (0) when `g` is null.
 __device__ __forceinline__ void chunk_gate_beta(const ChunkParams& p, long long i, int hv, float& g, float& b) {
@@ -63,8 +70,7 @@ __device__ __forceinline__ void chunk_gate_beta(const ChunkParams& p, long long 
         if (p.use_gate)
             g = -expf(fla_load(p.a_log, p.a_log_dtype, hv)) * fla_softplusf(g + fla_load(p.dt_bias, p.dt_bias_dtype, hv));
     }
-    b = fla_load(p.beta, p.dtype, i);
-    if (p.beta_sigmoid) b = fla_sigmoidf(b);
+    b = chunk_beta(p, i);
 }
 
 // First token `bos` and length `l` of chunk `ci`.

@@ -192,6 +192,19 @@ __device__ __forceinline__ void tc_invert(const float* af, float* tf, float* xs)
     }
 }
 
+// With the backward's scratch (`tm` not null): rows i < l of T (f32 `tf`, stride TC_LDF) in 16
+// bits to tm ([tokens, HV, C]) for one chunk and value head.
+template <class E>
+__device__ __forceinline__ void tc_save_t(const ChunkParams& p, const float* tf, long long bos, int l, int hv) {
+    if (!p.tm) return;
+    u16* tg = static_cast<u16*>(p.tm) + (bos * p.hv + hv) * FLA_C;
+    for (int e = threadIdx.x; e < l * FLA_C / 2; e += TC_NT) {
+        const int i = e >> 5, j = (e & 31) * 2;
+        *reinterpret_cast<unsigned*>(tg + i * (long long)p.hv * FLA_C + j) =
+            fla_pack2<E>(tf[i * TC_LDF + j], tf[i * TC_LDF + j + 1]);
+    }
+}
+
 // Starts loading V columns v0..v0+64 (or fewer, a multiple of 16) of one chunk and value head
 // into the [C][TC_LDC] tile `dst` (rows >= l zero), as one commit group.
 __device__ __forceinline__ void tc_load_v(const ChunkParams& p, int v0, u16* dst, long long bos, int l, int hv) {

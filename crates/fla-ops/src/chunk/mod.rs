@@ -89,9 +89,10 @@ pub fn forward_cuda_saving(
 /// recomputed first, keeping `T`, the state entering each chunk and the new values; a reverse
 /// sweep then carries the state gradient per (sequence, head, block of value columns), every
 /// chunk's gradients are computed at once, and a per-token pass sums grouped value heads and
-/// chains the in-op options. bf16 / f16 Gated DeltaNet and DeltaNet with K and V of 64 or 128
-/// run on tensor cores (`fla-kernels/cuda/chunk_bwd_tc.cu`, 16-bit operands as in FLA); the rest
-/// in f32 arithmetic (`chunk_bwd.cu`). The work is queued on the device's stream.
+/// chains the in-op options. bf16 / f16 inputs with K and V of 64 or 128 run on tensor cores
+/// (`fla-kernels/cuda/chunk_bwd_tc.cu`, 16-bit operands as in FLA; for KDA with the per-channel
+/// decay split at sub-chunk boundaries as in its forward); the rest in f32 arithmetic
+/// (`chunk_bwd.cu`). The work is queued on the device's stream.
 ///
 /// With `saved` from [`forward_cuda_saving`] over the same inputs and options, the forward is not
 /// recomputed; a context from other inputs is an [`fla_core::Error::Argument`] naming `saved`.
