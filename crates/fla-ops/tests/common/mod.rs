@@ -463,12 +463,14 @@ impl Checker {
         }
     }
 
-    /// Every gradient of `got` against `want`. `da_log` gets `10·tol`: it is a sum over all
-    /// `B·T(·K)` gate elements whose terms largely cancel, so it amplifies the (in-tolerance)
-    /// rounding of `dg` by the condition number of that sum.
+    /// Every gradient of `got` against `want`. `da_log` and `ddt_bias` get `10·tol`: each is a
+    /// sum over the `B·T` tokens (and, for `da_log` of a per-channel gate, the `K` channels) of
+    /// gate elements whose terms largely cancel, so it amplifies the (in-tolerance) rounding of
+    /// `dg` by the condition number of that sum (KDA's 16-bit tensor-core `ddt_bias` reaches
+    /// 2.9e-2 where its `dg` is within 6.5e-3).
     pub fn grads(&mut self, ctx: &str, got: &Grads, want: &Grads, tol: f64) {
         for ((name, g), (_, w)) in all_grads(got).into_iter().zip(all_grads(want)) {
-            let tol = if name == "da_log" { 10.0 * tol } else { tol };
+            let tol = if matches!(name, "da_log" | "ddt_bias") { 10.0 * tol } else { tol };
             self.close_opt(ctx, name, g, w, tol);
         }
     }
