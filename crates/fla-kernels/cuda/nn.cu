@@ -66,17 +66,52 @@ __device__ __forceinline__ float conv_input(const ConvParams& p, int n, int star
                   : p.state[((long long)n * p.c + ch) * p.w + p.w + k];
 }
 
-// A thread per (token, channel): y_t = silu(sum_j w_j x_{t - W + 1 + j}), the inputs before the
-// sequence's first token from its cache.
-extern "C" __global__ void __launch_bounds__(256) nn_short_conv(const ConvParams p) {
-    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
-    if (e >= (long long)p.tokens * p.c) return;
-    const int t = (int)(e / p.c), ch = (int)(e % p.c);
-    const int n = p.seq_of[t], start = p.cu_seqlens[n], i = t - start;
-    float acc = 0.0f;
-    for (int j = 0; j < p.w; ++j) acc += p.weight[(long long)ch * p.w + j] * conv_input(p, n, start, i + 1 + j - p.w, ch);
-    fla_store(p.y, p.dtype, e, acc * fla_sigmoidf(acc));
+// Tokens per thread of the short convolution.
+#define FLA_CONV_TOKENS 16
+
+// A thread per (channel, run of FLA_CONV_TOKENS tokens): y_t = silu(sum_j w_j x_{t - W + 1 + j}),
+// the inputs before a sequence's first token from its cache. The W taps and the last W inputs
+// stay in registers (W is a template parameter), so each input is loaded once; a warp covers 32
+// consecutive channels of one token, so the loads are coalesced. The window is refilled where
+// the run starts and where a new sequence starts.
+template <int W>
+__device__ __forceinline__ void short_conv(const ConvParams& p) {
+    const int ch = blockIdx.x * 256 + threadIdx.x;
+    if (ch >= p.c) return;
+    const int t0 = blockIdx.y * FLA_CONV_TOKENS, t1 = min(t0 + FLA_CONV_TOKENS, p.tokens);
+    float w[W], win[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) w[j] = p.weight[(long long)ch * W + j];
+    int n = -1;
+    for (int t = t0; t < t1; ++t) {
+        const int nt = p.seq_of[t];
+        if (nt != n) {
+            n = nt;
+            const int start = p.cu_seqlens[n];
+#pragma unroll
+            for (int j = 0; j < W - 1; ++j) win[j] = conv_input(p, n, start, t - start - (W - 1) + j, ch);
+        } else {
+#pragma unroll
+            for (int j = 0; j < W - 1; ++j) win[j] = win[j + 1];
+        }
+        win[W - 1] = fla_load(p.x, p.dtype, (long long)t * p.c + ch);
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < W; ++j) acc += w[j] * win[j];
+        fla_store(p.y, p.dtype, (long long)t * p.c + ch, acc * fla_sigmoidf(acc));
+    }
 }
+
+#define FLA_SHORT_CONV(W) \
+    extern "C" __global__ void __launch_bounds__(256) nn_short_conv_w##W(const ConvParams p) { short_conv<W>(p); }
+FLA_SHORT_CONV(1)
+FLA_SHORT_CONV(2)
+FLA_SHORT_CONV(3)
+FLA_SHORT_CONV(4)
+FLA_SHORT_CONV(5)
+FLA_SHORT_CONV(6)
+FLA_SHORT_CONV(7)
+FLA_SHORT_CONV(8)
 
 // A thread per (sequence, channel, tap): the new cache, the last W inputs of the sequence.
 extern "C" __global__ void __launch_bounds__(256) nn_short_conv_state(const ConvParams p) {

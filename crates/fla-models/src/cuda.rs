@@ -3,7 +3,7 @@
 //! [`fla_nn::attention::GatedAttentionCuda`], [`fla_nn::mlp::MlpCuda`], [`fla_nn::moe::MoeCuda`])
 //! in the pre-norm decoder of [`crate::Decoder`], activations in one dtype: Qwen3.5 and
 //! Qwen3-Next whole; Kimi Linear's MLA layers are not on the GPU yet ([`Error::Unsupported`]).
-//! The token embedding is gathered on the host and uploaded (one row per token).
+//! The token embeddings are gathered on the device (from the LM head when it is tied).
 use std::sync::Arc;
 
 use fla_core::cuda::{CudaDevice, CudaTensor};
@@ -54,18 +54,17 @@ pub struct ModelCuda {
     host: ModelHost,
     layers: Vec<BlockCuda>,
     norm: CudaTensor,
+    /// `[vocab, hidden]`.
     lm_head: CudaTensor,
-    dtype: DType,
-    dev: Arc<CudaDevice>,
+    /// The embedding table `[vocab, hidden]`; `None` when the LM head is tied to it.
+    embed: Option<CudaTensor>,
 }
 
-/// What the GPU model still reads on the host: the embedding (gathered per token).
+/// The model's sizes and norm constants, read on the host.
 struct ModelHost {
-    embed: fla_nn::embedding::Embedding,
     eps: f32,
     norm_offset: f32,
     vocab: usize,
-    hidden: usize,
 }
 
 /// The per-layer caches of a [`ModelCuda`] for a batch of sequences, on its device.
@@ -103,14 +102,12 @@ impl Model {
             };
             layers.push(BlockCuda { input_norm: vec_up(&l.input_norm)?, post_norm: vec_up(&l.post_norm)?, mixer, ffn });
         }
-        let hidden = d.norm.len();
         Ok(ModelCuda {
-            host: ModelHost { embed: d.embed.clone(), eps: d.eps, norm_offset: d.norm_offset, vocab: d.vocab, hidden },
+            host: ModelHost { eps: d.eps, norm_offset: d.norm_offset, vocab: d.vocab },
             layers,
             norm: vec_up(&d.norm)?,
             lm_head: CudaTensor::from_host(&d.lm_head.weight().to_dtype(dtype)?, dev)?,
-            dtype,
-            dev: dev.clone(),
+            embed: (!d.tied).then(|| CudaTensor::from_host(&d.embed.weight().to_dtype(dtype)?, dev)).transpose()?,
         })
     }
 }
@@ -137,9 +134,15 @@ impl ModelCuda {
         let m = &self.host;
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         let batch = Batch::new(&lens, &cache.past);
-        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
-        let x = Tensor::from_vec(m.embed.forward(&ids)?, &[ids.len(), m.hidden])?.to_dtype(self.dtype)?;
-        let mut x = CudaTensor::from_host(&x, &self.dev)?;
+        let ids: Vec<usize> = seqs.iter().flat_map(|s| s.iter().map(|&t| t as usize)).collect();
+        if let Some(&bad) = ids.iter().find(|&&t| t >= m.vocab) {
+            return Err(Error::Argument {
+                op: "ModelCuda::forward_hidden",
+                arg: "seqs",
+                msg: format!("token id {bad} is outside the vocabulary of {}", m.vocab),
+            });
+        }
+        let mut x = gather_rows_cuda(self.embed.as_ref().unwrap_or(&self.lm_head), &ids)?;
         let (mut li, mut ai) = (0, 0);
         // Each residual add is fused into the norm that follows it: the FFN output of a layer
         // waits in `pending` for the next layer's input norm (or the final norm).

@@ -97,6 +97,8 @@ pub struct Decoder {
     pub(crate) layers: Vec<Block>,
     pub(crate) norm: Vec<f32>,
     pub(crate) lm_head: Linear,
+    /// `lm_head` is the embedding table.
+    pub(crate) tied: bool,
     pub(crate) eps: f32,
     pub(crate) norm_offset: f32,
     pub(crate) vocab: usize,
@@ -122,6 +124,7 @@ impl Decoder {
             embed,
             layers,
             lm_head,
+            tied: head.tied,
             eps: head.eps,
             norm_offset: head.norm_offset,
             vocab: head.vocab,

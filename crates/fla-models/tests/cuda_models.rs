@@ -98,3 +98,12 @@ fn check_greedy(name: &str) {
         assert_eq!(batch[i], alone[0], "{name} prompt {i}: batched vs alone");
     }
 }
+
+/// A token id outside the vocabulary is a typed error on the GPU too.
+#[test]
+fn token_outside_the_vocabulary_is_an_error_on_the_gpu() {
+    let Some(dev) = gpu("token_outside_the_vocabulary_is_an_error_on_the_gpu") else { return };
+    let model = Model::load(&model_dir("qwen3_5_tiny")).unwrap().to_cuda(&dev, DType::F32).unwrap();
+    let bad = model.vocab() as u32;
+    assert!(matches!(model.forward_logits(&[&[1, bad]]), Err(fla_core::Error::Argument { arg: "seqs", .. })));
+}

@@ -204,6 +204,11 @@ struct ConvParams {
 // SAFETY: plain old data in the C layout the kernel reads.
 unsafe impl DeviceRepr for ConvParams {}
 
+/// Tokens each thread of `nn_short_conv_w*` walks (`FLA_CONV_TOKENS` in `nn.cu`).
+const CONV_TOKENS: usize = 16;
+/// The widest kernel with a compiled `nn_short_conv_w*` instance.
+const MAX_CONV_KERNEL: usize = 8;
+
 /// The depthwise causal short convolution with SiLU on the GPU, over a packed batch: `x
 /// [tokens, C]`, `weight [C, W]` f32, `state [N, C, W]` f32 (the last `W` inputs of each
 /// sequence, oldest first: zeros for a new one), `cu_seqlens [N + 1]`. Returns `silu(conv(x))`
@@ -226,6 +231,12 @@ pub fn short_conv_cuda(
     if wc != c || w == 0 {
         return Err(Error::shape(OP, "weight", format!("[channels = {c}, kernel ≥ 1]"), weight.shape()));
     }
+    if w > MAX_CONV_KERNEL {
+        return Err(Error::Unsupported {
+            op: OP,
+            msg: format!("a kernel of {w} taps (the GPU convolution takes at most {MAX_CONV_KERNEL})"),
+        });
+    }
     let seqs = fla_ops::check_cu_seqlens(OP, cu_seqlens, tokens)?;
     let n = seqs.len();
     check_f32(OP, "state", state)?;
@@ -241,8 +252,8 @@ pub fn short_conv_cuda(
         use fla_core::cuda::cudarc::driver::DevicePtr;
         table.device_ptr(dev.stream()).0
     };
-    // SAFETY: the kernels write every element of y (a thread per (token, channel)) and of the
-    // new state (a thread per (sequence, channel, tap)).
+    // SAFETY: the kernels write every element of y (a thread per (channel, run of tokens), the
+    // runs covering every token) and of the new state (a thread per (sequence, channel, tap)).
     let mut y = unsafe { CudaTensor::uninit(x.shape(), x.dtype(), &dev)? };
     let mut state_out = unsafe { CudaTensor::uninit(&[n, c, w], DType::F32, &dev)? };
     let params = ConvParams {
@@ -266,12 +277,13 @@ pub fn short_conv_cuda(
     // the table holds N + 1 offsets (checked: 0 first, tokens last, non-decreasing) and a
     // sequence index < N per token; the table lives until after the launches in stream order.
     if tokens * c > 0 {
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(OP, tokens * c, 256)?, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { launch(&dev, &function(&dev, "nn_short_conv")?, cfg, &params) }?;
+        let runs = u32::try_from(tokens.div_ceil(CONV_TOKENS))
+            .ok()
+            .filter(|&r| r <= 65535)
+            .ok_or_else(|| Error::size(OP, format!("{tokens} tokens are more than one launch takes")))?;
+        let cfg =
+            LaunchConfig { grid_dim: (blocks(OP, c, 256)?, runs, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { launch(&dev, &function(&dev, &format!("nn_short_conv_w{w}"))?, cfg, &params) }?;
     }
     if n * c * w > 0 {
         let cfg =

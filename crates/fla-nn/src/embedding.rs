@@ -39,6 +39,11 @@ impl Embedding {
         Ok(out)
     }
 
+    /// The table `[vocab, hidden]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// The table as an output projection (tied LM head).
     pub fn as_linear(&self) -> Result<Linear> {
         Linear::new(self.weight.clone(), None)

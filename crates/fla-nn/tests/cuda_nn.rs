@@ -99,31 +99,43 @@ fn rms_norm_vs_cpu() {
 fn short_conv_vs_cpu() {
     let Some(dev) = gpu("short_conv_vs_cpu") else { return };
     let mut rng = StdRng::seed_from_u64(12);
-    let (c, w) = (96, 4);
-    let lens = [1, 4, 0, 25, 3];
-    let past = [3, 0, 5, 7, 1];
+    // Sequences start and end inside and across the 16-token runs of a thread; channels past a
+    // multiple of 256; kernels of 1, 2, 4 and 8 taps.
+    let c = 300;
+    let lens = [1, 4, 0, 25, 3, 40];
+    let past = [3, 0, 5, 7, 1, 0];
     let batch = Batch::new(&lens, &past);
     let tokens = batch.tokens();
     let cu = batch.cu_seqlens();
-    let weight = random(&mut rng, c * w, 0.7);
-    let conv = ShortConv::from_weight(weight.clone(), c, w).unwrap();
-    for dtype in [DType::F32, DType::BF16] {
-        let x = rounded(&random(&mut rng, tokens * c, 1.5), dtype);
-        let state0 = random(&mut rng, lens.len() * c * w, 1.0);
-        let mut state = ConvState { data: state0.clone() };
-        let want = conv.forward(&x, &batch, &mut state);
-        let (y, st) = short_conv_cuda(
-            &up(&x, &[tokens, c], dtype, &dev),
-            &up(&weight, &[c, w], DType::F32, &dev),
-            &up(&state0, &[lens.len(), c, w], DType::F32, &dev),
-            &cu,
-        )
-        .unwrap();
-        let e = rel_err(&down(&y), &want);
-        assert!(e < tol(dtype), "{dtype} y: rel err {e:.2e}");
-        // The cache holds inputs as given (rounded to the dtype): exact.
-        assert_eq!(down(&st), state.data, "{dtype} new cache");
+    for w in [1, 2, 4, 8] {
+        let weight = random(&mut rng, c * w, 0.7);
+        let conv = ShortConv::from_weight(weight.clone(), c, w).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = rounded(&random(&mut rng, tokens * c, 1.5), dtype);
+            let state0 = random(&mut rng, lens.len() * c * w, 1.0);
+            let mut state = ConvState { data: state0.clone() };
+            let want = conv.forward(&x, &batch, &mut state);
+            let (y, st) = short_conv_cuda(
+                &up(&x, &[tokens, c], dtype, &dev),
+                &up(&weight, &[c, w], DType::F32, &dev),
+                &up(&state0, &[lens.len(), c, w], DType::F32, &dev),
+                &cu,
+            )
+            .unwrap();
+            let e = rel_err(&down(&y), &want);
+            assert!(e < tol(dtype), "{dtype} kernel {w} y: rel err {e:.2e}");
+            // The cache holds inputs as given (rounded to the dtype): exact.
+            assert_eq!(down(&st), state.data, "{dtype} kernel {w} new cache");
+        }
     }
+    let x = up(&[0.0; 9 * 2], &[2, 9], DType::F32, &dev);
+    let too_wide = short_conv_cuda(
+        &x,
+        &up(&[0.0; 9 * 9], &[9, 9], DType::F32, &dev),
+        &up(&[0.0; 9 * 9], &[1, 9, 9], DType::F32, &dev),
+        &[0, 2],
+    );
+    assert!(matches!(too_wide, Err(Error::Unsupported { .. })), "a 9-tap kernel");
 }
 
 /// SwiGLU over the halves of a fused gate | up product, f32 and bf16.
