@@ -45,11 +45,13 @@ def main():
     cfg = AutoConfig.for_model("qwen3_5_text", **config_kwargs())
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    attn = next(m for m in model.modules() if hasattr(m, "chunk_gated_delta_rule"))
-    kernels = {}
-    for name in ("chunk_gated_delta_rule", "recurrent_gated_delta_rule", "causal_conv1d_fn", "causal_conv1d_update"):
-        fn = getattr(attn, name, None)
-        kernels[name] = None if fn is None else f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', '?')}"
+    # Which Gated DeltaNet kernels the layer holds (the attribute names vary across versions).
+    attn = next((m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet")), None)
+    kernels = {
+        name: f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', '?')}"
+        for name, fn in (vars(attn).items() if attn is not None else [])
+        if callable(fn) and not isinstance(fn, torch.nn.Module)
+    }
     print(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
                       "gpu": torch.cuda.get_device_name(0), "kernels": kernels}), flush=True)
     prompt = (torch.arange(args.prompt_tokens, device="cuda") * 7919 % 248320).unsqueeze(0)
