@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::gpu::{gpu, GpuData};
+use common::gpu::{gpu, value_block_spec, GpuData};
 use common::{Checker, DtBias, Gate, Spec};
 use fla_core::cuda::CudaDevice;
 use fla_core::{DType, Error};
@@ -151,12 +151,7 @@ fn tensor_core_value_blocks() {
     let mut c = Checker::default();
     // Gated DeltaNet's sweep and KDA's (per-row state decay) in every block width.
     for family in [Family::GatedDeltaRule, Family::Kda] {
-        let spec = Spec::new(family, [1, 300, 2, 4, 128, 128])
-            .cu(&[0, 64, 65, 300])
-            .h0(true)
-            .l2norm()
-            .gate(Gate::Strong)
-            .seed(77);
+        let spec = value_block_spec(family, 77);
         let x = spec.data().cast(DType::BF16);
         let cpu = chunk::forward(spec.family, &x.inputs(), &spec.opts()).unwrap();
         let g = GpuData::new(&x, &dev);

@@ -11,7 +11,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::gpu::{gpu, GpuData};
+use common::gpu::{gpu, value_block_spec, GpuData};
 use common::{Checker, DtBias, Gate, Spec};
 use fla_core::cuda::{CudaDevice, CudaTensor};
 use fla_core::{DType, Error, Tensor};
@@ -210,12 +210,7 @@ fn tensor_core_backward_value_blocks() {
     let Some(dev) = gpu("tensor_core_backward_value_blocks") else { return };
     let mut c = Checker::default();
     for family in [Family::GatedDeltaRule, Family::Kda] {
-        let spec = Spec::new(family, [1, 300, 2, 4, 128, 128])
-            .cu(&[0, 64, 65, 300])
-            .h0(true)
-            .l2norm()
-            .gate(Gate::Strong)
-            .seed(78);
+        let spec = value_block_spec(family, 78);
         let x = spec.data().cast(DType::BF16);
         let opts = spec.opts();
         let (d_o, dht) = spec.upstream();

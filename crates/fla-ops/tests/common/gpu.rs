@@ -5,7 +5,8 @@ use fla_core::cuda::{self, CudaDevice, CudaTensor};
 use fla_core::Tensor;
 use fla_ops::Inputs;
 
-use super::Data;
+use super::{Data, Gate, Spec};
+use fla_ops::Family;
 
 /// The first GPU, or `None` (after saying so) where there is none or no kernels were built.
 pub fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
@@ -72,4 +73,10 @@ impl GpuData {
             ..Inputs::new(&self.q, &self.k, &self.v)
         }
     }
+}
+
+/// The case of the value-block tests (forward and backward): several value blocks, a varlen
+/// batch with a one-token sequence, grouped value heads, K = V = 128, strong decay.
+pub fn value_block_spec(family: Family, seed: u64) -> Spec {
+    Spec::new(family, [1, 300, 2, 4, 128, 128]).cu(&[0, 64, 65, 300]).h0(true).l2norm().gate(Gate::Strong).seed(seed)
 }
