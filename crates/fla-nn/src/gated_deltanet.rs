@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use fla_core::cuda::{CudaDevice, CudaTensor};
 use fla_core::{cuda_blas, DType, Result, Tensor};
-use fla_ops::{chunk, recurrent, Family, Inputs, Options};
+use fla_ops::{chunk, recurrent, Family, Inputs};
 
 use crate::conv::{ConvState, ShortConv};
 use crate::cuda::rms_norm_cuda;
-use crate::linear_cuda::{check_input, conv_recurrence, LinearCacheCuda, Recurrence};
+use crate::linear_cuda::{check_input, conv_recurrence, layer_options, LinearCacheCuda, Recurrence};
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -195,13 +195,7 @@ impl GatedDeltaNet {
             v.extend_from_slice(&row[2 * kt..]);
         }
         let (hk, hv, dk, dv) = (c.key_heads, c.value_heads, c.key_dim, c.value_dim);
-        let opts = Options {
-            output_final_state: true,
-            use_qk_l2norm_in_kernel: true,
-            use_beta_sigmoid_in_kernel: true,
-            use_gate_in_kernel: true,
-            scale: None,
-        };
+        let opts = layer_options();
         let decode = batch.is_decode() && cache.state.as_ref().is_some_and(|s| s.shape()[0] == batch.len());
         let (bsz, t) = if decode { (batch.len(), 1) } else { (1, tokens) };
         let q = Tensor::from_vec(q, &[bsz, t, hk, dk])?;

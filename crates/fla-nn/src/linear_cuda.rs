@@ -19,6 +19,19 @@ pub struct LinearCacheCuda {
     pub state: Option<CudaTensor>,
 }
 
+/// The op options of the Gated DeltaNet layer (CPU and GPU) and of the GPU core below: the final
+/// state out, L2-normalised q and k, sigmoid of beta and the gate computed in the op, scale
+/// `K^-1/2`.
+pub(crate) fn layer_options() -> Options {
+    Options {
+        output_final_state: true,
+        use_qk_l2norm_in_kernel: true,
+        use_beta_sigmoid_in_kernel: true,
+        use_gate_in_kernel: true,
+        scale: None,
+    }
+}
+
 /// `x` is `[tokens, hidden]` of `weight`'s dtype, on its device.
 pub(crate) fn check_input(
     op: &'static str,
@@ -96,13 +109,7 @@ pub(crate) fn conv_recurrence(
     let g_shape: &[usize] = if r.g.elem_count() == tokens * hv { &[bsz, t, hv] } else { &[bsz, t, hv, dk] };
     let g = r.g.reshape(g_shape)?;
     let beta = r.beta.reshape(&[bsz, t, hv])?;
-    let opts = Options {
-        output_final_state: true,
-        use_qk_l2norm_in_kernel: true,
-        use_beta_sigmoid_in_kernel: true,
-        use_gate_in_kernel: true,
-        scale: None,
-    };
+    let opts = layer_options();
     let inputs = Inputs {
         g: Some(&g),
         beta: Some(&beta),
