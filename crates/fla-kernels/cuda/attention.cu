@@ -3,7 +3,10 @@
 // launches these and picks the path):
 //
 // attn_prep: q / k RMSNorm (1 + w) and partial rotate-half RoPE; k and v into the cache pools
-//   [N, cap, KVH, hd] at each token's position.
+//   [N, cap, KVH, hd] at each token's position. Null norms skip the norm, rot = 0 the RoPE, and
+//   null kn / vn the cache writes (the caller filled the pools): multi-head latent attention
+//   (fla-nn/src/mla.rs) expands its keys and values into the pools itself, q / k / v zero-padded
+//   to one head_dim, and uses only the attention kernels.
 // attn_split_<dt>_e<EPL>_g<GC>: split-KV ("flash-decoding") attention for any dtype. A CTA (4
 //   warps) takes one query token, one KV head and GC query heads of its GQA group, over one slice
 //   of split_len keys of the token's causal context (keys 0..=pos of its sequence). Each warp
@@ -37,11 +40,11 @@ typedef unsigned short u16;
 // Keep in sync with `AttnParams` in fla-nn/src/cuda.rs (repr(C)).
 struct AttnParams {
     const void* qg;         // [tokens, H, per]: q_proj output, per = hd (or 2 hd: [q | gate] per head)
-    const void* kn;         // [tokens, KVH, hd]: k_proj output
-    const void* vn;         // [tokens, KVH, hd]: v_proj output
-    const float* q_norm;    // [hd] (1 + w form)
-    const float* k_norm;    // [hd]
-    const float* inv_freq;  // [rot / 2]
+    const void* kn;         // [tokens, KVH, hd]: k_proj output, or null: the caches are filled already
+    const void* vn;         // [tokens, KVH, hd]: v_proj output (null with kn)
+    const float* q_norm;    // [hd] (1 + w form), or null: no norm
+    const float* k_norm;    // [hd], or null
+    const float* inv_freq;  // [rot / 2] (unread when rot = 0)
     void* q;                // [tokens, H, hd] scratch: q after norm and RoPE
     void* kc;               // [N, cap, KVH, hd]: the key cache (after norm and RoPE)
     void* vc;               // [N, cap, KVH, hd]: the value cache
@@ -55,19 +58,22 @@ struct AttnParams {
     float eps, scale;
 };
 
-// RMSNorm (1 + w) then rotate-half RoPE on the first `rot` dims of one head row in shared memory
-// `x` (hd values): the angle pos * inv_freq in f32, its cosine and sine in f64, as transformers.
+// RMSNorm (1 + w; none when w is null) then rotate-half RoPE on the first `rot` dims of one head
+// row in shared memory `x` (hd values): the angle pos * inv_freq in f32, its cosine and sine in
+// f64, as transformers.
 __device__ __forceinline__ void attn_norm_rope(const AttnParams& p, float* x, const float* w, int pos, float* red) {
-    float ss = 0.0f;
-    for (int d = threadIdx.x; d < p.hd; d += ATTN_NT) ss += x[d] * x[d];
-    float unused = 0.0f;
-    fla_warp_sum2(ss, unused);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    const float r = rsqrtf((red[0] + red[1] + red[2] + red[3]) / p.hd + p.eps);
-    __syncthreads();
-    for (int d = threadIdx.x; d < p.hd; d += ATTN_NT) x[d] *= r * (1.0f + w[d]);
-    __syncthreads();
+    if (w) {  // the same for the whole CTA, so the barriers inside are reached by every thread
+        float ss = 0.0f;
+        for (int d = threadIdx.x; d < p.hd; d += ATTN_NT) ss += x[d] * x[d];
+        float unused = 0.0f;
+        fla_warp_sum2(ss, unused);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+        __syncthreads();
+        const float r = rsqrtf((red[0] + red[1] + red[2] + red[3]) / p.hd + p.eps);
+        __syncthreads();
+        for (int d = threadIdx.x; d < p.hd; d += ATTN_NT) x[d] *= r * (1.0f + w[d]);
+        __syncthreads();
+    }
     const int half = p.rot / 2;
     for (int i = threadIdx.x; i < half; i += ATTN_NT) {
         const double a = (double)((float)pos * p.inv_freq[i]);
@@ -80,7 +86,8 @@ __device__ __forceinline__ void attn_norm_rope(const AttnParams& p, float* x, co
 }
 
 // One CTA per (token, head) for the H query heads, then the KVH key/value heads: q normed and
-// rotated into `q`; k normed and rotated, and v, into the caches at the token's position.
+// rotated into `q`; k normed and rotated, and v, into the caches at the token's position (not
+// with null kn: the key/value CTAs return at once).
 extern "C" __global__ void __launch_bounds__(ATTN_NT) attn_prep(const AttnParams p) {
     __shared__ float x[512];
     __shared__ float red[4];
@@ -93,6 +100,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_NT) attn_prep(const AttnParams
         for (int d = threadIdx.x; d < p.hd; d += ATTN_NT) fla_store(p.q, p.dtype, ((long long)t * p.h + j) * p.hd + d, x[d]);
         return;
     }
+    if (!p.kn) return;
     const int kh = j - p.h;
     const long long src = ((long long)t * p.kvh + kh) * p.hd;
     const long long dst = (((long long)n * p.cap + pos) * p.kvh + kh) * p.hd;

@@ -1,7 +1,8 @@
 // Row-wise and elementwise kernels of the model layers (fla-nn/src/cuda.rs launches them; the CPU
 // twins are fla-nn/src/ops.rs and conv.rs): RMSNorm (plain, 1 + w, gated by SiLU or sigmoid, with
 // the residual add fused in front), the depthwise causal short convolution with SiLU and its
-// cache, SiLU(gate) * up, column and row copies. Activations in
+// cache, SiLU(gate) * up, column and row copies, the latent cache append of multi-head latent
+// attention (fla-nn/src/mla.rs). Activations in
 // f32, bf16 or f16 (read and written in that dtype, f32 arithmetic), weights and caches in f32.
 #include "common/dtype.cuh"
 #include "common/math.cuh"
@@ -199,4 +200,38 @@ extern "C" __global__ void __launch_bounds__(256) nn_scatter_add_rows(const Rows
     if (p.gate) s *= fla_sigmoidf(fla_load(p.gate, p.dtype, i));
     const long long d = (p.rows ? (long long)p.rows[i] : i) * p.width + c;
     fla_store(p.y, p.dtype, d, fla_load(p.y, p.dtype, d) + s * fla_load(p.x, p.dtype, e));
+}
+
+// Keep in sync with `MlaAppendParams` in fla-nn/src/cuda.rs (repr(C)).
+struct MlaAppendParams {
+    const void* kva;     // [tokens, r + rope]: kv_a_proj_with_mqa output, c | k_pe
+    const float* w;      // [r]: kv_a_layernorm
+    void* pool;          // [N, cap, r + rope]: the latent cache, dtype of kva
+    const int* seq_of;   // [tokens]: the sequence of each token
+    const int* pos;      // [tokens]: its position (cached tokens before it included)
+    int dtype, tokens, r, rope, cap;
+    float eps;
+};
+
+// One CTA (128 threads) per token: the row c rsqrt(mean(c^2) + eps) w | k_pe into the pool at
+// the token's sequence and position (plain RMSNorm of c, k_pe as it is).
+extern "C" __global__ void __launch_bounds__(128) nn_mla_append(const MlaAppendParams p) {
+    __shared__ float part[4];
+    const int t = blockIdx.x, lat = p.r + p.rope;
+    const long long src = (long long)t * lat;
+    const long long dst = ((long long)p.seq_of[t] * p.cap + p.pos[t]) * lat;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < p.r; c += 128) {
+        const float v = fla_load(p.kva, p.dtype, src + c);
+        ss += v * v;
+    }
+    float unused = 0.0f;
+    fla_warp_sum2(ss, unused);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    const float rs = rsqrtf((part[0] + part[1] + part[2] + part[3]) / p.r + p.eps);
+    for (int c = threadIdx.x; c < lat; c += 128) {
+        const float v = fla_load(p.kva, p.dtype, src + c);
+        fla_store(p.pool, p.dtype, dst + c, c < p.r ? v * rs * p.w[c] : v);
+    }
 }

@@ -1,8 +1,8 @@
 //! The decoder on a CUDA device ([`Model::to_cuda`]): the layers' GPU twins
 //! ([`fla_nn::gated_deltanet::GatedDeltaNetCuda`], [`fla_nn::kda::KimiDeltaAttentionCuda`],
-//! [`fla_nn::attention::GatedAttentionCuda`], [`fla_nn::mlp::MlpCuda`], [`fla_nn::moe::MoeCuda`])
-//! in the pre-norm decoder of [`crate::Decoder`], activations in one dtype: Qwen3.5 and
-//! Qwen3-Next whole; Kimi Linear's MLA layers are not on the GPU yet ([`Error::Unsupported`]).
+//! [`fla_nn::attention::GatedAttentionCuda`], [`fla_nn::mla::MultiLatentAttentionCuda`],
+//! [`fla_nn::mlp::MlpCuda`], [`fla_nn::moe::MoeCuda`]) in the pre-norm decoder of
+//! [`crate::Decoder`], activations in one dtype: Qwen3.5, Qwen3-Next and Kimi Linear.
 //! The token embeddings are gathered on the device (from the LM head when it is tied).
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use fla_nn::cuda::{add_rms_norm_cuda, gather_rows_cuda, rms_norm_cuda};
 use fla_nn::gated_deltanet::GatedDeltaNetCuda;
 use fla_nn::kda::KimiDeltaAttentionCuda;
 use fla_nn::linear_cuda::LinearCacheCuda;
+use fla_nn::mla::{MlaCacheCuda, MultiLatentAttentionCuda};
 use fla_nn::mlp::MlpCuda;
 use fla_nn::moe::MoeCuda;
 use fla_nn::Batch;
@@ -24,6 +25,7 @@ enum MixerCuda {
     Gdn(GatedDeltaNetCuda),
     Kda(KimiDeltaAttentionCuda),
     Attention(GatedAttentionCuda),
+    Mla(MultiLatentAttentionCuda),
 }
 
 // One per layer, built once: the size difference of the variants costs nothing.
@@ -72,6 +74,7 @@ struct ModelHost {
 pub struct CacheCuda {
     linear: Vec<LinearCacheCuda>,
     attn: Vec<KvCacheCuda>,
+    mla: Vec<MlaCacheCuda>,
     /// Tokens each sequence holds.
     pub past: Vec<usize>,
 }
@@ -79,21 +82,15 @@ pub struct CacheCuda {
 impl Model {
     /// This model on `dev` with its weights and activations in `dtype` (f32, bf16 or f16).
     pub fn to_cuda(&self, dev: &Arc<CudaDevice>, dtype: DType) -> Result<ModelCuda> {
-        const OP: &str = "Model::to_cuda";
         let d = &self.decoder;
         let vec_up = |v: &[f32]| CudaTensor::from_host(&Tensor::from_vec(v.to_vec(), &[v.len()])?, dev);
         let mut layers = Vec::with_capacity(d.layers.len());
-        for (i, l) in d.layers.iter().enumerate() {
+        for l in &d.layers {
             let mixer = match &l.mixer {
                 Mixer::Gdn(m) => MixerCuda::Gdn(m.to_cuda(dev, dtype)?),
                 Mixer::Attention(m) => MixerCuda::Attention(m.to_cuda(dev, dtype)?),
                 Mixer::Kda(m) => MixerCuda::Kda(m.to_cuda(dev, dtype)?),
-                Mixer::Mla(_) => {
-                    return Err(Error::Unsupported {
-                        op: OP,
-                        msg: format!("layer {i}: MLA layers are not on the GPU yet"),
-                    })
-                }
+                Mixer::Mla(m) => MixerCuda::Mla(m.to_cuda(dev, dtype)?),
             };
             let ffn = match &l.ffn {
                 Ffn::Dense(m) => FfnCuda::Dense(m.to_cuda(dev, dtype)?),
@@ -115,12 +112,13 @@ impl Model {
 impl ModelCuda {
     /// An empty cache for `n` sequences.
     pub fn new_cache(&self, n: usize) -> CacheCuda {
-        let count = |linear: bool| {
-            self.layers.iter().filter(|l| matches!(l.mixer, MixerCuda::Gdn(_) | MixerCuda::Kda(_)) == linear).count()
-        };
+        let count = |f: fn(&MixerCuda) -> bool| self.layers.iter().filter(|l| f(&l.mixer)).count();
         CacheCuda {
-            linear: (0..count(true)).map(|_| LinearCacheCuda::default()).collect(),
-            attn: (0..count(false)).map(|_| KvCacheCuda::default()).collect(),
+            linear: (0..count(|m| matches!(m, MixerCuda::Gdn(_) | MixerCuda::Kda(_))))
+                .map(|_| LinearCacheCuda::default())
+                .collect(),
+            attn: (0..count(|m| matches!(m, MixerCuda::Attention(_)))).map(|_| KvCacheCuda::default()).collect(),
+            mla: (0..count(|m| matches!(m, MixerCuda::Mla(_)))).map(|_| MlaCacheCuda::default()).collect(),
             past: vec![0; n],
         }
     }
@@ -143,7 +141,7 @@ impl ModelCuda {
             });
         }
         let mut x = gather_rows_cuda(self.embed.as_ref().unwrap_or(&self.lm_head), &ids)?;
-        let (mut li, mut ai) = (0, 0);
+        let (mut li, mut ai, mut mi) = (0, 0, 0);
         // Each residual add is fused into the norm that follows it: the FFN output of a layer
         // waits in `pending` for the next layer's input norm (or the final norm).
         let mut pending: Option<CudaTensor> = None;
@@ -165,6 +163,10 @@ impl ModelCuda {
                 MixerCuda::Attention(a) => {
                     ai += 1;
                     a.forward(&h, &batch, &mut cache.attn[ai - 1])?
+                }
+                MixerCuda::Mla(a) => {
+                    mi += 1;
+                    a.forward(&h, &batch, &mut cache.mla[mi - 1])?
                 }
             };
             let h = norm(&mut x, Some(y), &layer.post_norm)?;

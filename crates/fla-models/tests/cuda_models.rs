@@ -1,6 +1,7 @@
 //! The model on the GPU (`Model::to_cuda`) against the same model on the CPU and the HF
-//! reference: the tiny Qwen3.5 (Gated DeltaNet and gated attention layers, dense MLPs) and
-//! Qwen3-Next (interleaved projections, mixtures of experts) checkpoints; logits of the reference
+//! reference: the tiny Qwen3.5 (Gated DeltaNet and gated attention layers, dense MLPs),
+//! Qwen3-Next (interleaved projections, mixtures of experts) and Kimi Linear (KDA and MLA layers,
+//! mixtures of experts) checkpoints; logits of the reference
 //! prompts in f32, f16 and bf16, prefill then decode equal to one pass, HF's greedy tokens, and a
 //! batch of prompts of different lengths equal to each alone.
 //! Skips cleanly without a GPU (CI).
@@ -39,12 +40,14 @@ fn qwen3_next_greedy_on_the_gpu() {
     check_greedy("qwen3_next_tiny");
 }
 
-/// Kimi Linear's MLA mixers are not on the GPU yet: a typed error, not a panic.
 #[test]
-fn kimi_linear_is_unsupported_on_the_gpu() {
-    let Some(dev) = gpu("kimi_linear_is_unsupported_on_the_gpu") else { return };
-    let model = Model::load(&model_dir("kimi_linear_tiny")).unwrap();
-    assert!(matches!(model.to_cuda(&dev, DType::F32), Err(fla_core::Error::Unsupported { .. })));
+fn kimi_linear_logits_on_the_gpu() {
+    check_logits("kimi_linear_tiny", true);
+}
+
+#[test]
+fn kimi_linear_greedy_on_the_gpu() {
+    check_greedy("kimi_linear_tiny");
 }
 
 /// `moe`: the model routes tokens to experts. There a 16-bit router can pick another expert than

@@ -282,7 +282,7 @@ impl GatedAttentionCuda {
             let new_cap = need.next_power_of_two().max(64);
             let held = cache.len.iter().copied().max().unwrap_or(0);
             let grow = |old: Option<&CudaTensor>| match old {
-                Some(old) => crate::cuda::grow_pool(old, new_cap, held),
+                Some(old) => crate::cuda::grow_pool(old, n, new_cap, held),
                 None => CudaTensor::zeros(&[n, new_cap, kvh, hd], x.dtype(), &dev),
             };
             cache.k = Some(grow(cache.k.as_ref())?);

@@ -3,8 +3,10 @@
 //! [`add_rms_norm_cuda`] of a residual add and a norm, [`short_conv_cuda`] of
 //! [`crate::conv::ShortConv::forward`], [`swiglu_cuda`] of the SwiGLU gate, [`copy_cols_cuda`] of
 //! a column slice, [`gather_rows_cuda`] / [`scatter_add_rows_cuda`] of a mixture of experts'
-//! token routing. Activations f32, bf16 or f16 (outputs in their dtype, arithmetic in f32);
-//! weights and caches f32. The work is queued on the device's stream.
+//! token routing, `mla_append_cuda` of the latent cache append in
+//! [`crate::mla::MultiLatentAttention::forward`]. Activations f32, bf16 or f16 (outputs in their
+//! dtype, arithmetic in f32); weights and caches f32 (the MLA latent cache: the activations'
+//! dtype). The work is queued on the device's stream.
 use std::sync::Arc;
 
 use fla_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -478,7 +480,8 @@ fn use_tensor_cores(dtype: i32, hd: usize, max_new: usize) -> bool {
     dtype != 0 && matches!(hd, 64 | 128 | 256) && max_new >= TC_MIN_ROWS
 }
 
-/// Runs `attn_prep` (q / k norm and RoPE, k and v into the caches) and then causal softmax
+/// Runs `attn_prep` (q / k norm and RoPE, k and v into the caches, each step skipped with null
+/// norms, `rot = 0`, null `kn` / `vn`) and then causal softmax
 /// attention over each token's cached context, gated, for the packed `batch` described by
 /// `params` (its `part`, `qblk`, `splits` and `split_len` are set here): the tensor-core
 /// prefill kernel when [`use_tensor_cores`] says so, otherwise the split-KV kernel (and its
@@ -486,8 +489,9 @@ fn use_tensor_cores(dtype: i32, hd: usize, max_new: usize) -> bool {
 ///
 /// # Safety
 /// Every address in `params` must cover what the kernels index for its sizes (qg [tokens, H,
-/// per], kn / vn [tokens, KVH, hd], the norms [hd] and inv_freq [rot / 2] f32, q and o [tokens,
-/// H, hd], the caches [N, cap, KVH, hd], seq_of / pos [tokens] with seq_of < N), seq_of and pos
+/// per], kn / vn [tokens, KVH, hd] or both null (no cache writes: the caller filled the caches),
+/// the norms [hd] f32 or null (no norm), inv_freq [rot / 2] f32, q and o [tokens, H, hd], the
+/// caches [N, cap, KVH, hd], seq_of / pos [tokens] with seq_of < N), seq_of and pos
 /// must be `batch`'s (the tokens of sequence n at positions past[n] .. past[n] + len, all < cap),
 /// and the buffers must live until the work is done in stream order.
 pub(crate) unsafe fn attention_launch(dev: &Arc<CudaDevice>, params: &AttnParams, batch: &crate::Batch) -> Result<()> {
@@ -594,20 +598,24 @@ struct PoolParams {
 // SAFETY: plain old data in the C layout the kernel reads.
 unsafe impl DeviceRepr for PoolParams {}
 
-/// A cache pool `[N, cap_old, width…]` grown to `cap_new` rows per sequence, the first `rows`
-/// rows of each copied (the rest zero).
-pub(crate) fn grow_pool(old: &CudaTensor, cap_new: usize, rows: usize) -> Result<CudaTensor> {
+/// A cache pool `[N, cap_old, width…]` grown to `[n_new, cap_new, width…]` (`n_new ≥ N`), the
+/// first `rows` rows of each of its sequences copied (the rest zero).
+pub(crate) fn grow_pool(old: &CudaTensor, n_new: usize, cap_new: usize, rows: usize) -> Result<CudaTensor> {
     const OP: &str = "grow_pool";
     let (n, cap_old) = (old.shape()[0], old.shape()[1]);
     let width: usize = old.shape()[2..].iter().product();
+    if n_new < n {
+        return Err(Error::size(OP, format!("a pool of {n} sequences into {n_new}")));
+    }
     let mut shape = old.shape().to_vec();
+    shape[0] = n_new;
     shape[1] = cap_new;
     let dev = old.cuda_device().clone();
     let mut new = CudaTensor::zeros(&shape, old.dtype(), &dev)?;
     if rows > cap_old.min(cap_new) {
         return Err(Error::size(OP, format!("{rows} rows of a pool of {cap_old} into {cap_new}")));
     }
-    to_i32(OP, "N·cap·width", n * cap_new.max(cap_old) * width)?;
+    to_i32(OP, "N·cap·width", n_new * cap_new.max(cap_old) * width)?;
     let params = PoolParams {
         src: old.raw_addr(),
         dst: new.raw_addr_mut(),
@@ -625,7 +633,7 @@ pub(crate) fn grow_pool(old: &CudaTensor, cap_new: usize, rows: usize) -> Result
             shared_mem_bytes: 0,
         };
         // SAFETY: PoolParams mirrors the kernel's argument; src holds N·cap_old·width and dst
-        // N·cap_new·width elements of `dtype`, rows <= both capacities (checked).
+        // n_new·cap_new·width (n_new >= N) elements of `dtype`, rows <= both capacities (checked).
         unsafe { launch(&dev, &function(&dev, "nn_copy_pool")?, cfg, &params) }?;
     }
     Ok(new)
@@ -781,6 +789,105 @@ pub fn scatter_add_rows_cuda(
     unsafe { rows_launch(&dev, "nn_scatter_add_rows", params, rows, weights) }
 }
 
+/// Mirror of `MlaAppendParams` in `nn.cu` (same order, `repr(C)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct MlaAppendParams {
+    kva: u64,
+    w: u64,
+    pool: u64,
+    seq_of: u64,
+    pos: u64,
+    dtype: i32,
+    tokens: i32,
+    r: i32,
+    rope: i32,
+    cap: i32,
+    eps: f32,
+}
+// SAFETY: plain old data in the C layout the kernel reads.
+unsafe impl DeviceRepr for MlaAppendParams {}
+
+/// The latent cache append of multi-head latent attention on the GPU: for each token `t` of
+/// `kva [tokens, r + rope]` (`kv_a_proj_with_mqa`'s output, `c | k_pe`), the row
+/// `rms_norm(c)·w | k_pe` (plain RMSNorm, `w [r]` f32, epsilon `eps`) written to
+/// `pool [N, cap, r + rope]` (`kva`'s dtype) at sequence `seq_of[t]`, position `pos[t]`.
+pub(crate) fn mla_append_cuda(
+    kva: &CudaTensor,
+    w: &CudaTensor,
+    eps: f32,
+    pool: &mut CudaTensor,
+    seq_of: &[usize],
+    pos: &[usize],
+) -> Result<()> {
+    const OP: &str = "mla_append_cuda";
+    let &[tokens, lat] = kva.shape() else {
+        return Err(Error::shape(OP, "kva", "[tokens, kv_lora_rank + rope]", kva.shape()));
+    };
+    check_f32(OP, "w", w)?;
+    check_like(OP, "w", w, kva, None, false)?;
+    let &[r] = w.shape() else {
+        return Err(Error::shape(OP, "w", "[kv_lora_rank]", w.shape()));
+    };
+    if r == 0 || r > lat {
+        return Err(Error::shape(OP, "w", format!("[kv_lora_rank] with 0 < kv_lora_rank <= {lat}"), w.shape()));
+    }
+    check_like(OP, "pool", pool, kva, None, true)?;
+    let &[n, cap, pw] = pool.shape() else {
+        return Err(Error::shape(OP, "pool", format!("[N, cap, {lat}]"), pool.shape()));
+    };
+    if pw != lat {
+        return Err(Error::shape(OP, "pool", format!("[N, cap, {lat}]"), pool.shape()));
+    }
+    if seq_of.len() != tokens || pos.len() != tokens {
+        return Err(Error::Argument {
+            op: OP,
+            arg: "seq_of",
+            msg: format!("{} sequences and {} positions for {tokens} tokens", seq_of.len(), pos.len()),
+        });
+    }
+    if let Some(t) = (0..tokens).find(|&t| seq_of[t] >= n || pos[t] >= cap) {
+        return Err(Error::Argument {
+            op: OP,
+            arg: "pos",
+            msg: format!("token {t} at sequence {}, position {} of a pool [{n}, {cap}]", seq_of[t], pos[t]),
+        });
+    }
+    to_i32(OP, "N·cap·width", n * cap * lat)?;
+    to_i32(OP, "tokens·width", tokens * lat)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let dev = kva.cuda_device().clone();
+    let table: Vec<i32> = seq_of.iter().chain(pos).map(|&v| v as i32).collect();
+    let table = dev.stream().clone_htod(&table)?;
+    let table_addr = {
+        use fla_core::cuda::cudarc::driver::DevicePtr;
+        table.device_ptr(dev.stream()).0
+    };
+    let params = MlaAppendParams {
+        kva: kva.raw_addr(),
+        w: w.raw_addr(),
+        pool: pool.raw_addr_mut(),
+        seq_of: table_addr,
+        pos: table_addr + 4 * tokens as u64,
+        dtype: dtype_code(OP, "kva", kva.dtype())?,
+        tokens: to_i32(OP, "tokens", tokens)?,
+        r: to_i32(OP, "kv_lora_rank", r)?,
+        rope: to_i32(OP, "rope", lat - r)?,
+        cap: to_i32(OP, "cap", cap)?,
+        eps,
+    };
+    let cfg = LaunchConfig { grid_dim: (blocks(OP, tokens, 1)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: MlaAppendParams mirrors the kernel's argument; kva holds tokens·lat and pool
+    // N·cap·lat elements of `dtype`, w r f32 values; every (seq_of, pos) is inside the pool
+    // (checked; the values fit i32 as N·cap·lat does); the table lives past the launch in
+    // stream order.
+    unsafe { launch(&dev, &function(&dev, "nn_mla_append")?, cfg, &params) }?;
+    drop(table);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -794,6 +901,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<AttnParams>(), 14 * 8 + 13 * 4 + 4);
         assert_eq!(std::mem::size_of::<PoolParams>(), 2 * 8 + 6 * 4);
         assert_eq!(std::mem::size_of::<RowsParams>(), 5 * 8 + 4 * 4);
+        assert_eq!(std::mem::size_of::<MlaAppendParams>(), 5 * 8 + 6 * 4);
     }
 
     #[test]

@@ -14,10 +14,16 @@
 //! `kv_b_proj` over the context (prefill), or, when few new tokens attend to a long context
 //! (decoding), in the absorbed form that folds `kv_b_proj` into the query and the output and
 //! attends over the latents directly. Both forms compute the same function.
+//!
+//! [`MultiLatentAttentionCuda`] is the layer on a CUDA device, in the expanded form.
+use std::sync::Arc;
+
 use fla_core::cpu::dot;
-use fla_core::{DType, Error, Result, Tensor};
+use fla_core::cuda::{CudaDevice, CudaTensor};
+use fla_core::{cuda_blas, DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
+use crate::cuda::{mla_append_cuda, rms_norm_cuda};
 use crate::ops::{rms_norm, softmax};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -304,6 +310,351 @@ impl MultiLatentAttention {
     }
 }
 
+/// The query projection of [`MultiLatentAttentionCuda`], each head's rows padded to the kernels'
+/// head dim with zero rows.
+enum QProjCuda {
+    Plain(CudaTensor),
+    Lora { a: CudaTensor, norm: CudaTensor, b: CudaTensor },
+}
+
+/// The MLA layer on a CUDA device ([`MultiLatentAttention::to_cuda`]): the computation of
+/// [`MultiLatentAttention::forward`], its CPU twin, in the expanded form. Each call appends the
+/// new latents to the cache (`nn_mla_append`: `kv_a_layernorm` fused with the write), expands
+/// the keys and values of every cached row with two cuBLAS products, and runs the softmax
+/// attention kernels of [`crate::attention::GatedAttentionCuda`] over them (no norm, no RoPE,
+/// no gate, one key/value head per query head).
+///
+/// The attention kernels take one head dim for q, k and v; MLA's q / k (`nope + rope`) and v
+/// (`v_head_dim`) differ, so all three are zero-padded to `hd` (64, 128 or 256 where they fit,
+/// the sizes of the tensor-core prefill kernel): zero columns change no score, and the zero
+/// output columns meet zero columns of `o_proj`. The padding is in the weights, built once:
+/// `q_proj` (`q_b_proj`) has a zero row per padded query column, the key expansion `k_up [H·hd,
+/// kv_lora_rank + rope]` holds `kv_b_proj`'s k_nope rows over the `c` columns and an identity
+/// over the `k_pe` columns (so `latent · k_upᵀ` is `[k_nope | k_pe | 0]` per head, `k_pe` copied
+/// exactly), `v_up` `kv_b_proj`'s v rows and zeros, and `o_proj` a zero column per padded value
+/// column.
+pub struct MultiLatentAttentionCuda {
+    cfg: MlaConfig,
+    q: QProjCuda,
+    /// `[kv_lora_rank + rope, hidden]`.
+    kv_a_proj: CudaTensor,
+    /// `[kv_lora_rank]` f32.
+    kv_a_norm: CudaTensor,
+    /// `[H·hd, kv_lora_rank + rope]`: a latent row to `[k_nope | k_pe | 0]` per head.
+    k_up: CudaTensor,
+    /// `[H·hd, kv_lora_rank + rope]`: a latent row to `[v | 0]` per head.
+    v_up: CudaTensor,
+    /// `[hidden, H·hd]`.
+    o_proj: CudaTensor,
+    /// Head dim of the attention kernels.
+    hd: usize,
+}
+
+/// The cache of an MLA layer on a CUDA device: the latent of each cached token (as in
+/// [`MlaCache`]) in a pool `[N, cap, kv_lora_rank + rope]` of the activations' dtype, grown by
+/// powers of two, and the tokens each sequence holds.
+#[derive(Debug, Default)]
+pub struct MlaCacheCuda {
+    /// The latent pool; `None` before the first call.
+    pub latent: Option<CudaTensor>,
+    /// Tokens held per sequence.
+    pub len: Vec<usize>,
+}
+
+/// The head dim of the attention kernels for queries / keys of `qk` and values of `v` dims: the
+/// smallest of 64, 128 and 256 that holds both (the tensor-core prefill sizes), else the larger.
+fn padded_head_dim(qk: usize, v: usize) -> usize {
+    let d = qk.max(v);
+    [64, 128, 256].into_iter().find(|&p| p >= d).unwrap_or(d)
+}
+
+impl MultiLatentAttention {
+    /// The layer on `dev` with its projection weights in `dtype`, padded for the attention
+    /// kernels (see [`MultiLatentAttentionCuda`]).
+    pub fn to_cuda(&self, dev: &Arc<CudaDevice>, dtype: DType) -> Result<MultiLatentAttentionCuda> {
+        let p = self.padded_weights()?;
+        let up = |t: &Tensor| CudaTensor::from_host(&t.to_dtype(dtype)?, dev);
+        let up32 = |v: &[f32]| CudaTensor::from_host(&Tensor::from_vec(v.to_vec(), &[v.len()])?, dev);
+        let q = match &self.q {
+            QProj::Plain(_) => QProjCuda::Plain(up(&p.q)?),
+            QProj::Lora { a, norm, .. } => QProjCuda::Lora { a: up(a.weight())?, norm: up32(norm)?, b: up(&p.q)? },
+        };
+        Ok(MultiLatentAttentionCuda {
+            q,
+            kv_a_proj: up(self.kv_a_proj.weight())?,
+            kv_a_norm: up32(&self.kv_a_norm)?,
+            k_up: up(&p.k_up)?,
+            v_up: up(&p.v_up)?,
+            o_proj: up(&p.o_proj)?,
+            hd: p.hd,
+            cfg: self.cfg.clone(),
+        })
+    }
+
+    /// The weights of [`MultiLatentAttentionCuda`] that differ from this layer's, on the host.
+    fn padded_weights(&self) -> Result<PaddedWeights> {
+        let c = &self.cfg;
+        let (h, nope, rope, vd, r) = (c.heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
+        let (qk, lat, kvw) = (c.qk(), c.latent(), nope + vd);
+        let hd = padded_head_dim(qk, vd);
+        if hd > 512 {
+            return Err(Error::Unsupported {
+                op: "MultiLatentAttention::to_cuda",
+                msg: format!("query/key dims {qk} and value dims {vd}: the GPU attention takes at most 512"),
+            });
+        }
+        // `[H·qk, inp]` → `[H·hd, inp]`: the rows of each head, then zero rows.
+        let pad_q = |l: &Linear| -> Result<Tensor> {
+            let w = l.weight().to_vec::<f32>()?;
+            let inp = w.len() / (h * qk);
+            let mut out = vec![0.0f32; h * hd * inp];
+            for head in 0..h {
+                out[head * hd * inp..][..qk * inp].copy_from_slice(&w[head * qk * inp..][..qk * inp]);
+            }
+            Tensor::from_vec(out, &[h * hd, inp])
+        };
+        let q = match &self.q {
+            QProj::Plain(l) => pad_q(l)?,
+            QProj::Lora { b, .. } => pad_q(b)?,
+        };
+        let w = self.kv_b_w.as_slice::<f32>()?;
+        let (mut k_up, mut v_up) = (vec![0.0f32; h * hd * lat], vec![0.0f32; h * hd * lat]);
+        for head in 0..h {
+            for d in 0..nope {
+                k_up[(head * hd + d) * lat..][..r].copy_from_slice(&w[(head * kvw + d) * r..][..r]);
+            }
+            for i in 0..rope {
+                k_up[(head * hd + nope + i) * lat + r + i] = 1.0;
+            }
+            for d in 0..vd {
+                v_up[(head * hd + d) * lat..][..r].copy_from_slice(&w[(head * kvw + nope + d) * r..][..r]);
+            }
+        }
+        let wo = self.o_proj.weight().to_vec::<f32>()?;
+        let mut o_proj = vec![0.0f32; c.hidden * h * hd];
+        for (row, src) in o_proj.chunks_mut(h * hd).zip(wo.chunks(h * vd)) {
+            for head in 0..h {
+                row[head * hd..][..vd].copy_from_slice(&src[head * vd..][..vd]);
+            }
+        }
+        Ok(PaddedWeights {
+            hd,
+            q,
+            k_up: Tensor::from_vec(k_up, &[h * hd, lat])?,
+            v_up: Tensor::from_vec(v_up, &[h * hd, lat])?,
+            o_proj: Tensor::from_vec(o_proj, &[c.hidden, h * hd])?,
+        })
+    }
+}
+
+/// The weights of [`MultiLatentAttentionCuda`] built from a layer's, f32 on the host (see there).
+struct PaddedWeights {
+    /// Head dim of the attention kernels.
+    hd: usize,
+    /// `q_proj` (or `q_b_proj`) `[H·hd, in]`, each head's rows then zero rows.
+    q: Tensor,
+    /// `[H·hd, kv_lora_rank + rope]`: a latent row to `[k_nope | k_pe | 0]` per head.
+    k_up: Tensor,
+    /// `[H·hd, kv_lora_rank + rope]`: a latent row to `[v | 0]` per head.
+    v_up: Tensor,
+    /// `o_proj` `[hidden, H·hd]`, each head's columns then zero columns.
+    o_proj: Tensor,
+}
+
+impl MultiLatentAttentionCuda {
+    /// The layer's sizes.
+    pub fn config(&self) -> &MlaConfig {
+        &self.cfg
+    }
+
+    /// `x [tokens, hidden]` in the weights' dtype, on their device → `[tokens, hidden]`: causal
+    /// attention of each sequence's new tokens over its cached and new tokens, appending the new
+    /// latents to `cache`.
+    ///
+    /// A sequence with `past = 0` starts afresh; any other must have exactly `past` tokens
+    /// cached, or the call is an error (as [`MultiLatentAttention::forward`]).
+    pub fn forward(&self, x: &CudaTensor, batch: &Batch, cache: &mut MlaCacheCuda) -> Result<CudaTensor> {
+        const OP: &str = "MultiLatentAttentionCuda::forward";
+        let c = &self.cfg;
+        let (h, hd, lat) = (c.heads, self.hd, c.latent());
+        let tokens = batch.tokens();
+        if x.shape() != [tokens, c.hidden] {
+            return Err(Error::shape(OP, "x", format!("[tokens, hidden] = [{tokens}, {}]", c.hidden), x.shape()));
+        }
+        if x.dtype() != self.o_proj.dtype() {
+            return Err(Error::DType {
+                op: OP,
+                arg: "x",
+                expected: format!("{} (the weights' dtype)", self.o_proj.dtype()),
+                got: x.dtype(),
+            });
+        }
+        if x.device() != self.o_proj.device() {
+            return Err(Error::Device {
+                op: OP,
+                arg: "x",
+                expected: self.o_proj.device().to_string(),
+                got: x.device().to_string(),
+            });
+        }
+        let dev = x.cuda_device().clone();
+        if tokens == 0 {
+            return CudaTensor::zeros(&[0, c.hidden], x.dtype(), &dev);
+        }
+        self.check_cache(x, batch, cache)?;
+
+        // Restarted sequences hold nothing; grow the pool to the batch and its longest sequence.
+        let n = batch.len();
+        if cache.len.len() < n {
+            cache.len.resize(n, 0);
+        }
+        for (held, &past) in cache.len.iter_mut().zip(&batch.past) {
+            if past == 0 {
+                *held = 0;
+            }
+        }
+        let need = batch.seqs.iter().zip(&batch.past).map(|(r, &p)| p + r.len()).max().unwrap_or(0);
+        let (pool_n, pool_cap) = cache.latent.as_ref().map_or((0, 0), |p| (p.shape()[0], p.shape()[1]));
+        let seqs = cache.len.len();
+        if cache.latent.is_none() || pool_n < seqs || pool_cap < need {
+            let cap = if pool_cap >= need { pool_cap } else { need.next_power_of_two().max(64) };
+            let held = cache.len.iter().copied().max().unwrap_or(0);
+            let grown = match &cache.latent {
+                Some(old) => crate::cuda::grow_pool(old, pool_n.max(seqs), cap, held)?,
+                None => CudaTensor::zeros(&[seqs, cap, lat], x.dtype(), &dev)?,
+            };
+            cache.latent = Some(grown);
+        }
+        let Some(pool) = cache.latent.as_mut() else {
+            return Err(Error::Msg(format!("{OP}: the latent pool was not allocated")));
+        };
+        let (pool_n, cap) = (pool.shape()[0], pool.shape()[1]);
+        let to_i32 = |what: &str, v: usize| {
+            i32::try_from(v)
+                .map_err(|_| Error::size(OP, format!("{what} = {v} does not fit the kernel's 32-bit index")))
+        };
+        to_i32("N·cap·H·hd", pool_n * cap * h * hd)?;
+        to_i32("tokens·H·hd", tokens * h * hd)?;
+
+        let q = match &self.q {
+            QProjCuda::Plain(w) => cuda_blas::matmul(x, w, true)?,
+            QProjCuda::Lora { a, norm, b } => {
+                let qa = rms_norm_cuda(&cuda_blas::matmul(x, a, true)?, norm, c.norm_eps, 0.0, None)?;
+                cuda_blas::matmul(&qa, b, true)?
+            }
+        };
+        let (mut seq_of, mut pos) = (Vec::with_capacity(tokens), Vec::with_capacity(tokens));
+        for (i, r) in batch.seqs.iter().enumerate() {
+            for j in 0..r.len() {
+                seq_of.push(i);
+                pos.push(batch.past[i] + j);
+            }
+        }
+        let kva = cuda_blas::matmul(x, &self.kv_a_proj, true)?;
+        mla_append_cuda(&kva, &self.kv_a_norm, c.norm_eps, pool, &seq_of, &pos)?;
+        // Keys and values of every row of the pool, `[N, cap, H·hd]` each: rows past a
+        // sequence's tokens come out of zeros or stale latents and are never attended to.
+        let mut kc = cuda_blas::matmul(pool, &self.k_up, true)?;
+        let mut vc = cuda_blas::matmul(pool, &self.v_up, true)?;
+
+        let table: Vec<i32> = seq_of.iter().chain(&pos).map(|&v| to_i32("position", v)).collect::<Result<_>>()?;
+        let table = dev.stream().clone_htod(&table)?;
+        let table_addr = {
+            use fla_core::cuda::cudarc::driver::DevicePtr;
+            table.device_ptr(dev.stream()).0
+        };
+        // SAFETY: attn_prep writes every element of q_scratch (a CTA per (token, head)) and the
+        // attention kernels every element of o.
+        let mut q_scratch = unsafe { CudaTensor::uninit(&[tokens, h, hd], x.dtype(), &dev)? };
+        let mut o = unsafe { CudaTensor::uninit(&[tokens, h, hd], x.dtype(), &dev)? };
+        let params = crate::cuda::AttnParams {
+            qg: q.raw_addr(),
+            q: q_scratch.raw_addr_mut(),
+            kc: kc.raw_addr_mut(),
+            vc: vc.raw_addr_mut(),
+            o: o.raw_addr_mut(),
+            seq_of: table_addr,
+            pos: table_addr + 4 * tokens as u64,
+            dtype: match x.dtype() {
+                DType::F32 => 0,
+                DType::BF16 => 1,
+                DType::F16 => 2,
+                got => return Err(Error::DType { op: OP, arg: "x", expected: "f32, bf16 or f16".into(), got }),
+            },
+            tokens: to_i32("tokens", tokens)?,
+            h: to_i32("heads", h)?,
+            kvh: to_i32("heads", h)?,
+            hd: to_i32("head_dim", hd)?,
+            per: to_i32("head_dim", hd)?,
+            cap: to_i32("cache rows", cap)?,
+            scale: 1.0 / (c.qk() as f32).sqrt(),
+            // Null kn / vn (the pools are filled) and norms, rot 0, no gate.
+            ..Default::default()
+        };
+        // SAFETY: the buffers have the shapes `attention_launch` names: qg is q [tokens, H·hd]
+        // (per = hd, no gate), the pools kc / vc [N, cap, H, hd] from the products over the
+        // latent pool [N, cap, lat]; every position past + i < need <= cap and every sequence
+        // index < n <= N; seq_of and pos are `batch`'s; kn, vn and the norms are null and rot
+        // is 0, which the kernels do not read; hd <= 512 (checked in to_cuda). All of them (the
+        // table too) live past the launches in stream order.
+        unsafe { crate::cuda::attention_launch(&dev, &params, batch) }?;
+        drop(table);
+        for (held, r) in cache.len.iter_mut().zip(&batch.seqs) {
+            *held += r.len();
+        }
+        cuda_blas::matmul(&o.reshape(&[tokens, h * hd])?, &self.o_proj, true)
+    }
+
+    /// Checks `cache` against `batch` (every continued sequence holds exactly its `past` tokens)
+    /// and its pool against the layer and `x` (width, dtype, device, room for what it holds).
+    fn check_cache(&self, x: &CudaTensor, batch: &Batch, cache: &MlaCacheCuda) -> Result<()> {
+        const OP: &str = "MultiLatentAttentionCuda::forward";
+        for (i, &past) in batch.past.iter().enumerate() {
+            let held = cache.len.get(i).copied().unwrap_or(0);
+            if past > 0 && held != past {
+                return Err(Error::size(
+                    OP,
+                    format!("sequence {i} continues after {past} cached tokens, but the cache holds {held}"),
+                ));
+            }
+        }
+        let Some(pool) = &cache.latent else {
+            if cache.len.iter().any(|&l| l > 0) {
+                return Err(Error::Argument { op: OP, arg: "cache", msg: "tokens held without a latent pool".into() });
+            }
+            return Ok(());
+        };
+        let lat = self.cfg.latent();
+        let fits = matches!(pool.shape(), &[n, cap, w] if w == lat && n >= cache.len.len()
+            && cache.len.iter().all(|&l| l <= cap));
+        if !fits {
+            return Err(Error::shape(
+                OP,
+                "cache",
+                format!("a latent pool [N ≥ {}, cap, {lat}] holding its tokens", cache.len.len()),
+                pool.shape(),
+            ));
+        }
+        if pool.dtype() != x.dtype() {
+            return Err(Error::DType {
+                op: OP,
+                arg: "cache",
+                expected: format!("{} (the dtype of x)", x.dtype()),
+                got: pool.dtype(),
+            });
+        }
+        if pool.device() != x.device() {
+            return Err(Error::Device {
+                op: OP,
+                arg: "cache",
+                expected: x.device().to_string(),
+                got: pool.device().to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -504,6 +855,65 @@ mod tests {
             Err(Error::TensorShape { .. })
         ));
         assert!(MultiLatentAttention::load(&cfg(Some(7)), &VarBuilder::from_tensors(m).pp("attn")).is_err());
+    }
+
+    /// The GPU layer's computation emulated on the host with its padded weights (the padded
+    /// q / k / v, the identity block that places `k_pe`, the zero columns of `o_proj`) equals
+    /// the layer, for a plain q projection and a q LoRA.
+    #[test]
+    fn padded_weights_compute_the_layer() {
+        for q_lora in [None, Some(7)] {
+            let c = cfg(q_lora);
+            let layer = layer(&c, &weights(&c, 6));
+            let p = layer.padded_weights().unwrap();
+            let (h, hd, r, lat) = (c.heads, p.hd, c.kv_lora_rank, c.latent());
+            assert_eq!(hd, 64);
+            let mut rng = StdRng::seed_from_u64(7);
+            let lens = [5usize, 1, 3];
+            let x = rand_vec(&mut rng, 9 * HIDDEN, 1.0);
+            let batch = Batch::new(&lens, &[0, 0, 0]);
+            let want = layer.forward(&x, &batch, &mut MlaCache::empty()).unwrap();
+            let lin = |w: &Tensor, x: &[f32]| Linear::new(w.clone(), None).unwrap().forward(x).unwrap();
+            let q = match &layer.q {
+                QProj::Plain(_) => lin(&p.q, &x),
+                QProj::Lora { a, norm, .. } => {
+                    let mut qa = a.forward(&x).unwrap();
+                    rms_norm(&mut qa, norm, c.norm_eps, 0.0);
+                    lin(&p.q, &qa)
+                }
+            };
+            let mut latent = layer.kv_a_proj.forward(&x).unwrap();
+            for row in latent.chunks_mut(lat) {
+                rms_norm(&mut row[..r], &layer.kv_a_norm, c.norm_eps, 0.0);
+            }
+            let (k, v) = (lin(&p.k_up, &latent), lin(&p.v_up, &latent));
+            let scale = 1.0 / (c.qk() as f32).sqrt();
+            let mut o = vec![0.0f32; 9 * h * hd];
+            for rows in &batch.seqs {
+                for t in rows.clone() {
+                    for head in 0..h {
+                        let row = |m: &[f32], j: usize| m[(j * h + head) * hd..][..hd].to_vec();
+                        let mut s: Vec<f32> = (rows.start..=t).map(|j| dot(&row(&q, t), &row(&k, j)) * scale).collect();
+                        softmax(&mut s);
+                        for (j, p) in (rows.start..=t).zip(s) {
+                            o[(t * h + head) * hd..][..hd].iter_mut().zip(row(&v, j)).for_each(|(o, v)| *o += p * v);
+                        }
+                    }
+                }
+            }
+            let got = lin(&p.o_proj, &o);
+            let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+            let err = rel_err(&got, &want64);
+            assert!(err < 1e-5, "q_lora {q_lora:?}: rel err {err}");
+        }
+    }
+
+    #[test]
+    fn padded_head_dims_take_the_tensor_core_sizes() {
+        assert_eq!(padded_head_dim(192, 128), 256, "Kimi Linear");
+        assert_eq!(padded_head_dim(24, 16), 64);
+        assert_eq!(padded_head_dim(64, 128), 128);
+        assert_eq!(padded_head_dim(320, 128), 320);
     }
 
     #[test]

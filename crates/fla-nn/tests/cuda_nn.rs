@@ -1,9 +1,9 @@
 //! The GPU layer primitives (`fla_nn::cuda`) and layers against their CPU twins on random
 //! inputs: RMSNorm (plain, 1 + w, gated by SiLU and sigmoid, with the residual add), the short
 //! convolution over a varlen batch with a cache (a sequence of one token, an empty one), SwiGLU,
-//! row gather / scatter-add, the MLP, the mixtures of experts, the Gated DeltaNet, KDA and gated
-//! attention layers (attention: long varlen prefills on the split-KV and the tensor-core kernels,
-//! prefill in two calls, decode after ~600 tokens); f32, bf16 and f16 activations; the typed
+//! row gather / scatter-add, the MLP, the mixtures of experts, the Gated DeltaNet, KDA, gated
+//! attention (long varlen prefills on the split-KV and the tensor-core kernels, prefill in two
+//! calls, decode after ~600 tokens) and MLA layers; f32, bf16 and f16 activations; the typed
 //! errors. Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
 use std::sync::Arc;
 
@@ -648,4 +648,84 @@ fn attention_decode_vs_cpu() {
     }
     attention_steps(&dev, &mut rng, 6, 2, 128, DType::BF16, &steps);
     attention_steps(&dev, &mut rng, 1, 1, 64, DType::F32, &[vec![700], vec![1], vec![1]]);
+}
+
+/// The GPU MLA layer against its CPU twin, random weights (each value representable in bf16) of
+/// Kimi-like small sizes (hidden 64, 4 heads, kv_lora_rank 32, nope 16, rope 8, v 16: one head
+/// dim of 64 on the GPU), a plain q projection and a q LoRA: a varlen prefill of three prompts
+/// (80 tokens, so bf16 takes the tensor-core kernel, 1 and 7), two decode steps, a second
+/// prefill chunk that grows the latent pool, then a call that restarts sequence 0; f32 and bf16.
+/// Wrong dtypes and cache mismatches are typed errors.
+#[test]
+fn mla_layer_vs_cpu() {
+    use fla_nn::mla::{MlaCache, MlaCacheCuda, MlaConfig, MultiLatentAttention};
+    let Some(dev) = gpu("mla_layer_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(23);
+    for q_lora_rank in [None, Some(24)] {
+        let cfg = MlaConfig {
+            hidden: 64,
+            heads: 4,
+            q_lora_rank,
+            kv_lora_rank: 32,
+            qk_nope_head_dim: 16,
+            qk_rope_head_dim: 8,
+            v_head_dim: 16,
+            norm_eps: 1e-6,
+        };
+        let (hidden, h, r) = (cfg.hidden, cfg.heads, cfg.kv_lora_rank);
+        let (qk, rope, vd) = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim);
+        let mut m = std::collections::HashMap::new();
+        let mut put = |name: &str, shape: &[usize], scale: f32, offset: f32| {
+            let n = shape.iter().product();
+            let v: Vec<f32> = random(&mut rng, n, scale).iter().map(|v| v + offset).collect();
+            m.insert(name.to_string(), Tensor::from_vec(rounded(&v, DType::BF16), shape).unwrap());
+        };
+        let s = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+        match q_lora_rank {
+            None => put("q_proj.weight", &[h * qk, hidden], s(hidden), 0.0),
+            Some(qr) => {
+                put("q_a_proj.weight", &[qr, hidden], s(hidden), 0.0);
+                put("q_a_layernorm.weight", &[qr], 0.2, 1.0);
+                put("q_b_proj.weight", &[h * qk, qr], s(qr), 0.0);
+            }
+        }
+        put("kv_a_proj_with_mqa.weight", &[r + rope, hidden], s(hidden), 0.0);
+        put("kv_a_layernorm.weight", &[r], 0.2, 1.0);
+        put("kv_b_proj.weight", &[h * (qk - rope + vd), r], s(r), 0.0);
+        put("o_proj.weight", &[hidden, h * vd], s(h * vd), 0.0);
+        let cpu = MultiLatentAttention::load(&cfg, &fla_nn::VarBuilder::from_tensors(m)).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let layer = cpu.to_cuda(&dev, dtype).unwrap();
+            let (mut cc, mut gc) = (MlaCache::empty(), MlaCacheCuda::default());
+            let mut past = [0usize; 3];
+            let steps: [([usize; 3], bool); 5] =
+                [([80, 1, 7], false), ([1, 1, 1], false), ([1, 1, 1], false), ([60, 65, 2], false), ([3, 1, 1], true)];
+            for (step, (lens, restart)) in steps.iter().enumerate() {
+                if *restart {
+                    past[0] = 0;
+                }
+                let batch = Batch::new(lens, &past);
+                let x = rounded(&random(&mut rng, batch.tokens() * hidden, 1.0), dtype);
+                let want = cpu.forward(&x, &batch, &mut cc).unwrap();
+                let got =
+                    down(&layer.forward(&up(&x, &[batch.tokens(), hidden], dtype, &dev), &batch, &mut gc).unwrap());
+                let e = rel_err(&got, &want);
+                let tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+                eprintln!("q_lora {q_lora_rank:?} {dtype} step {step} lens {lens:?} past {past:?}: rel err {e:.2e}");
+                assert!(!got.iter().any(|v| v.is_nan()), "q_lora {q_lora_rank:?} {dtype} step {step}: NaN");
+                assert!(e < tol, "q_lora {q_lora_rank:?} {dtype} step {step} lens {lens:?}: rel err {e:.2e}");
+                past.iter_mut().zip(lens).for_each(|(p, l)| *p += l);
+            }
+            assert_eq!(gc.len, past.to_vec());
+            let other = if dtype == DType::F32 { DType::BF16 } else { DType::F32 };
+            let x = up(&vec![0.1; hidden], &[1, hidden], other, &dev);
+            let batch = Batch::new(&[1], &[0]);
+            assert!(matches!(layer.forward(&x, &batch, &mut MlaCacheCuda::default()), Err(Error::DType { .. })));
+            let x = up(&vec![0.1; hidden], &[1, hidden], dtype, &dev);
+            assert!(layer.forward(&x, &Batch::new(&[1], &[5]), &mut MlaCacheCuda::default()).is_err());
+            assert!(layer.forward(&x, &Batch::new(&[1], &[past[0] + 1]), &mut gc).is_err());
+            let x2 = up(&vec![0.1; 2 * hidden], &[2, hidden], dtype, &dev);
+            assert!(matches!(layer.forward(&x2, &batch, &mut gc), Err(Error::Shape { .. })));
+        }
+    }
 }
