@@ -332,7 +332,7 @@ impl GatedDeltaNetCuda {
             a_log: &self.a_log,
             dt_bias: &self.dt_bias,
         };
-        let o = conv_recurrence(OP, &lin(&self.qkv)?, &self.conv, r, batch, cache)?;
+        let o = conv_recurrence(OP, &lin(&self.qkv)?, 0, &self.conv, r, batch, cache)?;
         let z = lin(&self.z)?.reshape(&[tokens * hv, dv])?;
         let y = rms_norm_cuda(&o, &self.norm, c.eps, 0.0, Some((&z, GateAct::Silu)))?.reshape(&[tokens, hv * dv])?;
         cuda_blas::matmul(&y, &self.out_proj, true)

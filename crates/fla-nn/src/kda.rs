@@ -384,7 +384,7 @@ impl KimiDeltaAttentionCuda {
             a_log: &self.a_log,
             dt_bias: &self.dt_bias,
         };
-        let o = conv_recurrence(OP, &lin(x, &self.qkv)?, &self.conv, r, batch, cache)?;
+        let o = conv_recurrence(OP, &lin(x, &self.qkv)?, 0, &self.conv, r, batch, cache)?;
         let gate = lin(&lin(x, &self.g_a)?, &self.g_b)?.reshape(&[tokens * h, d])?;
         let y = rms_norm_cuda(&o, &self.o_norm, c.rms_norm_eps, 0.0, Some((&gate, GateAct::Sigmoid)))?;
         lin(&y.reshape(&[tokens, h * d])?, &self.o_proj)
