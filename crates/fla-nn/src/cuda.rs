@@ -511,6 +511,12 @@ struct ColsParams {
 // SAFETY: plain old data in the C layout the kernel reads.
 unsafe impl DeviceRepr for ColsParams {}
 
+/// The outputs of a split asked for `N` parts, as an array (a typed error, not a panic, if the
+/// count ever differs).
+pub(crate) fn parts<const N: usize>(op: &'static str, v: Vec<CudaTensor>) -> Result<[CudaTensor; N]> {
+    v.try_into().map_err(|v: Vec<CudaTensor>| Error::size(op, format!("{} parts where {N} were asked for", v.len())))
+}
+
 /// Columns `start ..` of `x [rows, cols]` split into contiguous `[rows, width]` tensors, one per
 /// width of `parts` (1 to 3), in one launch: the Gated DeltaNet layer's `b` and `a` out of its
 /// fused input projection.

@@ -17,7 +17,7 @@ use fla_core::{cuda_blas, DType, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
 use crate::conv::{ConvState, ShortConv};
-use crate::cuda::{rms_norm_gate_cols_cuda, split_cols_cuda};
+use crate::cuda::{parts, rms_norm_gate_cols_cuda, split_cols_cuda};
 use crate::linear_cuda::{check_input, conv_recurrence, LinearCacheCuda, Recurrence};
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
@@ -321,8 +321,7 @@ impl GatedDeltaNetCuda {
         let proj = cuda_blas::matmul(x, &self.proj, true)?;
         let (hv, dv) = (c.value_heads, c.value_dim);
         let (cd, vt) = (c.conv_dim(), c.value_total());
-        let [beta, g]: [CudaTensor; 2] =
-            split_cols_cuda(&proj, cd + vt, &[hv, hv])?.try_into().expect("two parts asked for");
+        let [beta, g]: [CudaTensor; 2] = parts(OP, split_cols_cuda(&proj, cd + vt, &[hv, hv])?)?;
         let r = Recurrence {
             family: Family::GatedDeltaRule,
             heads: [c.key_heads, hv],

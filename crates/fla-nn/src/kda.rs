@@ -19,7 +19,7 @@ use fla_core::{cuda_blas, DType, Error, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
 use crate::conv::{ConvState, ShortConv};
-use crate::cuda::{rms_norm_cuda, split_cols_cuda};
+use crate::cuda::{parts, rms_norm_cuda, split_cols_cuda};
 use crate::linear_cuda::{check_input, conv_recurrence, LinearCacheCuda, Recurrence};
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
@@ -377,8 +377,7 @@ impl KimiDeltaAttentionCuda {
         let (rf, rg) = (self.f_b.shape()[1], self.g_b.shape()[1]);
         // [tokens, 3·H·dk + rf + H + rg]: q|k|v, f_a, b, g_a.
         let proj = lin(x, &self.proj)?;
-        let [f_a, beta, g_a]: [CudaTensor; 3] =
-            split_cols_cuda(&proj, 3 * h * d, &[rf, h, rg])?.try_into().expect("three parts asked for");
+        let [f_a, beta, g_a]: [CudaTensor; 3] = parts(OP, split_cols_cuda(&proj, 3 * h * d, &[rf, h, rg])?)?;
         let r = Recurrence {
             family: Family::Kda,
             heads: [h, h],

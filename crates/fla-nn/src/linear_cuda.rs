@@ -7,7 +7,7 @@ use fla_core::cuda::CudaTensor;
 use fla_core::{DType, Error, Result};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
-use crate::cuda::short_conv_split_cuda;
+use crate::cuda::{parts, short_conv_split_cuda};
 use crate::Batch;
 
 /// The cache of one GPU linear-attention layer for a batch of sequences, on its device.
@@ -92,7 +92,7 @@ pub(crate) fn conv_recurrence(
     cache.conv = Some(conv_new);
     let decode = batch.is_decode() && held == n;
     let (bsz, t) = if decode { (n, 1) } else { (1, tokens) };
-    let [q, k, v]: [CudaTensor; 3] = qkv.try_into().expect("three parts asked for");
+    let [q, k, v]: [CudaTensor; 3] = parts(op, qkv)?;
     let q = q.reshape(&[bsz, t, hk, dk])?;
     let k = k.reshape(&[bsz, t, hk, dk])?;
     let v = v.reshape(&[bsz, t, hv, dv])?;
