@@ -1,22 +1,42 @@
 // Row-wise and elementwise kernels of the model layers (fla-nn/src/cuda.rs launches them; the CPU
 // twins are fla-nn/src/ops.rs and conv.rs): RMSNorm (plain, 1 + w, gated by SiLU or sigmoid, with
 // the residual add fused in front), the depthwise causal short convolution with SiLU and its
-// cache, SiLU(gate) * up, column and row copies, the latent cache append of multi-head latent
-// attention (fla-nn/src/mla.rs). Activations in
+// cache, SiLU(gate) * up, column splits and row copies, the latent cache append of multi-head
+// latent attention (fla-nn/src/mla.rs). Activations in
 // f32, bf16 or f16 (read and written in that dtype, f32 arithmetic), weights and caches in f32.
 #include "common/dtype.cuh"
 #include "common/math.cuh"
+
+// Keep in sync with `SplitOut` in fla-nn/src/cuda.rs (repr(C)). Up to three contiguous outputs
+// that split the `c` columns of a row: columns [0, c1) go to y[0] ([rows, c1]), [c1, c2) to y[1]
+// ([rows, c2 - c1]), [c2, c) to y[2] ([rows, c - c2]); unused outputs have zero width.
+struct SplitOut {
+    void* y[3];
+    int c1, c2;
+};
+
+// Stores v as column `col` of row `row` of the split of `c` columns.
+__device__ __forceinline__ void split_store(const SplitOut& s, int dtype, int c, long long row, int col, float v) {
+    if (col < s.c1) {
+        fla_store(s.y[0], dtype, row * s.c1 + col, v);
+    } else if (col < s.c2) {
+        fla_store(s.y[1], dtype, row * (s.c2 - s.c1) + col - s.c1, v);
+    } else {
+        fla_store(s.y[2], dtype, row * (c - s.c2) + col - s.c2, v);
+    }
+}
 
 // Keep in sync with `NormParams` in fla-nn/src/cuda.rs (repr(C)).
 struct NormParams {
     const void* x;   // [rows, dim]; with `res`, the residual stream, updated in place
     const float* w;  // [dim]
-    const void* z;   // [rows, dim] gate input, or null
+    const void* z;   // gate input, or null: row r at (r / z_group) ld_z + (r % z_group) dim
     void* y;         // [rows, dim], dtype of x
     const void* res; // [rows, dim] added into x first (x += res, rounded to the dtype), or null
     int dtype, rows, dim;
     int gate;        // 0: none, 1: silu(z), 2: sigmoid(z)
     float eps, offset;
+    int ld_z, z_group; // z's row stride, rows of x per row of z (dim and 1: z shaped like x)
 };
 
 // One CTA (128 threads) per row: [x += res, then] y = x rsqrt(mean(x^2) + eps) (offset + w)
@@ -39,10 +59,11 @@ extern "C" __global__ void __launch_bounds__(128) nn_rms_norm(const NormParams p
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
     __syncthreads();
     const float r = rsqrtf((part[0] + part[1] + part[2] + part[3]) / p.dim + p.eps);
+    const long long zbase = (long long)(blockIdx.x / p.z_group) * p.ld_z + (long long)(blockIdx.x % p.z_group) * p.dim;
     for (int c = threadIdx.x; c < p.dim; c += 128) {
         float v = fla_load(p.x, p.dtype, base + c) * r * (p.offset + p.w[c]);
         if (p.gate) {
-            const float z = fla_load(p.z, p.dtype, base + c);
+            const float z = fla_load(p.z, p.dtype, zbase + c);
             v *= p.gate == 1 ? z * fla_sigmoidf(z) : fla_sigmoidf(z);
         }
         fla_store(p.y, p.dtype, base + c, v);
@@ -51,19 +72,19 @@ extern "C" __global__ void __launch_bounds__(128) nn_rms_norm(const NormParams p
 
 // Keep in sync with `ConvParams` in fla-nn/src/cuda.rs (repr(C)).
 struct ConvParams {
-    const void* x;          // [tokens, C]
+    const void* x;          // [tokens, ld_x]: the input is the first C columns of each row
     const float* weight;    // [C, W]
     const float* state;     // [N, C, W]: the last W inputs of each sequence, oldest first
-    void* y;                // [tokens, C], dtype of x
+    SplitOut y;             // the C output channels, dtype of x
     float* state_out;       // [N, C, W]
     const int* cu_seqlens;  // [N + 1]
     const int* seq_of;      // [tokens]: the sequence of each token
-    int dtype, tokens, n, c, w;  // w: the kernel width W
+    int dtype, tokens, n, c, w, ld_x;  // w: the kernel width W
 };
 
 // The input at position k of sequence n (k < 0: from the cache, k = -W .. -1), channel ch.
 __device__ __forceinline__ float conv_input(const ConvParams& p, int n, int start, int k, int ch) {
-    return k >= 0 ? fla_load(p.x, p.dtype, (long long)(start + k) * p.c + ch)
+    return k >= 0 ? fla_load(p.x, p.dtype, (long long)(start + k) * p.ld_x + ch)
                   : p.state[((long long)n * p.c + ch) * p.w + p.w + k];
 }
 
@@ -95,11 +116,11 @@ __device__ __forceinline__ void short_conv(const ConvParams& p) {
 #pragma unroll
             for (int j = 0; j < W - 1; ++j) win[j] = win[j + 1];
         }
-        win[W - 1] = fla_load(p.x, p.dtype, (long long)t * p.c + ch);
+        win[W - 1] = fla_load(p.x, p.dtype, (long long)t * p.ld_x + ch);
         float acc = 0.0f;
 #pragma unroll
         for (int j = 0; j < W; ++j) acc += w[j] * win[j];
-        fla_store(p.y, p.dtype, (long long)t * p.c + ch, acc * fla_sigmoidf(acc));
+        split_store(p.y, p.dtype, p.c, t, ch, acc * fla_sigmoidf(acc));
     }
 }
 
@@ -144,16 +165,17 @@ extern "C" __global__ void __launch_bounds__(256) nn_swiglu(const GluParams p) {
 // Keep in sync with `ColsParams` in fla-nn/src/cuda.rs (repr(C)).
 struct ColsParams {
     const void* x;  // [rows, cols]
-    void* y;        // [rows, len]: columns start .. start + len of x
+    SplitOut y;     // columns start .. start + len of x, split
     int dtype, rows, cols, start, len;
 };
 
-// A thread per element of y.
-extern "C" __global__ void __launch_bounds__(256) nn_copy_cols(const ColsParams p) {
+// A thread per copied element.
+extern "C" __global__ void __launch_bounds__(256) nn_split_cols(const ColsParams p) {
     const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
     if (e >= (long long)p.rows * p.len) return;
-    const long long r = e / p.len, c = e % p.len;
-    fla_store(p.y, p.dtype, e, fla_load(p.x, p.dtype, r * p.cols + p.start + c));
+    const long long r = e / p.len;
+    const int c = (int)(e % p.len);
+    split_store(p.y, p.dtype, p.len, r, c, fla_load(p.x, p.dtype, r * p.cols + p.start + c));
 }
 
 // Keep in sync with `PoolParams` in fla-nn/src/cuda.rs (repr(C)).

@@ -1,9 +1,11 @@
 //! GPU forms of the layer primitives (`fla-kernels/cuda/nn.cu`), each the twin of a CPU form:
-//! [`rms_norm_cuda`] of [`crate::ops::rms_norm`] / [`crate::ops::rms_norm_gated`],
-//! [`add_rms_norm_cuda`] of a residual add and a norm, [`short_conv_cuda`] of
-//! [`crate::conv::ShortConv::forward`], [`swiglu_cuda`] of the SwiGLU gate, [`copy_cols_cuda`] of
-//! a column slice, [`gather_rows_cuda`] / [`scatter_add_rows_cuda`] of a mixture of experts'
-//! token routing, `mla_append_cuda` of the latent cache append in
+//! [`rms_norm_cuda`] of [`crate::ops::rms_norm`] / [`crate::ops::rms_norm_gated`] (and
+//! [`rms_norm_gate_cols_cuda`], its gate read out of a wider tensor), [`add_rms_norm_cuda`] of a
+//! residual add and a norm, [`short_conv_cuda`] of [`crate::conv::ShortConv::forward`] (and
+//! [`short_conv_split_cuda`], reading columns of a wider tensor and writing the output split),
+//! [`swiglu_cuda`] of the SwiGLU gate, [`split_cols_cuda`] of column slices,
+//! [`gather_rows_cuda`] / [`scatter_add_rows_cuda`] of a mixture of experts' token routing,
+//! `mla_append_cuda` of the latent cache append in
 //! [`crate::mla::MultiLatentAttention::forward`]. Activations f32, bf16 or f16 (outputs in their
 //! dtype, arithmetic in f32); weights and caches f32 (the MLA latent cache: the activations'
 //! dtype). The work is queued on the device's stream.
@@ -85,6 +87,54 @@ fn blocks(op: &'static str, n: usize, per: usize) -> Result<u32> {
         .ok_or_else(|| Error::size(op, format!("{n} elements are more than one launch takes")))
 }
 
+/// Mirror of `SplitOut` in `nn.cu` (same order, `repr(C)`): up to three outputs splitting the
+/// columns of a row.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct SplitOut {
+    y: [u64; 3],
+    c1: i32,
+    c2: i32,
+}
+
+/// Checks `parts` (1 to 3 widths) against `cols`, the columns they split, and allocates their
+/// outputs `[rows, width]` in `dtype`, with the kernels' descriptor of them.
+///
+/// # Safety
+/// The outputs are uninitialised: the caller's kernel must write every column of every row.
+unsafe fn split_out(
+    op: &'static str,
+    parts: &[usize],
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    dev: &Arc<CudaDevice>,
+) -> Result<(Vec<CudaTensor>, SplitOut)> {
+    if parts.is_empty() || parts.len() > 3 || parts.iter().sum::<usize>() != cols {
+        return Err(Error::Argument {
+            op,
+            arg: "parts",
+            msg: format!("{parts:?}: 1 to 3 widths adding up to the {cols} columns split"),
+        });
+    }
+    let mut out = SplitOut { y: [0; 3], c1: to_i32(op, "columns", cols)?, c2: to_i32(op, "columns", cols)? };
+    let mut ys = Vec::with_capacity(parts.len());
+    let mut end = 0;
+    for (i, &w) in parts.iter().enumerate() {
+        // SAFETY: forwarded to the caller.
+        let mut y = unsafe { CudaTensor::uninit(&[rows, w], dtype, dev)? };
+        out.y[i] = y.raw_addr_mut();
+        end += w;
+        match i {
+            0 => out.c1 = end as i32,
+            1 => out.c2 = end as i32,
+            _ => {}
+        }
+        ys.push(y);
+    }
+    Ok((ys, out))
+}
+
 /// Mirror of `NormParams` in `nn.cu` (same order, `repr(C)`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -100,9 +150,21 @@ struct NormParams {
     gate: i32,
     eps: f32,
     offset: f32,
+    ld_z: i32,
+    z_group: i32,
 }
 // SAFETY: plain old data in the C layout the kernel reads.
 unsafe impl DeviceRepr for NormParams {}
+
+/// The gate input of a norm launch, checked: its address, row stride, rows of `x` per row and
+/// activation.
+#[derive(Clone, Copy)]
+struct Gate {
+    addr: u64,
+    ld: usize,
+    group: usize,
+    act: GateAct,
+}
 
 /// RMSNorm of the last dimension of `x` on the GPU: `x·rsqrt(mean(x²) + eps)·(offset + w)`, then
 /// times `act(z)` with `gate = Some((z, act))` (`z` of `x`'s shape and dtype). `w [dim]` f32.
@@ -113,8 +175,58 @@ pub fn rms_norm_cuda(
     offset: f32,
     gate: Option<(&CudaTensor, GateAct)>,
 ) -> Result<CudaTensor> {
-    // SAFETY: without a residual the kernel only reads x.
-    unsafe { norm("rms_norm_cuda", x.raw_addr(), x, None, w, eps, offset, gate) }
+    const OP: &str = "rms_norm_cuda";
+    let gate = match gate {
+        Some((z, act)) => {
+            check_like(OP, "z", z, x, Some(x.shape()), true)?;
+            let dim = x.shape().last().copied().unwrap_or(0);
+            Some(Gate { addr: z.raw_addr(), ld: dim, group: 1, act })
+        }
+        None => None,
+    };
+    // SAFETY: without a residual the kernel only reads x; z holds rows·dim elements (checked).
+    unsafe { norm(OP, x.raw_addr(), x, None, w, eps, offset, gate) }
+}
+
+/// [`rms_norm_cuda`] gated by `act(z)`, the gate read out of a wider tensor: `x [rows, dim]`
+/// (leading dimensions flattened), `z [zrows, cols]` of `x`'s dtype with `rows = g·zrows`, and
+/// the gate of row `r` of `x` at columns `start + (r mod g)·dim ..` of row `r / g` of `z`. The
+/// Gated DeltaNet layer's `o [tokens·HV, V]` reads its gate straight from the fused input
+/// projection `[tokens, …]`, whose columns `start .. start + HV·V` hold z.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_gate_cols_cuda(
+    x: &CudaTensor,
+    w: &CudaTensor,
+    eps: f32,
+    offset: f32,
+    z: &CudaTensor,
+    start: usize,
+    act: GateAct,
+) -> Result<CudaTensor> {
+    const OP: &str = "rms_norm_gate_cols_cuda";
+    check_like(OP, "z", z, x, None, true)?;
+    let dim = *x.shape().last().ok_or_else(|| Error::shape(OP, "x", "at least one dimension", x.shape()))?;
+    let rows = x.elem_count().checked_div(dim).unwrap_or(0);
+    let &[zrows, cols] = z.shape() else {
+        return Err(Error::shape(OP, "z", "[rows of x / g, cols]", z.shape()));
+    };
+    let group = match rows.checked_div(zrows) {
+        Some(g) if g * zrows == rows && g > 0 => g,
+        None if rows == 0 => 1,
+        _ => return Err(Error::shape(OP, "z", format!("[a divisor of the {rows} rows of x, cols]"), z.shape())),
+    };
+    if start + group * dim > cols {
+        return Err(Error::Argument {
+            op: OP,
+            arg: "start",
+            msg: format!("gate columns {start}..{} of z's {cols}", start + group * dim),
+        });
+    }
+    to_i32(OP, "z rows·cols", zrows * cols)?;
+    let gate = Gate { addr: z.raw_addr() + (start * z.dtype().size_in_bytes()) as u64, ld: cols, group, act };
+    // SAFETY: without a residual the kernel only reads x; row r of x reads z's elements
+    // (r / g)·cols + start + (r mod g)·dim + c for c < dim, inside z (checked).
+    unsafe { norm(OP, x.raw_addr(), x, None, w, eps, offset, Some(gate)) }
 }
 
 /// The residual step of a pre-norm block on the GPU: `x += res` (in `x`'s dtype), then the
@@ -136,7 +248,9 @@ pub fn add_rms_norm_cuda(
 /// Launches `nn_rms_norm` over `x` (at `x_addr`), `res` added into it first when given.
 ///
 /// # Safety
-/// `x_addr` must be `x`'s buffer; with `res`, writable for the duration of the work.
+/// `x_addr` must be `x`'s buffer; with `res`, writable for the duration of the work. With a
+/// gate, its address must cover the elements its stride and group index for `x`'s rows, in
+/// `x`'s dtype.
 #[allow(clippy::too_many_arguments)]
 unsafe fn norm(
     op: &'static str,
@@ -146,14 +260,11 @@ unsafe fn norm(
     w: &CudaTensor,
     eps: f32,
     offset: f32,
-    gate: Option<(&CudaTensor, GateAct)>,
+    gate: Option<Gate>,
 ) -> Result<CudaTensor> {
     let dim = *x.shape().last().ok_or_else(|| Error::shape(op, "x", "at least one dimension", x.shape()))?;
     check_f32(op, "w", w)?;
     check_like(op, "w", w, x, Some(&[dim]), false)?;
-    if let Some((z, _)) = gate {
-        check_like(op, "z", z, x, Some(x.shape()), true)?;
-    }
     let rows = x.elem_count().checked_div(dim).unwrap_or(0);
     let dev = x.cuda_device().clone();
     // SAFETY: every element of y is written by the kernel (a CTA per row, every column).
@@ -161,26 +272,28 @@ unsafe fn norm(
     let params = NormParams {
         x: x_addr,
         w: w.raw_addr(),
-        z: gate.map_or(0, |(z, _)| z.raw_addr()),
+        z: gate.map_or(0, |g| g.addr),
         y: y.raw_addr_mut(),
         res: res.map_or(0, |r| r.raw_addr()),
         dtype: dtype_code(op, "x", x.dtype())?,
         rows: to_i32(op, "rows", rows)?,
         dim: to_i32(op, "dim", dim)?,
-        gate: match gate {
+        gate: match gate.map(|g| g.act) {
             None => 0,
-            Some((_, GateAct::Silu)) => 1,
-            Some((_, GateAct::Sigmoid)) => 2,
+            Some(GateAct::Silu) => 1,
+            Some(GateAct::Sigmoid) => 2,
         },
         eps,
         offset,
+        ld_z: to_i32(op, "z's row stride", gate.map_or(dim, |g| g.ld))?,
+        z_group: to_i32(op, "rows of x per row of z", gate.map_or(1, |g| g.group))?,
     };
     if rows > 0 {
         let f = function(&dev, "nn_rms_norm")?;
         let cfg = LaunchConfig { grid_dim: (blocks(op, rows, 1)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: NormParams mirrors the kernel's argument; x, z, res, y hold rows·dim elements
-        // of the dtype named by `dtype` (checked above), w dim f32 values; the caller's contract
-        // covers writing x.
+        // SAFETY: NormParams mirrors the kernel's argument; x, res, y hold rows·dim elements of
+        // the dtype named by `dtype` (checked above), w dim f32 values; the caller's contract
+        // covers z and writing x.
         unsafe { launch(&dev, &f, cfg, &params) }?;
     }
     Ok(y)
@@ -193,7 +306,7 @@ struct ConvParams {
     x: u64,
     weight: u64,
     state: u64,
-    y: u64,
+    y: SplitOut,
     state_out: u64,
     cu_seqlens: u64,
     seq_of: u64,
@@ -202,6 +315,7 @@ struct ConvParams {
     n: i32,
     c: i32,
     w: i32,
+    ld_x: i32,
 }
 // SAFETY: plain old data in the C layout the kernel reads.
 unsafe impl DeviceRepr for ConvParams {}
@@ -222,29 +336,76 @@ pub fn short_conv_cuda(
     cu_seqlens: &[usize],
 ) -> Result<(CudaTensor, CudaTensor)> {
     const OP: &str = "short_conv_cuda";
-    let &[tokens, c] = x.shape() else {
+    let &[_, c] = x.shape() else {
         return Err(Error::shape(OP, "x", "[tokens, channels]", x.shape()));
     };
-    check_f32(OP, "weight", weight)?;
-    check_like(OP, "weight", weight, x, None, false)?;
-    let &[wc, w] = weight.shape() else {
-        return Err(Error::shape(OP, "weight", format!("[channels = {c}, kernel]"), weight.shape()));
-    };
-    if wc != c || w == 0 {
+    if weight.shape().first() != Some(&c) {
         return Err(Error::shape(OP, "weight", format!("[channels = {c}, kernel ≥ 1]"), weight.shape()));
+    }
+    let (mut ys, state_out) = conv(OP, x, 0, weight, state, cu_seqlens, &[c])?;
+    Ok((ys.remove(0), state_out))
+}
+
+/// [`short_conv_cuda`] over columns `start .. start + C` of `x [tokens, cols]` (`C` the channels
+/// of `weight [C, W]`; `state [N, C, W]`), its output split by columns into `parts` (1 to 3
+/// widths adding up to `C`), each a contiguous `[tokens, width]`. The linear-attention layers
+/// convolve the q | k | v columns of their fused input projection and get q, k and v apart.
+pub fn short_conv_split_cuda(
+    x: &CudaTensor,
+    start: usize,
+    weight: &CudaTensor,
+    state: &CudaTensor,
+    cu_seqlens: &[usize],
+    parts: &[usize],
+) -> Result<(Vec<CudaTensor>, CudaTensor)> {
+    conv("short_conv_split_cuda", x, start, weight, state, cu_seqlens, parts)
+}
+
+/// The launches of [`short_conv_split_cuda`] (`op` names the caller in errors).
+fn conv(
+    op: &'static str,
+    x: &CudaTensor,
+    start: usize,
+    weight: &CudaTensor,
+    state: &CudaTensor,
+    cu_seqlens: &[usize],
+    parts: &[usize],
+) -> Result<(Vec<CudaTensor>, CudaTensor)> {
+    let &[tokens, cols] = x.shape() else {
+        return Err(Error::shape(op, "x", "[tokens, columns]", x.shape()));
+    };
+    check_f32(op, "weight", weight)?;
+    check_like(op, "weight", weight, x, None, false)?;
+    let &[c, w] = weight.shape() else {
+        return Err(Error::shape(op, "weight", "[channels, kernel]", weight.shape()));
+    };
+    if w == 0 {
+        return Err(Error::shape(op, "weight", format!("[channels = {c}, kernel ≥ 1]"), weight.shape()));
     }
     if w > MAX_CONV_KERNEL {
         return Err(Error::Unsupported {
-            op: OP,
+            op,
             msg: format!("a kernel of {w} taps (the GPU convolution takes at most {MAX_CONV_KERNEL})"),
         });
     }
-    let seqs = fla_ops::check_cu_seqlens(OP, cu_seqlens, tokens)?;
+    if start + c > cols {
+        return Err(Error::Argument {
+            op,
+            arg: "start",
+            msg: format!("input columns {start}..{} of x's {cols} (the weight's {c} channels)", start + c),
+        });
+    }
+    let seqs = fla_ops::check_cu_seqlens(op, cu_seqlens, tokens)?;
     let n = seqs.len();
-    check_f32(OP, "state", state)?;
-    check_like(OP, "state", state, x, Some(&[n, c, w]), false)?;
+    check_f32(op, "state", state)?;
+    check_like(op, "state", state, x, Some(&[n, c, w]), false)?;
     let dev = x.cuda_device().clone();
-    let cu: Vec<i32> = cu_seqlens.iter().map(|&v| to_i32(OP, "cu_seqlens entry", v)).collect::<Result<_>>()?;
+    to_i32(op, "tokens·columns", tokens * cols)?;
+    to_i32(op, "N·channels·kernel", n * c * w)?;
+    // SAFETY: the kernel writes every output element (a thread per (channel, run of tokens), the
+    // runs covering every token, each channel stored into its part).
+    let (ys, y) = unsafe { split_out(op, parts, tokens, c, x.dtype(), &dev)? };
+    let cu: Vec<i32> = cu_seqlens.iter().map(|&v| to_i32(op, "cu_seqlens entry", v)).collect::<Result<_>>()?;
     let mut seq_of = vec![0i32; tokens];
     for (i, r) in seqs.iter().enumerate() {
         seq_of[r.clone()].iter_mut().for_each(|s| *s = i as i32);
@@ -254,46 +415,45 @@ pub fn short_conv_cuda(
         use fla_core::cuda::cudarc::driver::DevicePtr;
         table.device_ptr(dev.stream()).0
     };
-    // SAFETY: the kernels write every element of y (a thread per (channel, run of tokens), the
-    // runs covering every token) and of the new state (a thread per (sequence, channel, tap)).
-    let mut y = unsafe { CudaTensor::uninit(x.shape(), x.dtype(), &dev)? };
+    // SAFETY: the state kernel writes every element (a thread per (sequence, channel, tap)).
     let mut state_out = unsafe { CudaTensor::uninit(&[n, c, w], DType::F32, &dev)? };
     let params = ConvParams {
-        x: x.raw_addr(),
+        x: x.raw_addr() + (start * x.dtype().size_in_bytes()) as u64,
         weight: weight.raw_addr(),
         state: state.raw_addr(),
-        y: y.raw_addr_mut(),
+        y,
         state_out: state_out.raw_addr_mut(),
         cu_seqlens: table_addr,
         seq_of: table_addr + 4 * cu.len() as u64,
-        dtype: dtype_code(OP, "x", x.dtype())?,
-        tokens: to_i32(OP, "tokens", tokens)?,
-        n: to_i32(OP, "N", n)?,
-        c: to_i32(OP, "channels", c)?,
-        w: to_i32(OP, "kernel", w)?,
+        dtype: dtype_code(op, "x", x.dtype())?,
+        tokens: to_i32(op, "tokens", tokens)?,
+        n: to_i32(op, "N", n)?,
+        c: to_i32(op, "channels", c)?,
+        w: to_i32(op, "kernel", w)?,
+        ld_x: to_i32(op, "columns", cols)?,
     };
-    to_i32(OP, "tokens·channels", tokens * c)?;
-    to_i32(OP, "N·channels·kernel", n * c * w)?;
-    // SAFETY (both launches): ConvParams mirrors the kernels' argument; x, y hold tokens·C
-    // elements of the dtype named by `dtype`; weight C·W, state and state_out N·C·W f32 values;
-    // the table holds N + 1 offsets (checked: 0 first, tokens last, non-decreasing) and a
-    // sequence index < N per token; the table lives until after the launches in stream order.
+    // SAFETY (both launches): ConvParams mirrors the kernels' argument; x holds tokens·cols
+    // elements of the dtype named by `dtype` and the kernels read columns start .. start + C
+    // (checked) of each row; the outputs hold tokens × their widths, which add up to C
+    // (checked); weight C·W, state and state_out N·C·W f32 values; the table holds N + 1
+    // offsets (checked: 0 first, tokens last, non-decreasing) and a sequence index < N per
+    // token; the table lives until after the launches in stream order.
     if tokens * c > 0 {
         let runs = u32::try_from(tokens.div_ceil(CONV_TOKENS))
             .ok()
             .filter(|&r| r <= 65535)
-            .ok_or_else(|| Error::size(OP, format!("{tokens} tokens are more than one launch takes")))?;
+            .ok_or_else(|| Error::size(op, format!("{tokens} tokens are more than one launch takes")))?;
         let cfg =
-            LaunchConfig { grid_dim: (blocks(OP, c, 256)?, runs, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            LaunchConfig { grid_dim: (blocks(op, c, 256)?, runs, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { launch(&dev, &function(&dev, &format!("nn_short_conv_w{w}"))?, cfg, &params) }?;
     }
     if n * c * w > 0 {
         let cfg =
-            LaunchConfig { grid_dim: (blocks(OP, n * c * w, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            LaunchConfig { grid_dim: (blocks(op, n * c * w, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { launch(&dev, &function(&dev, "nn_short_conv_state")?, cfg, &params) }?;
     }
     drop(table);
-    Ok((y, state_out))
+    Ok((ys, state_out))
 }
 
 /// Mirror of `GluParams` in `nn.cu` (same order, `repr(C)`).
@@ -344,7 +504,7 @@ pub fn swiglu_cuda(gate_up: &CudaTensor) -> Result<CudaTensor> {
 #[derive(Debug, Clone, Copy)]
 struct ColsParams {
     x: u64,
-    y: u64,
+    y: SplitOut,
     dtype: i32,
     rows: i32,
     cols: i32,
@@ -354,23 +514,35 @@ struct ColsParams {
 // SAFETY: plain old data in the C layout the kernel reads.
 unsafe impl DeviceRepr for ColsParams {}
 
-/// Columns `start .. start + len` of `x [rows, cols]` as a contiguous `[rows, len]` tensor (q, k
-/// and v out of the short convolution's output).
-pub fn copy_cols_cuda(x: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
-    const OP: &str = "copy_cols_cuda";
+/// The outputs of a split asked for `N` parts, as an array (a typed error, not a panic, if the
+/// count ever differs).
+pub(crate) fn parts<const N: usize>(op: &'static str, v: Vec<CudaTensor>) -> Result<[CudaTensor; N]> {
+    v.try_into().map_err(|v: Vec<CudaTensor>| Error::size(op, format!("{} parts where {N} were asked for", v.len())))
+}
+
+/// Columns `start ..` of `x [rows, cols]` split into contiguous `[rows, width]` tensors, one per
+/// width of `parts` (1 to 3), in one launch: the Gated DeltaNet layer's `b` and `a` out of its
+/// fused input projection.
+pub fn split_cols_cuda(x: &CudaTensor, start: usize, parts: &[usize]) -> Result<Vec<CudaTensor>> {
+    const OP: &str = "split_cols_cuda";
     let &[rows, cols] = x.shape() else {
         return Err(Error::shape(OP, "x", "[rows, cols]", x.shape()));
     };
+    let len: usize = parts.iter().sum();
     if start + len > cols {
-        return Err(Error::size(OP, format!("columns {start}..{} of {cols}", start + len)));
+        return Err(Error::Argument {
+            op: OP,
+            arg: "parts",
+            msg: format!("columns {start}..{} of {cols}", start + len),
+        });
     }
     let dev = x.cuda_device().clone();
-    // SAFETY: a thread per element writes y.
-    let mut y = unsafe { CudaTensor::uninit(&[rows, len], x.dtype(), &dev)? };
     to_i32(OP, "rows·cols", rows * cols)?;
+    // SAFETY: a thread per copied element writes each output element.
+    let (ys, y) = unsafe { split_out(OP, parts, rows, len, x.dtype(), &dev)? };
     let params = ColsParams {
         x: x.raw_addr(),
-        y: y.raw_addr_mut(),
+        y,
         dtype: dtype_code(OP, "x", x.dtype())?,
         rows: to_i32(OP, "rows", rows)?,
         cols: to_i32(OP, "cols", cols)?,
@@ -383,11 +555,12 @@ pub fn copy_cols_cuda(x: &CudaTensor, start: usize, len: usize) -> Result<CudaTe
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: ColsParams mirrors the kernel's argument; x holds rows·cols and y rows·len
-        // elements of `dtype`, and start + len <= cols (checked).
-        unsafe { launch(&dev, &function(&dev, "nn_copy_cols")?, cfg, &params) }?;
+        // SAFETY: ColsParams mirrors the kernel's argument; x holds rows·cols elements of
+        // `dtype`, start + len <= cols (checked), and the outputs hold rows × their widths,
+        // which add up to len.
+        unsafe { launch(&dev, &function(&dev, "nn_split_cols")?, cfg, &params) }?;
     }
-    Ok(y)
+    Ok(ys)
 }
 
 /// Mirror of `AttnParams` in `attention.cu` (same order, `repr(C)`). `part`, `qblk`, `splits`
@@ -894,10 +1067,11 @@ mod tests {
 
     #[test]
     fn params_match_the_kernel_structs() {
-        assert_eq!(std::mem::size_of::<NormParams>(), 5 * 8 + 6 * 4);
-        assert_eq!(std::mem::size_of::<ConvParams>(), 7 * 8 + 5 * 4 + 4);
+        assert_eq!(std::mem::size_of::<SplitOut>(), 3 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<NormParams>(), 5 * 8 + 8 * 4);
+        assert_eq!(std::mem::size_of::<ConvParams>(), 6 * 8 + 32 + 6 * 4);
         assert_eq!(std::mem::size_of::<GluParams>(), 2 * 8 + 8 + 2 * 8);
-        assert_eq!(std::mem::size_of::<ColsParams>(), 2 * 8 + 5 * 4 + 4);
+        assert_eq!(std::mem::size_of::<ColsParams>(), 8 + 32 + 5 * 4 + 4);
         assert_eq!(std::mem::size_of::<AttnParams>(), 14 * 8 + 13 * 4 + 4);
         assert_eq!(std::mem::size_of::<PoolParams>(), 2 * 8 + 6 * 4);
         assert_eq!(std::mem::size_of::<RowsParams>(), 5 * 8 + 4 * 4);

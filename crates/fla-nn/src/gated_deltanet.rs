@@ -17,7 +17,7 @@ use fla_core::{cuda_blas, DType, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs};
 
 use crate::conv::{ConvState, ShortConv};
-use crate::cuda::rms_norm_cuda;
+use crate::cuda::{parts, rms_norm_gate_cols_cuda, split_cols_cuda};
 use crate::linear_cuda::{check_input, conv_recurrence, layer_options, LinearCacheCuda, Recurrence};
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
@@ -229,16 +229,17 @@ impl GatedDeltaNet {
 
 /// The Gated DeltaNet layer on a CUDA device ([`GatedDeltaNet::to_cuda`]): the computation of
 /// [`GatedDeltaNet::forward`], its CPU twin, with the weights uploaded once in one dtype (the
-/// interleaved Qwen3-Next projections reordered into the split ones on upload) and activations in
-/// that dtype: cuBLAS projections, the short convolution, the chunk forward (prefill) or the
-/// recurrent step (decode), the gated RMSNorm.
+/// four input projections stacked into one, the interleaved Qwen3-Next ones reordered into the
+/// split order on upload) and activations in that dtype: one cuBLAS product for the input
+/// projections, the short convolution reading q|k|v out of it and writing q, k and v apart, the
+/// chunk forward (prefill) or the recurrent step (decode), the RMSNorm gated by z read out of
+/// the product. A decode step is two cuBLAS products (in and out) and five kernels: b and a
+/// copied apart, the convolution and its cache, the recurrent step, the gated norm.
 pub struct GatedDeltaNetCuda {
     cfg: GatedDeltaNetConfig,
-    /// `[out, hidden]` each: `qkv [conv_dim]`, `z [value_total]`, `b`, `a [HV]`.
-    qkv: CudaTensor,
-    z: CudaTensor,
-    b: CudaTensor,
-    a: CudaTensor,
+    /// `[conv_dim + value_total + 2·HV, hidden]`: rows `qkv [conv_dim] | z [value_total] |
+    /// b [HV] | a [HV]`.
+    proj: CudaTensor,
     /// `[conv_dim, kernel]` f32.
     conv: CudaTensor,
     /// `[HV]` f32 each.
@@ -257,13 +258,21 @@ impl GatedDeltaNet {
         let c = &self.cfg;
         let up = |t: &Tensor| CudaTensor::from_host(&t.to_dtype(dtype)?, dev);
         let up32 = |v: Vec<f32>, shape: &[usize]| CudaTensor::from_host(&Tensor::from_vec(v, shape)?, dev);
-        let (qkv, z, b, a) = match &self.proj {
-            Proj::Split { qkv, z, b, a } => (up(qkv.weight())?, up(z.weight())?, up(b.weight())?, up(a.weight())?),
+        let rows_out = c.conv_dim() + c.value_total() + 2 * c.value_heads;
+        let mut stacked: Vec<f32> = Vec::with_capacity(rows_out * c.hidden);
+        match &self.proj {
+            Proj::Split { qkv, z, b, a } => {
+                for l in [qkv, z, b, a] {
+                    stacked.extend(l.weight().to_vec::<f32>()?);
+                }
+            }
             Proj::Interleaved { qkvz, ba } => {
-                // Row permutations of the per-key-head interleaved weights into the split order.
+                // Rows of the per-key-head interleaved weights `qkvz | ba` (stacked) in the split
+                // order q | k | v | z | b | a.
                 let (hk, dk, dv) = (c.key_heads, c.key_dim, c.value_dim);
                 let g = c.value_heads / hk;
                 let per = 2 * dk + 2 * g * dv;
+                let ba0 = hk * per;
                 let (mut rq, mut rk, mut rv, mut rz) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 let (mut rb, mut ra) = (Vec::new(), Vec::new());
                 for head in 0..hk {
@@ -272,30 +281,17 @@ impl GatedDeltaNet {
                     rk.extend(base + dk..base + 2 * dk);
                     rv.extend(base + 2 * dk..base + 2 * dk + g * dv);
                     rz.extend(base + 2 * dk + g * dv..base + per);
-                    rb.extend(head * 2 * g..head * 2 * g + g);
-                    ra.extend(head * 2 * g + g..(head + 1) * 2 * g);
+                    rb.extend(ba0 + head * 2 * g..ba0 + head * 2 * g + g);
+                    ra.extend(ba0 + head * 2 * g + g..ba0 + (head + 1) * 2 * g);
                 }
-                let rows = |w: &Tensor, idx: Vec<usize>| -> Result<CudaTensor> {
-                    let inn = w.shape()[1];
-                    let data: Vec<f32> = w.to_vec()?;
-                    let picked: Vec<f32> =
-                        idx.iter().flat_map(|&r| data[r * inn..(r + 1) * inn].iter().copied()).collect();
-                    up(&Tensor::from_vec(picked, &[idx.len(), inn])?)
-                };
-                let qkv_rows: Vec<usize> = rq.into_iter().chain(rk).chain(rv).collect();
-                (
-                    rows(qkvz.weight(), qkv_rows)?,
-                    rows(qkvz.weight(), rz)?,
-                    rows(ba.weight(), rb)?,
-                    rows(ba.weight(), ra)?,
-                )
+                let data: Vec<f32> = [qkvz.weight().to_vec::<f32>()?, ba.weight().to_vec::<f32>()?].concat();
+                for r in rq.into_iter().chain(rk).chain(rv).chain(rz).chain(rb).chain(ra) {
+                    stacked.extend_from_slice(&data[r * c.hidden..(r + 1) * c.hidden]);
+                }
             }
-        };
+        }
         Ok(GatedDeltaNetCuda {
-            qkv,
-            z,
-            b,
-            a,
+            proj: up(&Tensor::from_vec(stacked, &[rows_out, c.hidden])?)?,
             conv: up32(self.conv.weight().to_vec(), &[c.conv_dim(), c.conv_kernel])?,
             a_log: CudaTensor::from_host(&self.a_log, dev)?,
             dt_bias: CudaTensor::from_host(&self.dt_bias, dev)?,
@@ -314,21 +310,23 @@ impl GatedDeltaNetCuda {
         const OP: &str = "GatedDeltaNetCuda::forward";
         let c = &self.cfg;
         let tokens = batch.tokens();
-        check_input(OP, x, tokens, c.hidden, &self.qkv)?;
-        let lin = |w: &CudaTensor| cuda_blas::matmul(x, w, true);
+        check_input(OP, x, tokens, c.hidden, &self.proj)?;
+        // [tokens, conv_dim + value_total + 2·HV]: q|k|v, z, b, a.
+        let proj = cuda_blas::matmul(x, &self.proj, true)?;
         let (hv, dv) = (c.value_heads, c.value_dim);
+        let (cd, vt) = (c.conv_dim(), c.value_total());
+        let [beta, g]: [CudaTensor; 2] = parts(OP, split_cols_cuda(&proj, cd + vt, &[hv, hv])?)?;
         let r = Recurrence {
             family: Family::GatedDeltaRule,
             heads: [c.key_heads, hv],
             dims: [c.key_dim, dv],
-            g: lin(&self.a)?,
-            beta: lin(&self.b)?,
+            g,
+            beta,
             a_log: &self.a_log,
             dt_bias: &self.dt_bias,
         };
-        let o = conv_recurrence(OP, &lin(&self.qkv)?, &self.conv, r, batch, cache)?;
-        let z = lin(&self.z)?.reshape(&[tokens * hv, dv])?;
-        let y = rms_norm_cuda(&o, &self.norm, c.eps, 0.0, Some((&z, GateAct::Silu)))?.reshape(&[tokens, hv * dv])?;
-        cuda_blas::matmul(&y, &self.out_proj, true)
+        let o = conv_recurrence(OP, &proj, 0, &self.conv, r, batch, cache)?;
+        let y = rms_norm_gate_cols_cuda(&o, &self.norm, c.eps, 0.0, &proj, cd, GateAct::Silu)?;
+        cuda_blas::matmul(&y.reshape(&[tokens, vt])?, &self.out_proj, true)
     }
 }

@@ -19,7 +19,7 @@ use fla_core::{cuda_blas, DType, Error, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
 use crate::conv::{ConvState, ShortConv};
-use crate::cuda::rms_norm_cuda;
+use crate::cuda::{parts, rms_norm_cuda, split_cols_cuda};
 use crate::linear_cuda::{check_input, conv_recurrence, LinearCacheCuda, Recurrence};
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
@@ -304,21 +304,21 @@ impl KimiDeltaAttention {
 }
 
 /// The KDA layer on a CUDA device ([`KimiDeltaAttention::to_cuda`]), the twin of
-/// [`KimiDeltaAttention::forward`]: the three projections and their three convolutions fused into
-/// one each (rows q | k | v), the low-rank gate and output-gate projections and `b_proj` with
-/// cuBLAS, the recurrence ([`crate::linear_cuda`]: per-channel decay computed in the op), then
-/// the per-head RMSNorm gated by the sigmoid of the output gate. Activations in the weights'
-/// dtype.
+/// [`KimiDeltaAttention::forward`]: the projections of the input (q, k, v, `f_a`, `b`, `g_a`)
+/// stacked into one cuBLAS product and the three convolutions into one (reading q | k | v out of
+/// the product and writing them apart), `f_a`, `b` and `g_a` copied apart in one kernel, the
+/// second low-rank products `f_b` and `g_b` with cuBLAS, the recurrence ([`crate::linear_cuda`]:
+/// per-channel decay computed in the op), then the per-head RMSNorm gated by the sigmoid of the
+/// output gate. Activations in the weights' dtype.
 pub struct KimiDeltaAttentionCuda {
     cfg: KdaConfig,
-    /// `[3·H·dk, hidden]`: q, k, v projections stacked.
-    qkv: CudaTensor,
+    /// `[3·H·dk + rf + H + rg, hidden]`: rows `q | k | v [H·dk each] | f_a [rf] | b [H] |
+    /// g_a [rg]` (`rf`, `rg` the low ranks).
+    proj: CudaTensor,
     /// `[3·H·dk, kernel]` f32: the three convolutions stacked.
     conv: CudaTensor,
-    f_a: CudaTensor,
+    /// `[H·dk, rf]` and `[H·dk, rg]`.
     f_b: CudaTensor,
-    b: CudaTensor,
-    g_a: CudaTensor,
     g_b: CudaTensor,
     /// `[H]` and `[H·dk]` f32.
     a_log: CudaTensor,
@@ -341,19 +341,18 @@ impl KimiDeltaAttention {
         let up = |t: &Tensor| CudaTensor::from_host(&t.to_dtype(dtype)?, dev);
         let up32 = |v: Vec<f32>, shape: &[usize]| CudaTensor::from_host(&Tensor::from_vec(v, shape)?, dev);
         let (dim, kernel) = (self.cfg.heads * self.cfg.head_dim, self.cfg.conv_kernel);
-        let mut qkv: Vec<f32> = Vec::with_capacity(3 * dim * self.cfg.hidden);
-        for l in [&self.q_proj, &self.k_proj, &self.v_proj] {
-            qkv.extend(l.weight().to_vec::<f32>()?);
+        let in_projs = [&self.q_proj, &self.k_proj, &self.v_proj, &self.f_a_proj, &self.b_proj, &self.g_a_proj];
+        let rows: usize = in_projs.iter().map(|l| l.weight().shape()[0]).sum();
+        let mut proj: Vec<f32> = Vec::with_capacity(rows * self.cfg.hidden);
+        for l in in_projs {
+            proj.extend(l.weight().to_vec::<f32>()?);
         }
         let conv: Vec<f32> =
             [&self.q_conv, &self.k_conv, &self.v_conv].iter().flat_map(|c| c.weight().to_vec()).collect();
         Ok(KimiDeltaAttentionCuda {
-            qkv: up(&Tensor::from_vec(qkv, &[3 * dim, self.cfg.hidden])?)?,
+            proj: up(&Tensor::from_vec(proj, &[rows, self.cfg.hidden])?)?,
             conv: up32(conv, &[3 * dim, kernel])?,
-            f_a: up(self.f_a_proj.weight())?,
             f_b: up(self.f_b_proj.weight())?,
-            b: up(self.b_proj.weight())?,
-            g_a: up(self.g_a_proj.weight())?,
             g_b: up(self.g_b_proj.weight())?,
             a_log: CudaTensor::from_host(&self.a_log, dev)?,
             dt_bias: CudaTensor::from_host(&self.dt_bias, dev)?,
@@ -372,20 +371,24 @@ impl KimiDeltaAttentionCuda {
         const OP: &str = "KimiDeltaAttentionCuda::forward";
         let c = &self.cfg;
         let tokens = batch.tokens();
-        check_input(OP, x, tokens, c.hidden, &self.qkv)?;
+        check_input(OP, x, tokens, c.hidden, &self.proj)?;
         let lin = |x: &CudaTensor, w: &CudaTensor| cuda_blas::matmul(x, w, true);
         let (h, d) = (c.heads, c.head_dim);
+        let (rf, rg) = (self.f_b.shape()[1], self.g_b.shape()[1]);
+        // [tokens, 3·H·dk + rf + H + rg]: q|k|v, f_a, b, g_a.
+        let proj = lin(x, &self.proj)?;
+        let [f_a, beta, g_a]: [CudaTensor; 3] = parts(OP, split_cols_cuda(&proj, 3 * h * d, &[rf, h, rg])?)?;
         let r = Recurrence {
             family: Family::Kda,
             heads: [h, h],
             dims: [d, d],
-            g: lin(&lin(x, &self.f_a)?, &self.f_b)?,
-            beta: lin(x, &self.b)?,
+            g: lin(&f_a, &self.f_b)?,
+            beta,
             a_log: &self.a_log,
             dt_bias: &self.dt_bias,
         };
-        let o = conv_recurrence(OP, &lin(x, &self.qkv)?, &self.conv, r, batch, cache)?;
-        let gate = lin(&lin(x, &self.g_a)?, &self.g_b)?.reshape(&[tokens * h, d])?;
+        let o = conv_recurrence(OP, &proj, 0, &self.conv, r, batch, cache)?;
+        let gate = lin(&g_a, &self.g_b)?.reshape(&[tokens * h, d])?;
         let y = rms_norm_cuda(&o, &self.o_norm, c.rms_norm_eps, 0.0, Some((&gate, GateAct::Sigmoid)))?;
         lin(&y.reshape(&[tokens, h * d])?, &self.o_proj)
     }

@@ -1,13 +1,13 @@
 //! What the GPU linear-attention layers ([`crate::gated_deltanet::GatedDeltaNetCuda`],
 //! [`crate::kda::KimiDeltaAttentionCuda`]) share: their cache, the check of their input, and the
 //! core from the fused q|k|v projection to the attention output — the short convolution with its
-//! cache, the split into q, k and v, then the recurrent step (a decode batch) or the chunk form
+//! cache, writing q, k and v apart, then the recurrent step (a decode batch) or the chunk form
 //! (anything else) on the cached states.
 use fla_core::cuda::CudaTensor;
 use fla_core::{DType, Error, Result};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
-use crate::cuda::{copy_cols_cuda, short_conv_cuda};
+use crate::cuda::{parts, short_conv_split_cuda};
 use crate::Batch;
 
 /// The cache of one GPU linear-attention layer for a batch of sequences, on its device.
@@ -74,13 +74,15 @@ pub(crate) struct Recurrence<'a> {
     pub dt_bias: &'a CudaTensor,
 }
 
-/// `qkv [tokens, 2·H·K + HV·V]` (the projections, before the convolution) → the attention
-/// output `[tokens·HV, V]`, continuing each sequence from `cache`: `silu(conv(qkv))` with the
-/// cached conv inputs, then the recurrence with in-op L2 norm of q and k, sigmoid of beta and
-/// the gate, on the cached states.
+/// Columns `start .. start + 2·H·K + HV·V` of `proj [tokens, cols]` (the q|k|v projections,
+/// before the convolution; `conv [2·H·K + HV·V, kernel]`) → the attention output
+/// `[tokens·HV, V]`, continuing each sequence from `cache`: `silu(conv(q|k|v))` with the cached
+/// conv inputs, written as separate q, k and v, then the recurrence with in-op L2 norm of q and
+/// k, sigmoid of beta and the gate, on the cached states.
 pub(crate) fn conv_recurrence(
     op: &'static str,
-    qkv: &CudaTensor,
+    proj: &CudaTensor,
+    start: usize,
     conv: &CudaTensor,
     r: Recurrence<'_>,
     batch: &Batch,
@@ -92,20 +94,21 @@ pub(crate) fn conv_recurrence(
     if batch.past.iter().any(|&p| p > 0) && held != n {
         return Err(Error::size(op, format!("{n} sequences continue from a cache holding {held} states")));
     }
-    let dev = qkv.cuda_device().clone();
+    let dev = proj.cuda_device().clone();
     let conv_state = match cache.conv.take() {
         Some(s) if s.shape()[0] == n => s,
         _ => CudaTensor::zeros(&[n, conv.shape()[0], conv.shape()[1]], DType::F32, &dev)?,
     };
     let cu = batch.cu_seqlens();
-    let (mixed, conv_new) = short_conv_cuda(qkv, conv, &conv_state, &cu)?;
+    let kt = hk * dk;
+    let (qkv, conv_new) = short_conv_split_cuda(proj, start, conv, &conv_state, &cu, &[kt, kt, hv * dv])?;
     cache.conv = Some(conv_new);
     let decode = batch.is_decode() && held == n;
     let (bsz, t) = if decode { (n, 1) } else { (1, tokens) };
-    let kt = hk * dk;
-    let q = copy_cols_cuda(&mixed, 0, kt)?.reshape(&[bsz, t, hk, dk])?;
-    let k = copy_cols_cuda(&mixed, kt, kt)?.reshape(&[bsz, t, hk, dk])?;
-    let v = copy_cols_cuda(&mixed, 2 * kt, hv * dv)?.reshape(&[bsz, t, hv, dv])?;
+    let [q, k, v]: [CudaTensor; 3] = parts(op, qkv)?;
+    let q = q.reshape(&[bsz, t, hk, dk])?;
+    let k = k.reshape(&[bsz, t, hk, dk])?;
+    let v = v.reshape(&[bsz, t, hv, dv])?;
     let g_shape: &[usize] = if r.g.elem_count() == tokens * hv { &[bsz, t, hv] } else { &[bsz, t, hv, dk] };
     let g = r.g.reshape(g_shape)?;
     let beta = r.beta.reshape(&[bsz, t, hv])?;

@@ -1,16 +1,21 @@
 //! The GPU layer primitives (`fla_nn::cuda`) and layers against their CPU twins on random
-//! inputs: RMSNorm (plain, 1 + w, gated by SiLU and sigmoid, with the residual add), the short
-//! convolution over a varlen batch with a cache (a sequence of one token, an empty one), SwiGLU,
-//! row gather / scatter-add, the MLP, the mixtures of experts, the Gated DeltaNet, KDA, gated
-//! attention (long varlen prefills on the split-KV and the tensor-core kernels, prefill in two
-//! calls, decode after ~600 tokens) and MLA layers; f32, bf16 and f16 activations; the typed
+//! inputs: RMSNorm (plain, 1 + w, gated by SiLU and sigmoid — the gate also read out of a wider
+//! tensor —, with the residual add), the short convolution over a varlen batch with a cache (a
+//! sequence of one token, an empty one; also reading columns of a wider input and writing its
+//! output split in parts), column splits, SwiGLU, row gather / scatter-add, the MLP, the mixtures
+//! of experts, the Gated DeltaNet, KDA, gated attention (long varlen prefills on the split-KV and
+//! the tensor-core kernels, prefill in two calls, decode after ~600 tokens) and MLA layers; f32,
+//! bf16 and f16 activations; the typed
 //! errors. Every test prints "skipped: no CUDA device" and passes where there is no GPU (CI).
 use std::sync::Arc;
 
 use fla_core::cuda::{self, CudaDevice, CudaTensor};
 use fla_core::{DType, Error, Tensor};
 use fla_nn::conv::{ConvState, ShortConv};
-use fla_nn::cuda::{add_rms_norm_cuda, rms_norm_cuda, short_conv_cuda, swiglu_cuda};
+use fla_nn::cuda::{
+    add_rms_norm_cuda, rms_norm_cuda, rms_norm_gate_cols_cuda, short_conv_cuda, short_conv_split_cuda, split_cols_cuda,
+    swiglu_cuda,
+};
 use fla_nn::ops::{rms_norm, rms_norm_gated, silu, GateAct};
 use fla_nn::Batch;
 use rand::rngs::StdRng;
@@ -44,6 +49,22 @@ fn up(v: &[f32], shape: &[usize], dtype: DType, dev: &Arc<CudaDevice>) -> CudaTe
 
 fn down(t: &CudaTensor) -> Vec<f32> {
     t.to_host().unwrap().to_vec::<f32>().unwrap()
+}
+
+/// `narrow [rows, width]` placed at columns `start ..` of rows of `cols` columns, the rest random
+/// (a fused projection holding it among others).
+fn widen(rng: &mut StdRng, narrow: &[f32], width: usize, start: usize, cols: usize) -> Vec<f32> {
+    let rows = narrow.len() / width;
+    let mut wide = random(rng, rows * cols, 5.0);
+    for (r, row) in narrow.chunks(width).enumerate() {
+        wide[r * cols + start..][..width].copy_from_slice(row);
+    }
+    wide
+}
+
+/// Columns `start .. start + width` of `x [rows, cols]`.
+fn cols_of(x: &[f32], cols: usize, start: usize, width: usize) -> Vec<f32> {
+    x.chunks(cols).flat_map(|r| r[start..start + width].to_vec()).collect()
 }
 
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
@@ -92,6 +113,28 @@ fn rms_norm_vs_cpu() {
                 assert!(e < tol(dtype), "{dtype} [{rows}, {dim}] gated {act:?}: rel err {e:.2e}");
             }
         }
+        // The gate read out of a wider tensor: `group` rows of x (heads) per row of z (token),
+        // at a column offset (the Gated DeltaNet layer's z in its fused projection).
+        for (zrows, group, dim) in [(5, 3, 100), (4, 1, 256), (1, 16, 128)] {
+            let rows = zrows * group;
+            let (start, cols) = (7, 7 + group * dim + 11);
+            let x = rounded(&random(&mut rng, rows * dim, 2.0), dtype);
+            let z = rounded(&random(&mut rng, rows * dim, 3.0), dtype);
+            let w = random(&mut rng, dim, 1.0);
+            let wide = widen(&mut rng, &z, group * dim, start, cols);
+            let (xg, zg, wg) = (
+                up(&x, &[rows, dim], dtype, &dev),
+                up(&wide, &[zrows, cols], dtype, &dev),
+                up(&w, &[dim], DType::F32, &dev),
+            );
+            for act in [GateAct::Silu, GateAct::Sigmoid] {
+                let mut want = x.clone();
+                rms_norm_gated(&mut want, &z, &w, 1e-6, act);
+                let got = down(&rms_norm_gate_cols_cuda(&xg, &wg, 1e-6, 0.0, &zg, start, act).unwrap());
+                let e = rel_err(&got, &want);
+                assert!(e < tol(dtype), "{dtype} {zrows}×{group} rows of {dim}, gate at {start}: rel err {e:.2e}");
+            }
+        }
     }
 }
 
@@ -126,6 +169,30 @@ fn short_conv_vs_cpu() {
             assert!(e < tol(dtype), "{dtype} kernel {w} y: rel err {e:.2e}");
             // The cache holds inputs as given (rounded to the dtype): exact.
             assert_eq!(down(&st), state.data, "{dtype} kernel {w} new cache");
+            // The same input at columns 5 .. 5 + C of a wider tensor, the output split in parts
+            // (q | k | v; boundaries inside a warp's 32 channels), and whole.
+            let (start, cols) = (5, 5 + c + 9);
+            let wide = up(&widen(&mut rng, &x, c, start, cols), &[tokens, cols], dtype, &dev);
+            for parts in [vec![64, 64, 172], vec![100, 37, 163], vec![150, 150], vec![c]] {
+                let (ys, st) = short_conv_split_cuda(
+                    &wide,
+                    start,
+                    &up(&weight, &[c, w], DType::F32, &dev),
+                    &up(&state0, &[lens.len(), c, w], DType::F32, &dev),
+                    &cu,
+                    &parts,
+                )
+                .unwrap();
+                assert_eq!(ys.len(), parts.len());
+                let mut first = 0;
+                for (y, &width) in ys.iter().zip(&parts) {
+                    assert_eq!(y.shape(), [tokens, width]);
+                    let e = rel_err(&down(y), &cols_of(&want, c, first, width));
+                    assert!(e < tol(dtype), "{dtype} kernel {w} parts {parts:?}, part at {first}: rel err {e:.2e}");
+                    first += width;
+                }
+                assert_eq!(down(&st), state.data, "{dtype} kernel {w} parts {parts:?}: new cache");
+            }
         }
     }
     let x = up(&[0.0; 9 * 2], &[2, 9], DType::F32, &dev);
@@ -136,6 +203,26 @@ fn short_conv_vs_cpu() {
         &[0, 2],
     );
     assert!(matches!(too_wide, Err(Error::Unsupported { .. })), "a 9-tap kernel");
+}
+
+/// Column slices copied apart in one launch: exact.
+#[test]
+fn split_cols_vs_cpu() {
+    let Some(dev) = gpu("split_cols_vs_cpu") else { return };
+    let mut rng = StdRng::seed_from_u64(14);
+    let (rows, cols) = (9, 70);
+    for dtype in [DType::F32, DType::BF16] {
+        let x = rounded(&random(&mut rng, rows * cols, 2.0), dtype);
+        let xg = up(&x, &[rows, cols], dtype, &dev);
+        for (start, parts) in [(50, vec![8, 8]), (0, vec![70]), (3, vec![1, 30, 2]), (66, vec![4])] {
+            let ys = split_cols_cuda(&xg, start, &parts).unwrap();
+            let mut first = start;
+            for (y, &width) in ys.iter().zip(&parts) {
+                assert_eq!(down(y), cols_of(&x, cols, first, width), "{dtype} {parts:?} from {start}");
+                first += width;
+            }
+        }
+    }
 }
 
 /// SwiGLU over the halves of a fused gate | up product, f32 and bf16.
@@ -204,6 +291,18 @@ fn bad_arguments_are_typed_errors() {
         short_conv_cuda(&x, &z(&[8, 4], DType::BF16), &st, &[0, 1, 4]),
         Err(Error::DType { arg: "weight", .. })
     ));
+    let wide = z(&[4, 20], DType::BF16);
+    let split = |start: usize, parts: &[usize]| short_conv_split_cuda(&wide, start, &wt, &st, &[0, 1, 4], parts);
+    assert!(matches!(split(13, &[8]), Err(Error::Argument { arg: "start", .. })), "columns 13..21 of 20");
+    assert!(matches!(split(12, &[4, 3]), Err(Error::Argument { arg: "parts", .. })), "7 of 8 channels");
+    assert!(matches!(split(0, &[2, 2, 2, 2]), Err(Error::Argument { arg: "parts", .. })), "four parts");
+    assert!(matches!(split(0, &[]), Err(Error::Argument { arg: "parts", .. })), "no part");
+    assert!(matches!(split_cols_cuda(&wide, 15, &[3, 3]), Err(Error::Argument { arg: "parts", .. })));
+    let w8 = z(&[8], DType::F32);
+    let gate = |x: &CudaTensor, start: usize| rms_norm_gate_cols_cuda(x, &w8, 1e-6, 0.0, &wide, start, GateAct::Silu);
+    assert!(matches!(gate(&z(&[6, 8], DType::BF16), 0), Err(Error::Shape { arg: "z", .. })), "6 rows over 4");
+    assert!(matches!(gate(&z(&[8, 8], DType::BF16), 5), Err(Error::Argument { arg: "start", .. })), "5 + 16 > 20");
+    assert!(matches!(gate(&z(&[8, 8], DType::F32), 0), Err(Error::DType { arg: "z", .. })));
     assert!(matches!(swiglu_cuda(&z(&[4, 9], DType::BF16)), Err(Error::Shape { arg: "gate_up", .. })));
     let mut xm = z(&[4, 8], DType::BF16);
     assert!(matches!(
