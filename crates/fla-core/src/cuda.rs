@@ -28,7 +28,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub use cudarc;
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream};
 use half::{bf16, f16};
 
 use crate::{DType, Device, Error, Result, Tensor, TensorMeta};
@@ -184,6 +184,22 @@ impl CudaDevice {
     pub fn record_event(&self) -> Result<CudaEvent> {
         let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
         Ok(self.stream.record_event(Some(flags))?)
+    }
+
+    /// Captures the work `f` enqueues on the stream into a [`CudaGraph`] instead of running it
+    /// (nothing runs until [`CudaGraph::launch`]; host code in `f` does run, once). The work
+    /// must not wait on the host (no copies to the host, no synchronisation); memory it
+    /// allocates and frees comes from the stream-ordered pool and becomes part of the graph, so
+    /// what it allocates must be freed within `f`. The capture ends even when `f` fails, and
+    /// then its error is returned.
+    pub fn capture<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<(CudaGraph, T)> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+        let out = f();
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        let out = out?;
+        let graph = graph?.ok_or_else(|| Error::Cuda("stream capture gave no graph".into()))?;
+        Ok((graph, out))
     }
 
     /// Loads the module `name` from a cubin (or PTX) `image` once and keeps it.

@@ -40,19 +40,33 @@ struct NormParams {
 };
 
 // One CTA (128 threads) per row: [x += res, then] y = x rsqrt(mean(x^2) + eps) (offset + w)
-// [act(z)]. Each thread reads back only the elements it wrote, so the in-place residual needs no
-// barrier; the norm sees x rounded to its dtype, as the layers' residual stream holds it.
-extern "C" __global__ void __launch_bounds__(128) nn_rms_norm(const NormParams p) {
+// [act(z)], for rows of up to 128 PER elements. The dtype DT is a template parameter and the row
+// stays in registers between the two passes, all of a thread's loads issued before its first
+// store, so a short row costs a few memory latencies, not one per element (a 1024-wide row took
+// 5.7 us when each element was stored and read back in turn). The norm sees x rounded to its
+// dtype, as the layers' residual stream holds it.
+template <int DT, int PER>
+__device__ __forceinline__ void rms_norm(const NormParams& p) {
     __shared__ float part[4];
     const long long base = (long long)blockIdx.x * p.dim;
+    float v[PER];
     float ss = 0.0f;
-    for (int c = threadIdx.x; c < p.dim; c += 128) {
-        if (p.res) {
-            fla_store(const_cast<void*>(p.x), p.dtype, base + c,
-                      fla_load(p.x, p.dtype, base + c) + fla_load(p.res, p.dtype, base + c));
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int c = threadIdx.x + i * 128;
+        v[i] = 0.0f;
+        if (c < p.dim) {
+            v[i] = fla_ld<DT>(p.x, base + c);
+            if (p.res) v[i] = fla_round(DT, v[i] + fla_ld<DT>(p.res, base + c));
         }
-        const float v = fla_load(p.x, p.dtype, base + c);
-        ss += v * v;
+        ss += v[i] * v[i];
+    }
+    if (p.res) {
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            const int c = threadIdx.x + i * 128;
+            if (c < p.dim) fla_st<DT>(const_cast<void*>(p.x), base + c, v[i]);
+        }
     }
     float unused = 0.0f;
     fla_warp_sum2(ss, unused);
@@ -60,23 +74,37 @@ extern "C" __global__ void __launch_bounds__(128) nn_rms_norm(const NormParams p
     __syncthreads();
     const float r = rsqrtf((part[0] + part[1] + part[2] + part[3]) / p.dim + p.eps);
     const long long zbase = (long long)(blockIdx.x / p.z_group) * p.ld_z + (long long)(blockIdx.x % p.z_group) * p.dim;
-    for (int c = threadIdx.x; c < p.dim; c += 128) {
-        float v = fla_load(p.x, p.dtype, base + c) * r * (p.offset + p.w[c]);
-        if (p.gate) {
-            const float z = fla_load(p.z, p.dtype, zbase + c);
-            v *= p.gate == 1 ? z * fla_sigmoidf(z) : fla_sigmoidf(z);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int c = threadIdx.x + i * 128;
+        if (c < p.dim) {
+            float y = v[i] * r * (p.offset + p.w[c]);
+            if (p.gate) {
+                const float z = fla_ld<DT>(p.z, zbase + c);
+                y *= p.gate == 1 ? z * fla_sigmoidf(z) : fla_sigmoidf(z);
+            }
+            fla_st<DT>(p.y, base + c, y);
         }
-        fla_store(p.y, p.dtype, base + c, v);
     }
 }
+
+// nn_rms_norm_<dtype>_<PER>: rows of up to 128 PER elements (the launcher picks the smallest PER).
+#define FLA_RMS_NORM(NAME, DT, PER) \
+    extern "C" __global__ void __launch_bounds__(128) nn_rms_norm_##NAME##_##PER(const NormParams p) { rms_norm<DT, PER>(p); }
+#define FLA_RMS_NORM_DT(NAME, DT) \
+    FLA_RMS_NORM(NAME, DT, 1) FLA_RMS_NORM(NAME, DT, 2) FLA_RMS_NORM(NAME, DT, 4) FLA_RMS_NORM(NAME, DT, 8) \
+    FLA_RMS_NORM(NAME, DT, 16) FLA_RMS_NORM(NAME, DT, 32) FLA_RMS_NORM(NAME, DT, 64)
+FLA_RMS_NORM_DT(f32, FLA_F32)
+FLA_RMS_NORM_DT(bf16, FLA_BF16)
+FLA_RMS_NORM_DT(f16, FLA_F16)
 
 // Keep in sync with `ConvParams` in fla-nn/src/cuda.rs (repr(C)).
 struct ConvParams {
     const void* x;          // [tokens, ld_x]: the input is the first C columns of each row
     const float* weight;    // [C, W]
-    const float* state;     // [N, C, W]: the last W inputs of each sequence, oldest first
+    float* state;           // [N, C, W]: the last W inputs of each sequence, oldest first;
+                            // read by nn_short_conv_w*, then updated in place by nn_short_conv_state
     SplitOut y;             // the C output channels, dtype of x
-    float* state_out;       // [N, C, W]
     const int* cu_seqlens;  // [N + 1]
     const int* seq_of;      // [tokens]: the sequence of each token
     int dtype, tokens, n, c, w, ld_x;  // w: the kernel width W
@@ -87,6 +115,9 @@ __device__ __forceinline__ float conv_input(const ConvParams& p, int n, int star
     return k >= 0 ? fla_load(p.x, p.dtype, (long long)(start + k) * p.ld_x + ch)
                   : p.state[((long long)n * p.c + ch) * p.w + p.w + k];
 }
+
+// The widest convolution kernel (taps) with an `nn_short_conv_w*` instance.
+#define FLA_MAX_CONV 8
 
 // Tokens per thread of the short convolution.
 #define FLA_CONV_TOKENS 16
@@ -135,13 +166,24 @@ FLA_SHORT_CONV(6)
 FLA_SHORT_CONV(7)
 FLA_SHORT_CONV(8)
 
-// A thread per (sequence, channel, tap): the new cache, the last W inputs of the sequence.
+// A thread per (sequence, channel): the new cache, the last W inputs of the sequence, written in
+// place over the old one (which the convolution kernel, launched before, has read). Input j of
+// the new window is the old window's element len + j when len + j < W, so each thread reads all
+// W before it writes any.
 extern "C" __global__ void __launch_bounds__(256) nn_short_conv_state(const ConvParams p) {
     const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
-    if (e >= (long long)p.n * p.c * p.w) return;
-    const int n = (int)(e / ((long long)p.c * p.w)), ch = (int)(e / p.w % p.c), j = (int)(e % p.w);
+    if (e >= (long long)p.n * p.c) return;
+    const int n = (int)(e / p.c), ch = (int)(e % p.c);
     const int start = p.cu_seqlens[n], len = p.cu_seqlens[n + 1] - start;
-    p.state_out[e] = conv_input(p, n, start, len + j - p.w, ch);
+    float win[FLA_MAX_CONV];
+#pragma unroll
+    for (int j = 0; j < FLA_MAX_CONV; ++j) {
+        if (j < p.w) win[j] = conv_input(p, n, start, len + j - p.w, ch);
+    }
+#pragma unroll
+    for (int j = 0; j < FLA_MAX_CONV; ++j) {
+        if (j < p.w) p.state[e * p.w + j] = win[j];
+    }
 }
 
 // Keep in sync with `GluParams` in fla-nn/src/cuda.rs (repr(C)).

@@ -3,13 +3,15 @@
 //! Qwen3-Next (interleaved projections, mixtures of experts) and Kimi Linear (KDA and MLA layers,
 //! mixtures of experts) checkpoints; logits of the reference
 //! prompts in f32, f16 and bf16, prefill then decode equal to one pass, HF's greedy tokens, and a
-//! batch of prompts of different lengths equal to each alone.
+//! batch of prompts of different lengths equal to each alone, and many decode steps through the
+//! captured CUDA graph (replays, a KV pool growing) equal to the CPU model step by step.
 //! Skips cleanly without a GPU (CI).
 mod common;
 
 use common::{model_dir, reference, rel_err};
 use fla_core::cuda::{self, CudaDevice};
 use fla_core::DType;
+use fla_models::generate::Backend;
 use fla_models::{generate, Model};
 
 fn gpu(test: &str) -> Option<std::sync::Arc<CudaDevice>> {
@@ -100,6 +102,38 @@ fn check_greedy(name: &str) {
         let alone = generate::generate(&gpu_model, std::slice::from_ref(p), &params, |_, _| {}).unwrap();
         assert_eq!(batch[i], alone[0], "{name} prompt {i}: batched vs alone");
     }
+}
+
+/// Decode steps of two sequences of different lengths (the first prompt 3 tokens, the second
+/// 70, so the KV pools grow from 64 to 128 rows mid-way) on the GPU — the first step launch by
+/// launch, then captured and replayed as one CUDA graph, captured again after the growth — give
+/// the CPU model's logits at every step (f32).
+#[test]
+fn qwen3_5_decode_graph_equals_the_cpu_step_by_step() {
+    let name = "qwen3_5_tiny";
+    let Some(dev) = gpu(name) else { return };
+    let cpu = Model::load(&model_dir(name)).unwrap();
+    let gpu_model = cpu.to_cuda(&dev, DType::F32).unwrap();
+    let v = gpu_model.vocab() as u32;
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 2], (0..70).map(|i| (i * 7 + 3) % v).collect()];
+    let seqs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+    let (mut cc, mut gc) = (Backend::new_cache(&cpu, 2), Backend::new_cache(&gpu_model, 2));
+    let mut want = cpu.last_logits(&seqs, &mut cc).unwrap();
+    let got = gpu_model.last_logits(&seqs, &mut gc).unwrap();
+    assert!(rel_err(&got, &want) <= 1e-4, "prefill logits");
+    for step in 0..72 {
+        // Feed the argmax of the CPU logits to both (the same tokens whatever the GPU gives).
+        let next: Vec<u32> = want
+            .chunks(v as usize)
+            .map(|row| (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32)
+            .collect();
+        let seqs: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
+        want = cpu.last_logits(&seqs, &mut cc).unwrap();
+        let got = gpu_model.last_logits(&seqs, &mut gc).unwrap();
+        let err = rel_err(&got, &want);
+        assert!(err <= 1e-4, "decode step {step}: rel err {err:.2e} between the GPU (graph) and the CPU");
+    }
+    assert_eq!(gc.past, vec![3 + 72, 70 + 72]);
 }
 
 /// A token id outside the vocabulary is a typed error on the GPU too.

@@ -292,18 +292,7 @@ impl GatedAttentionCuda {
         let qg = cuda_blas::matmul(x, &self.q_proj, true)?;
         let kn = cuda_blas::matmul(x, &self.k_proj, true)?;
         let vn = cuda_blas::matmul(x, &self.v_proj, true)?;
-        let (mut seq_of, mut pos) = (Vec::with_capacity(tokens), Vec::with_capacity(tokens));
-        for (i, r) in batch.seqs.iter().enumerate() {
-            for j in 0..r.len() {
-                seq_of.push(i as i32);
-                pos.push((batch.past[i] + j) as i32);
-            }
-        }
-        let table = dev.stream().clone_htod(&[&seq_of[..], &pos[..]].concat())?;
-        let table_addr = {
-            use fla_core::cuda::cudarc::driver::DevicePtr;
-            table.device_ptr(dev.stream()).0
-        };
+        let tables = batch.tables_on(&dev)?;
         // SAFETY: attn_prep writes every element of q (a CTA per (token, head)) and the
         // attention kernels every element of o.
         let mut q = unsafe { CudaTensor::uninit(&[tokens, h, hd], x.dtype(), &dev)? };
@@ -327,8 +316,8 @@ impl GatedAttentionCuda {
             kc,
             vc,
             o: o.raw_addr_mut(),
-            seq_of: table_addr,
-            pos: table_addr + 4 * tokens as u64,
+            seq_of: tables.seq_of_addr(),
+            pos: tables.pos_addr(),
             dtype: match x.dtype() {
                 DType::F32 => 0,
                 DType::BF16 => 1,
@@ -350,10 +339,10 @@ impl GatedAttentionCuda {
         // SAFETY: the buffers above have the shapes `attention_launch` names (qg [tokens, H,
         // per] from q_proj's [H·per, hidden] weight; the pools [N, cap, KVH, hd] with every
         // position past + i < need <= cap; seq_of < N; seq_of and pos are `batch`'s),
-        // head_dim <= 512 (checked in to_cuda), and all of them (the table too) live past the
+        // head_dim <= 512 (checked in to_cuda), and all of them (the tables too) live past the
         // launches in stream order.
         unsafe { crate::cuda::attention_launch(&dev, &params, batch) }?;
-        drop(table);
+        drop(tables);
         for (l, r) in cache.len.iter_mut().zip(&batch.seqs) {
             *l += r.len();
         }

@@ -11,11 +11,12 @@
 //! dtype). The work is queued on the device's stream.
 use std::sync::Arc;
 
-use fla_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use fla_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use fla_core::cuda::{CudaDevice, CudaTensor};
 use fla_core::{DType, Error, Result};
 
 use crate::ops::GateAct;
+use crate::{Batch, BatchTables};
 
 /// Input dtype codes of `cuda/common/dtype.cuh`.
 fn dtype_code(op: &'static str, arg: &'static str, dt: DType) -> Result<i32> {
@@ -245,7 +246,10 @@ pub fn add_rms_norm_cuda(
     unsafe { norm("add_rms_norm_cuda", addr, x, Some(res), w, eps, offset, None) }
 }
 
-/// Launches `nn_rms_norm` over `x` (at `x_addr`), `res` added into it first when given.
+/// The longest row `nn_rms_norm_*` takes: 128 threads × 64 elements in registers.
+const NORM_MAX_DIM: usize = 128 * 64;
+
+/// Launches `nn_rms_norm_<dtype>_<per>` over `x` (at `x_addr`), `res` added into it first when given.
 ///
 /// # Safety
 /// `x_addr` must be `x`'s buffer; with `res`, writable for the duration of the work. With a
@@ -265,6 +269,12 @@ unsafe fn norm(
     let dim = *x.shape().last().ok_or_else(|| Error::shape(op, "x", "at least one dimension", x.shape()))?;
     check_f32(op, "w", w)?;
     check_like(op, "w", w, x, Some(&[dim]), false)?;
+    if dim > NORM_MAX_DIM {
+        return Err(Error::Unsupported {
+            op,
+            msg: format!("rows of {dim} elements (the norm kernel holds up to {NORM_MAX_DIM})"),
+        });
+    }
     let rows = x.elem_count().checked_div(dim).unwrap_or(0);
     let dev = x.cuda_device().clone();
     // SAFETY: every element of y is written by the kernel (a CTA per row, every column).
@@ -289,7 +299,8 @@ unsafe fn norm(
         z_group: to_i32(op, "rows of x per row of z", gate.map_or(1, |g| g.group))?,
     };
     if rows > 0 {
-        let f = function(&dev, "nn_rms_norm")?;
+        let per = dim.div_ceil(128).next_power_of_two();
+        let f = function(&dev, &format!("nn_rms_norm_{}_{per}", ["f32", "bf16", "f16"][params.dtype as usize]))?;
         let cfg = LaunchConfig { grid_dim: (blocks(op, rows, 1)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: NormParams mirrors the kernel's argument; x, res, y hold rows·dim elements of
         // the dtype named by `dtype` (checked above), w dim f32 values; the caller's contract
@@ -307,7 +318,6 @@ struct ConvParams {
     weight: u64,
     state: u64,
     y: SplitOut,
-    state_out: u64,
     cu_seqlens: u64,
     seq_of: u64,
     dtype: i32,
@@ -328,13 +338,13 @@ const MAX_CONV_KERNEL: usize = 8;
 /// The depthwise causal short convolution with SiLU on the GPU, over a packed batch: `x
 /// [tokens, C]`, `weight [C, W]` f32, `state [N, C, W]` f32 (the last `W` inputs of each
 /// sequence, oldest first: zeros for a new one), `cu_seqlens [N + 1]`. Returns `silu(conv(x))`
-/// in `x`'s dtype and the new cache.
+/// in `x`'s dtype and updates `state` in place to the new cache.
 pub fn short_conv_cuda(
     x: &CudaTensor,
     weight: &CudaTensor,
-    state: &CudaTensor,
+    state: &mut CudaTensor,
     cu_seqlens: &[usize],
-) -> Result<(CudaTensor, CudaTensor)> {
+) -> Result<CudaTensor> {
     const OP: &str = "short_conv_cuda";
     let &[_, c] = x.shape() else {
         return Err(Error::shape(OP, "x", "[tokens, channels]", x.shape()));
@@ -342,35 +352,61 @@ pub fn short_conv_cuda(
     if weight.shape().first() != Some(&c) {
         return Err(Error::shape(OP, "weight", format!("[channels = {c}, kernel ≥ 1]"), weight.shape()));
     }
-    let (mut ys, state_out) = conv(OP, x, 0, weight, state, cu_seqlens, &[c])?;
-    Ok((ys.remove(0), state_out))
+    let tables = tables_of(OP, x, cu_seqlens)?;
+    Ok(conv(OP, x, 0, weight, state, cu_seqlens, &tables, &[c])?.remove(0))
 }
 
 /// [`short_conv_cuda`] over columns `start .. start + C` of `x [tokens, cols]` (`C` the channels
-/// of `weight [C, W]`; `state [N, C, W]`), its output split by columns into `parts` (1 to 3
-/// widths adding up to `C`), each a contiguous `[tokens, width]`. The linear-attention layers
-/// convolve the q | k | v columns of their fused input projection and get q, k and v apart.
+/// of `weight [C, W]`; `state [N, C, W]`, updated in place), its output split by columns into
+/// `parts` (1 to 3 widths adding up to `C`), each a contiguous `[tokens, width]`. The
+/// linear-attention layers convolve the q | k | v columns of their fused input projection and
+/// get q, k and v apart.
 pub fn short_conv_split_cuda(
     x: &CudaTensor,
     start: usize,
     weight: &CudaTensor,
-    state: &CudaTensor,
+    state: &mut CudaTensor,
     cu_seqlens: &[usize],
     parts: &[usize],
-) -> Result<(Vec<CudaTensor>, CudaTensor)> {
-    conv("short_conv_split_cuda", x, start, weight, state, cu_seqlens, parts)
+) -> Result<Vec<CudaTensor>> {
+    const OP: &str = "short_conv_split_cuda";
+    let tables = tables_of(OP, x, cu_seqlens)?;
+    conv(OP, x, start, weight, state, cu_seqlens, &tables, parts)
 }
 
-/// The launches of [`short_conv_split_cuda`] (`op` names the caller in errors).
+/// [`short_conv_split_cuda`] for the rows of `batch`, reading its attached [`BatchTables`].
+pub(crate) fn short_conv_batch_cuda(
+    x: &CudaTensor,
+    start: usize,
+    weight: &CudaTensor,
+    state: &mut CudaTensor,
+    batch: &Batch,
+    parts: &[usize],
+) -> Result<Vec<CudaTensor>> {
+    let tables = batch.tables_on(x.cuda_device())?;
+    conv("short_conv_split_cuda", x, start, weight, state, &batch.cu_seqlens(), &tables, parts)
+}
+
+/// The tables of the sequences `cu_seqlens` packs (checked against x's rows), on x's device.
+fn tables_of(op: &'static str, x: &CudaTensor, cu_seqlens: &[usize]) -> Result<BatchTables> {
+    let tokens = x.shape().first().copied().unwrap_or(0);
+    let n = fla_ops::check_cu_seqlens(op, cu_seqlens, tokens)?.len();
+    BatchTables::new(x.cuda_device(), cu_seqlens, &vec![0; n])
+}
+
+/// The launches of [`short_conv_split_cuda`] (`op` names the caller in errors); `tables` are
+/// those of `cu_seqlens`.
+#[allow(clippy::too_many_arguments)]
 fn conv(
     op: &'static str,
     x: &CudaTensor,
     start: usize,
     weight: &CudaTensor,
-    state: &CudaTensor,
+    state: &mut CudaTensor,
     cu_seqlens: &[usize],
+    tables: &BatchTables,
     parts: &[usize],
-) -> Result<(Vec<CudaTensor>, CudaTensor)> {
+) -> Result<Vec<CudaTensor>> {
     let &[tokens, cols] = x.shape() else {
         return Err(Error::shape(op, "x", "[tokens, columns]", x.shape()));
     };
@@ -405,26 +441,19 @@ fn conv(
     // SAFETY: the kernel writes every output element (a thread per (channel, run of tokens), the
     // runs covering every token, each channel stored into its part).
     let (ys, y) = unsafe { split_out(op, parts, tokens, c, x.dtype(), &dev)? };
-    let cu: Vec<i32> = cu_seqlens.iter().map(|&v| to_i32(op, "cu_seqlens entry", v)).collect::<Result<_>>()?;
-    let mut seq_of = vec![0i32; tokens];
-    for (i, r) in seqs.iter().enumerate() {
-        seq_of[r.clone()].iter_mut().for_each(|s| *s = i as i32);
+    if tables.len() != n || tables.tokens() != tokens {
+        return Err(Error::size(
+            op,
+            format!("tables of {} sequences, {} tokens for {n} sequences, {tokens} tokens", tables.len(), tables.tokens()),
+        ));
     }
-    let table = dev.stream().clone_htod(&[&cu[..], &seq_of[..]].concat())?;
-    let table_addr = {
-        use fla_core::cuda::cudarc::driver::DevicePtr;
-        table.device_ptr(dev.stream()).0
-    };
-    // SAFETY: the state kernel writes every element (a thread per (sequence, channel, tap)).
-    let mut state_out = unsafe { CudaTensor::uninit(&[n, c, w], DType::F32, &dev)? };
     let params = ConvParams {
         x: x.raw_addr() + (start * x.dtype().size_in_bytes()) as u64,
         weight: weight.raw_addr(),
-        state: state.raw_addr(),
+        state: state.raw_addr_mut(),
         y,
-        state_out: state_out.raw_addr_mut(),
-        cu_seqlens: table_addr,
-        seq_of: table_addr + 4 * cu.len() as u64,
+        cu_seqlens: tables.cu_seqlens_addr(),
+        seq_of: tables.seq_of_addr(),
         dtype: dtype_code(op, "x", x.dtype())?,
         tokens: to_i32(op, "tokens", tokens)?,
         n: to_i32(op, "N", n)?,
@@ -435,9 +464,10 @@ fn conv(
     // SAFETY (both launches): ConvParams mirrors the kernels' argument; x holds tokens·cols
     // elements of the dtype named by `dtype` and the kernels read columns start .. start + C
     // (checked) of each row; the outputs hold tokens × their widths, which add up to C
-    // (checked); weight C·W, state and state_out N·C·W f32 values; the table holds N + 1
-    // offsets (checked: 0 first, tokens last, non-decreasing) and a sequence index < N per
-    // token; the table lives until after the launches in stream order.
+    // (checked); weight C·W and state N·C·W f32 values (state borrowed mutably: the state
+    // kernel, launched second, rewrites it in place); the tables hold N + 1 offsets (checked:
+    // 0 first, tokens last, non-decreasing) and a sequence index < N per token, and live (in
+    // `tables`' owner) until after the launches in stream order.
     if tokens * c > 0 {
         let runs = u32::try_from(tokens.div_ceil(CONV_TOKENS))
             .ok()
@@ -449,11 +479,10 @@ fn conv(
     }
     if n * c * w > 0 {
         let cfg =
-            LaunchConfig { grid_dim: (blocks(op, n * c * w, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            LaunchConfig { grid_dim: (blocks(op, n * c, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { launch(&dev, &function(&dev, "nn_short_conv_state")?, cfg, &params) }?;
     }
-    drop(table);
-    Ok((ys, state_out))
+    Ok(ys)
 }
 
 /// Mirror of `GluParams` in `nn.cu` (same order, `repr(C)`).
@@ -728,8 +757,10 @@ pub(crate) unsafe fn attention_launch(dev: &Arc<CudaDevice>, params: &AttnParams
     let group = h / kvh;
     let (epl, gc) = split_shape(hd, group);
     let chunks = group.div_ceil(gc);
-    let max_ctx = batch.seqs.iter().zip(&batch.past).map(|(r, &past)| past + r.len()).max().unwrap_or(1);
-    let (splits, split_len) = split_plan(tokens * kvh * chunks, max_ctx, dev.sm_count());
+    // Planned for the cache's capacity, not the contexts of this call: slices past a token's
+    // context exit at once, and the launch stays valid as the contexts grow (a captured decode
+    // step replays it unchanged until the cache grows).
+    let (splits, split_len) = split_plan(tokens * kvh * chunks, p.cap as usize, dev.sm_count());
     p.splits = splits as i32;
     p.split_len = split_len as i32;
     let mut part = None;
@@ -868,33 +899,96 @@ unsafe fn rows_launch(
     Ok(())
 }
 
+/// Row indices on a GPU, below a bound, for [`gather_rows_indexed_cuda`]: the token ids of an
+/// embedding lookup, rewritten in place ([`RowIndices::write`]) between replays of a captured
+/// decode step.
+#[derive(Debug)]
+pub struct RowIndices {
+    buf: CudaSlice<i32>,
+    bound: usize,
+}
+
+impl RowIndices {
+    /// `rows` (each below `bound`, checked) on `dev`.
+    pub fn new(dev: &Arc<CudaDevice>, rows: &[usize], bound: usize) -> Result<Self> {
+        let host = Self::host(rows, bound)?;
+        Ok(RowIndices { buf: dev.stream().clone_htod(&host)?, bound })
+    }
+    /// Rewrites the indices in place with as many new ones (each below the bound, checked).
+    pub fn write(&mut self, dev: &Arc<CudaDevice>, rows: &[usize]) -> Result<()> {
+        if rows.len() != self.buf.len() {
+            return Err(Error::Argument {
+                op: "RowIndices::write",
+                arg: "rows",
+                msg: format!("{} rows for {} indices", rows.len(), self.buf.len()),
+            });
+        }
+        let host = Self::host(rows, self.bound)?;
+        dev.stream().memcpy_htod(&host, &mut self.buf)?;
+        Ok(())
+    }
+    fn host(rows: &[usize], bound: usize) -> Result<Vec<i32>> {
+        const OP: &str = "RowIndices";
+        if let Some(&bad) = rows.iter().find(|&&i| i >= bound) {
+            return Err(Error::Argument { op: OP, arg: "rows", msg: format!("row {bad} of a tensor with {bound} rows") });
+        }
+        rows.iter().map(|&r| to_i32(OP, "row", r)).collect()
+    }
+    /// Number of indices.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
 /// Rows `rows[i]` of `x [R, width]` stacked into `[rows.len(), width]` on the GPU (the tokens
 /// routed to one expert, the last token of each sequence).
 pub fn gather_rows_cuda(x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+    let r = x.shape().first().copied().unwrap_or(0);
+    gather_rows_indexed_cuda(x, &RowIndices::new(x.cuda_device(), rows, r)?)
+}
+
+/// [`gather_rows_cuda`] with the row indices already on the device.
+pub fn gather_rows_indexed_cuda(x: &CudaTensor, rows: &RowIndices) -> Result<CudaTensor> {
     const OP: &str = "gather_rows_cuda";
     let &[r, width] = x.shape() else {
         return Err(Error::shape(OP, "x", "[rows, width]", x.shape()));
     };
-    if let Some(&bad) = rows.iter().find(|&&i| i >= r) {
-        return Err(Error::Argument { op: OP, arg: "rows", msg: format!("row {bad} of a tensor with {r} rows") });
+    if rows.bound > r {
+        return Err(Error::Argument {
+            op: OP,
+            arg: "rows",
+            msg: format!("indices below {} for a tensor with {r} rows", rows.bound),
+        });
     }
-    to_i32(OP, "rows·width", rows.len().max(r) * width)?;
+    let n = rows.len();
+    to_i32(OP, "rows·width", n.max(r) * width)?;
     let dev = x.cuda_device().clone();
     // SAFETY: the kernel writes every element of y (a thread per element).
-    let mut y = unsafe { CudaTensor::uninit(&[rows.len(), width], x.dtype(), &dev)? };
+    let mut y = unsafe { CudaTensor::uninit(&[n, width], x.dtype(), &dev)? };
     let params = RowsParams {
         x: x.raw_addr(),
         y: y.raw_addr_mut(),
-        rows: 0,
+        rows: rows.buf.device_ptr(dev.stream()).0,
         w: 0,
         gate: 0,
         dtype: dtype_code(OP, "x", x.dtype())?,
-        n: to_i32(OP, "rows", rows.len())?,
+        n: to_i32(OP, "rows", n)?,
         width: to_i32(OP, "width", width)?,
         _pad: 0,
     };
-    // SAFETY: x holds r·width and y rows.len()·width elements of `dtype`; every row index < r.
-    unsafe { rows_launch(&dev, "nn_gather_rows", params, Some(rows), None) }?;
+    if n * width > 0 {
+        let cfg =
+            LaunchConfig { grid_dim: (blocks(OP, n * width, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: RowsParams mirrors the kernel's argument; x holds r·width and y n·width
+        // elements of `dtype`; the n row indices are below their bound <= r (checked) and live
+        // in `rows`, borrowed past the launch's enqueueing (its owner keeps them alive in
+        // stream order).
+        unsafe { launch(&dev, &function(&dev, "nn_gather_rows")?, cfg, &params) }?;
+    }
     Ok(y)
 }
 
@@ -1069,7 +1163,7 @@ mod tests {
     fn params_match_the_kernel_structs() {
         assert_eq!(std::mem::size_of::<SplitOut>(), 3 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<NormParams>(), 5 * 8 + 8 * 4);
-        assert_eq!(std::mem::size_of::<ConvParams>(), 6 * 8 + 32 + 6 * 4);
+        assert_eq!(std::mem::size_of::<ConvParams>(), 5 * 8 + 32 + 6 * 4);
         assert_eq!(std::mem::size_of::<GluParams>(), 2 * 8 + 8 + 2 * 8);
         assert_eq!(std::mem::size_of::<ColsParams>(), 8 + 32 + 5 * 4 + 4);
         assert_eq!(std::mem::size_of::<AttnParams>(), 14 * 8 + 13 * 4 + 4);

@@ -33,7 +33,7 @@ pub mod ops;
 pub mod rope;
 mod var_builder;
 
-pub use batch::Batch;
+pub use batch::{Batch, BatchTables};
 pub use linear::Linear;
 pub use var_builder::VarBuilder;
 

@@ -7,7 +7,7 @@ use fla_core::cuda::CudaTensor;
 use fla_core::{DType, Error, Result};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
-use crate::cuda::{parts, short_conv_split_cuda};
+use crate::cuda::{parts, short_conv_batch_cuda};
 use crate::Batch;
 
 /// The cache of one GPU linear-attention layer for a batch of sequences, on its device.
@@ -95,14 +95,14 @@ pub(crate) fn conv_recurrence(
         return Err(Error::size(op, format!("{n} sequences continue from a cache holding {held} states")));
     }
     let dev = proj.cuda_device().clone();
-    let conv_state = match cache.conv.take() {
-        Some(s) if s.shape()[0] == n => s,
-        _ => CudaTensor::zeros(&[n, conv.shape()[0], conv.shape()[1]], DType::F32, &dev)?,
+    // The conv cache is updated in place: a captured decode step keeps its address.
+    let conv_state = match &mut cache.conv {
+        Some(s) if s.shape()[0] == n && batch.past.iter().any(|&p| p > 0) => s,
+        slot => slot.insert(CudaTensor::zeros(&[n, conv.shape()[0], conv.shape()[1]], DType::F32, &dev)?),
     };
     let cu = batch.cu_seqlens();
     let kt = hk * dk;
-    let (qkv, conv_new) = short_conv_split_cuda(proj, start, conv, &conv_state, &cu, &[kt, kt, hv * dv])?;
-    cache.conv = Some(conv_new);
+    let qkv = short_conv_batch_cuda(proj, start, conv, conv_state, batch, &[kt, kt, hv * dv])?;
     let decode = batch.is_decode() && held == n;
     let (bsz, t) = if decode { (n, 1) } else { (1, tokens) };
     let [q, k, v]: [CudaTensor; 3] = parts(op, qkv)?;

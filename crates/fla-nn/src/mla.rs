@@ -557,12 +557,7 @@ impl MultiLatentAttentionCuda {
         let mut kc = cuda_blas::matmul(pool, &self.k_up, true)?;
         let mut vc = cuda_blas::matmul(pool, &self.v_up, true)?;
 
-        let table: Vec<i32> = seq_of.iter().chain(&pos).map(|&v| to_i32("position", v)).collect::<Result<_>>()?;
-        let table = dev.stream().clone_htod(&table)?;
-        let table_addr = {
-            use fla_core::cuda::cudarc::driver::DevicePtr;
-            table.device_ptr(dev.stream()).0
-        };
+        let tables = batch.tables_on(&dev)?;
         // SAFETY: attn_prep writes every element of q_scratch (a CTA per (token, head)) and the
         // attention kernels every element of o.
         let mut q_scratch = unsafe { CudaTensor::uninit(&[tokens, h, hd], x.dtype(), &dev)? };
@@ -573,8 +568,8 @@ impl MultiLatentAttentionCuda {
             kc: kc.raw_addr_mut(),
             vc: vc.raw_addr_mut(),
             o: o.raw_addr_mut(),
-            seq_of: table_addr,
-            pos: table_addr + 4 * tokens as u64,
+            seq_of: tables.seq_of_addr(),
+            pos: tables.pos_addr(),
             dtype: match x.dtype() {
                 DType::F32 => 0,
                 DType::BF16 => 1,
@@ -598,7 +593,7 @@ impl MultiLatentAttentionCuda {
         // is 0, which the kernels do not read; hd <= 512 (checked in to_cuda). All of them (the
         // table too) live past the launches in stream order.
         unsafe { crate::cuda::attention_launch(&dev, &params, batch) }?;
-        drop(table);
+        drop(tables);
         for (held, r) in cache.len.iter_mut().zip(&batch.seqs) {
             *held += r.len();
         }

@@ -158,13 +158,9 @@ fn short_conv_vs_cpu() {
             let state0 = random(&mut rng, lens.len() * c * w, 1.0);
             let mut state = ConvState { data: state0.clone() };
             let want = conv.forward(&x, &batch, &mut state);
-            let (y, st) = short_conv_cuda(
-                &up(&x, &[tokens, c], dtype, &dev),
-                &up(&weight, &[c, w], DType::F32, &dev),
-                &up(&state0, &[lens.len(), c, w], DType::F32, &dev),
-                &cu,
-            )
-            .unwrap();
+            let mut st = up(&state0, &[lens.len(), c, w], DType::F32, &dev);
+            let y = short_conv_cuda(&up(&x, &[tokens, c], dtype, &dev), &up(&weight, &[c, w], DType::F32, &dev), &mut st, &cu)
+                .unwrap();
             let e = rel_err(&down(&y), &want);
             assert!(e < tol(dtype), "{dtype} kernel {w} y: rel err {e:.2e}");
             // The cache holds inputs as given (rounded to the dtype): exact.
@@ -174,15 +170,9 @@ fn short_conv_vs_cpu() {
             let (start, cols) = (5, 5 + c + 9);
             let wide = up(&widen(&mut rng, &x, c, start, cols), &[tokens, cols], dtype, &dev);
             for parts in [vec![64, 64, 172], vec![100, 37, 163], vec![150, 150], vec![c]] {
-                let (ys, st) = short_conv_split_cuda(
-                    &wide,
-                    start,
-                    &up(&weight, &[c, w], DType::F32, &dev),
-                    &up(&state0, &[lens.len(), c, w], DType::F32, &dev),
-                    &cu,
-                    &parts,
-                )
-                .unwrap();
+                let mut st = up(&state0, &[lens.len(), c, w], DType::F32, &dev);
+                let ys = short_conv_split_cuda(&wide, start, &up(&weight, &[c, w], DType::F32, &dev), &mut st, &cu, &parts)
+                    .unwrap();
                 assert_eq!(ys.len(), parts.len());
                 let mut first = 0;
                 for (y, &width) in ys.iter().zip(&parts) {
@@ -199,7 +189,7 @@ fn short_conv_vs_cpu() {
     let too_wide = short_conv_cuda(
         &x,
         &up(&[0.0; 9 * 9], &[9, 9], DType::F32, &dev),
-        &up(&[0.0; 9 * 9], &[1, 9, 9], DType::F32, &dev),
+        &mut up(&[0.0; 9 * 9], &[1, 9, 9], DType::F32, &dev),
         &[0, 2],
     );
     assert!(matches!(too_wide, Err(Error::Unsupported { .. })), "a 9-tap kernel");
@@ -281,18 +271,19 @@ fn bad_arguments_are_typed_errors() {
         rms_norm_cuda(&x, &z(&[8], DType::F32), 1e-6, 0.0, Some((&gate, GateAct::Silu))),
         Err(Error::DType { arg: "z", .. })
     ));
-    let (wt, st) = (z(&[8, 4], DType::F32), z(&[2, 8, 4], DType::F32));
-    assert!(matches!(short_conv_cuda(&x, &wt, &st, &[0, 1, 3]), Err(Error::CuSeqlens { .. })));
+    let (wt, mut st) = (z(&[8, 4], DType::F32), z(&[2, 8, 4], DType::F32));
+    assert!(matches!(short_conv_cuda(&x, &wt, &mut st, &[0, 1, 3]), Err(Error::CuSeqlens { .. })));
     assert!(matches!(
-        short_conv_cuda(&x, &wt, &z(&[3, 8, 4], DType::F32), &[0, 1, 4]),
+        short_conv_cuda(&x, &wt, &mut z(&[3, 8, 4], DType::F32), &[0, 1, 4]),
         Err(Error::Shape { arg: "state", .. })
     ));
     assert!(matches!(
-        short_conv_cuda(&x, &z(&[8, 4], DType::BF16), &st, &[0, 1, 4]),
+        short_conv_cuda(&x, &z(&[8, 4], DType::BF16), &mut st, &[0, 1, 4]),
         Err(Error::DType { arg: "weight", .. })
     ));
     let wide = z(&[4, 20], DType::BF16);
-    let split = |start: usize, parts: &[usize]| short_conv_split_cuda(&wide, start, &wt, &st, &[0, 1, 4], parts);
+    let mut split =
+        |start: usize, parts: &[usize]| short_conv_split_cuda(&wide, start, &wt, &mut st, &[0, 1, 4], parts);
     assert!(matches!(split(13, &[8]), Err(Error::Argument { arg: "start", .. })), "columns 13..21 of 20");
     assert!(matches!(split(12, &[4, 3]), Err(Error::Argument { arg: "parts", .. })), "7 of 8 channels");
     assert!(matches!(split(0, &[2, 2, 2, 2]), Err(Error::Argument { arg: "parts", .. })), "four parts");

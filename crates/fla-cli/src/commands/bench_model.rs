@@ -133,14 +133,21 @@ fn prefill_row(prompt_tokens: usize, ms: f64, note: &str) -> Row {
 
 /// The decode row from per-token milliseconds: bytes read per token are the weights of every
 /// layer and the LM head plus the f32 states of the 18 linear layers.
-fn decode_row(model: &Model, prompt_tokens: usize, mut samples: Vec<f64>, ceiling: &Row, note: &str) -> Row {
+fn decode_row(
+    name: &str,
+    model: &Model,
+    prompt_tokens: usize,
+    mut samples: Vec<f64>,
+    ceiling: &Row,
+    note: &str,
+) -> Row {
     samples.sort_by(f64::total_cmp);
     let ms = samples[samples.len() / 2];
     let state_bytes = 18 * 16 * 128 * 128 * 4;
     let bytes = (model.weight_bytes_per_token() + state_bytes) as f64;
     let rate = bytes / ms / 1e6;
     Row {
-        name: "decode".into(),
+        name: name.into(),
         shape: format!("1 sequence after {prompt_tokens} tokens"),
         ms,
         rate,
@@ -162,7 +169,7 @@ pub fn rows_cuda(seconds: f64, prompt_tokens: usize, decode_tokens: usize) -> Re
     eprintln!("device: {} (cuda:0, {} SMs)", dev.name(), dev.sm_count());
     let hbm = super::bench_cuda::hbm_ceiling(&dev, seconds)?;
     let cpu_model = model()?;
-    let model = cpu_model.to_cuda(&dev, DType::BF16)?;
+    let mut model = cpu_model.to_cuda(&dev, DType::BF16)?;
     let prompt = prompt(prompt_tokens);
     let mut out = Vec::new();
     let mut cache = model.new_cache(1);
@@ -175,14 +182,21 @@ pub fn rows_cuda(seconds: f64, prompt_tokens: usize, decode_tokens: usize) -> Re
     let mut last = prefill()?;
     let ms = time_ms(seconds, || last = prefill().expect("valid model"));
     out.push(prefill_row(prompt_tokens, ms, "bf16 on the GPU"));
+    // Decode steps replayed as one CUDA graph each (the first two run launch by launch: the
+    // warm-up and the capture), then the same steps launch by launch.
     let mut next = argmax(&last);
-    let mut samples = Vec::new();
-    for _ in 0..decode_tokens.max(1) {
-        let t = Instant::now();
-        next = argmax(&model.last_logits(&[&[next]], &mut cache)?);
-        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    for (name, graphs) in [("decode", true), ("decode_eager", false)] {
+        model.set_decode_graphs(graphs);
+        let mut samples = Vec::new();
+        for _ in 0..decode_tokens.max(1) + 2 {
+            let t = Instant::now();
+            next = argmax(&model.last_logits(&[&[next]], &mut cache)?);
+            samples.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let note = if graphs { "a CUDA graph per step" } else { "launch by launch" };
+        let note = format!("bf16 on the GPU, {note}, logits to the host");
+        out.push(decode_row(name, &cpu_model, prompt_tokens, samples.split_off(2), &hbm, &note));
     }
-    out.push(decode_row(&cpu_model, prompt_tokens, samples, &hbm, "bf16 on the GPU, logits to the host"));
     out.push(hbm);
     Ok(out)
 }
@@ -211,7 +225,7 @@ pub fn rows(seconds: f64, prompt_tokens: usize, decode_tokens: usize) -> Result<
         next = argmax(&logits);
         samples.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    out.push(decode_row(&model, prompt_tokens, samples, &read, "CPU"));
+    out.push(decode_row("decode", &model, prompt_tokens, samples, &read, "CPU"));
     out.push(read);
     Ok(out)
 }

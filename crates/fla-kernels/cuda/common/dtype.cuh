@@ -45,6 +45,12 @@ __device__ __forceinline__ void fla_store(void* p, int dt, long long i, float x)
     }
 }
 
+// `x` rounded to dtype `dt` (to nearest even) and back: what storing and reloading it gives.
+__device__ __forceinline__ float fla_round(int dt, float x) {
+    if (dt == FLA_F32) return x;
+    return dt == FLA_BF16 ? fla_bf16_to_f32(fla_f32_to_bf16(x)) : fla_f16_to_f32(fla_f32_to_f16(x));
+}
+
 // Element `i` of `p`, of compile-time dtype `DT`, as f32 (branch-free, so loads batch up).
 template <int DT>
 __device__ __forceinline__ float fla_ld(const void* p, long long i) {
