@@ -3,7 +3,7 @@
 # Rust: `scripts/gpu-run.sh prepare` (here: build, copy into .device/, which git ignores), then
 # on the GPU machine, from the repository root, `scripts/gpu-run.sh run [OUTDIR]`: the CUDA
 # tests (recurrent step, chunk forward and backward, layers, GEMV, cuBLAS GEMM), `fla verify --device cuda` on the
-# kernel fixtures, a compute-sanitizer pass, `fla bench ops --device cuda`, one profiled decode launch.
+# kernel fixtures, a compute-sanitizer pass, `fla bench ops --device cuda`, profiled GEMV and decode launches.
 # `scripts/gpu-run.sh side [OUTDIR] [--seconds S] [--only a,b]` (on the GPU machine): our
 # `fla bench ops --device cuda` next to FLA 0.6.0 (Python, Triton) on the same shapes, through
 # scripts/fla_side_by_side.py; `prepare` downloads FLA's pure-Python wheels (and einops) into
@@ -73,6 +73,15 @@ run)
       && echo "tests: ok" || { echo "tests: FAILED"; grep -E "rel err|unavailable|failed" "$out/tests-$v.log" | head -n 5; }
     FLA_RECURRENT_VARIANT=$v .device/fla bench ops --device cuda --seconds 0.5 --only decode 2>&1 \
       | grep -E "^decode|error" | sed "s/^/$v /" | tee -a "$out/variants.txt" || true
+  done
+  # The GEMV kernel on the 4 MB out-projection and the 7 MB down projection (U = 16 path).
+  for s in out_proj down_proj; do
+    timeout 100 ncu --clock-control none -k regex:^gemv_ --launch-skip 5 --launch-count 1 --section SpeedOfLight \
+      --section Occupancy --section LaunchStats .device/fla bench ops --device cuda --seconds 0.01 --only "gemv_$s" \
+      > "$out/ncu-gemv-$s.txt" 2>&1 || echo "ncu failed or timed out"
+    echo "== ncu gemv $s"
+    grep -E "gemv_|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Grid Size" \
+      "$out/ncu-gemv-$s.txt" || tail -n 20 "$out/ncu-gemv-$s.txt"
   done
   for v in "" ${FLA_NCU_VARIANTS:-}; do
     FLA_RECURRENT_VARIANT=$v timeout 100 ncu --clock-control none -k regex:recurrent_step --launch-skip 5 \
