@@ -2,8 +2,8 @@
 # Builds the GPU tests and the `fla` binary here and runs them on a GPU machine that has no
 # Rust: `scripts/gpu-run.sh prepare` (here: build, copy into .device/, which git ignores), then
 # on the GPU machine, from the repository root, `scripts/gpu-run.sh run [OUTDIR]`: the CUDA
-# tests (recurrent step, chunk forward and backward, cuBLAS GEMM), `fla verify --device cuda` on the kernel fixtures, a
-# compute-sanitizer pass, `fla bench ops --device cuda`, one profiled decode launch.
+# tests (recurrent step, chunk forward and backward, layers, GEMV, cuBLAS GEMM), `fla verify --device cuda` on the
+# kernel fixtures, a compute-sanitizer pass, `fla bench ops --device cuda`, profiled GEMV and decode launches.
 # `scripts/gpu-run.sh side [OUTDIR] [--seconds S] [--only a,b]` (on the GPU machine): our
 # `fla bench ops --device cuda` next to FLA 0.6.0 (Python, Triton) on the same shapes, through
 # scripts/fla_side_by_side.py; `prepare` downloads FLA's pure-Python wheels (and einops) into
@@ -30,12 +30,13 @@ prepare)
   cp "$(bin -p fla-ops --test cuda_chunk)" .device/cuda-chunk-tests
   cp "$(bin -p fla-ops --test cuda_chunk_bwd)" .device/cuda-chunk-bwd-tests
   cp "$(bin -p fla-nn --test cuda_nn)" .device/cuda-nn-tests
+  cp "$(bin -p fla-nn --test cuda_matmul)" .device/cuda-matmul-tests
   cp "$(bin -p fla-models --test cuda_models)" .device/cuda-models-tests
   cp "$(bin -p fla-core --lib)" .device/fla-core-tests
   cp "$(bin -p fla-core --test cuda_gemm)" .device/cuda-gemm-tests
   cargo build --release -p fla-cli
   cp target/release/fla .device/fla
-  strip .device/cuda-tests .device/cuda-chunk-tests .device/cuda-chunk-bwd-tests .device/cuda-nn-tests .device/cuda-models-tests .device/fla-core-tests .device/cuda-gemm-tests .device/fla
+  strip .device/cuda-tests .device/cuda-chunk-tests .device/cuda-chunk-bwd-tests .device/cuda-nn-tests .device/cuda-matmul-tests .device/cuda-models-tests .device/fla-core-tests .device/cuda-gemm-tests .device/fla
   mkdir -p .device/fixtures && cp ../shared/fixtures/kernels/*.safetensors .device/fixtures/
   mkdir -p .device/models && cp -r ../shared/fixtures/models/*_tiny .device/models/
   # for `side`: FLA 0.6.0 and its one pure-Python dependency, installed there without network
@@ -55,12 +56,16 @@ run)
   .device/cuda-chunk-tests --nocapture --test-threads=1 2>&1 | tee "$out/chunk-tests.log"
   .device/cuda-chunk-bwd-tests --nocapture --test-threads=1 2>&1 | tee "$out/chunk-bwd-tests.log"
   .device/cuda-nn-tests --nocapture --test-threads=1 2>&1 | tee "$out/nn-tests.log"
+  .device/cuda-matmul-tests --nocapture --test-threads=1 2>&1 | tee "$out/matmul-tests.log"
   FLA_MODELS_DIR=.device/models .device/cuda-models-tests --nocapture --test-threads=1 2>&1 | tee "$out/models-tests.log"
   .device/cuda-gemm-tests --nocapture --test-threads=1 2>&1 | tee "$out/gemm-tests.log"
   .device/fla verify --device cuda .device/fixtures/*.safetensors 2>&1 | tee "$out/verify.log" | tail -n 1
   timeout 120 compute-sanitizer --tool memcheck --print-limit 10 .device/cuda-tests kda --test-threads=1 \
     > "$out/memcheck.log" 2>&1 && echo "memcheck: $(grep "ERROR SUMMARY" "$out/memcheck.log")" \
     || { echo "memcheck failed or timed out:"; tail -n 20 "$out/memcheck.log"; }
+  timeout 120 compute-sanitizer --tool memcheck --print-limit 10 .device/cuda-matmul-tests ragged --test-threads=1 \
+    > "$out/memcheck-gemv.log" 2>&1 && echo "memcheck gemv: $(grep "ERROR SUMMARY" "$out/memcheck-gemv.log")" \
+    || { echo "memcheck gemv failed or timed out:"; tail -n 20 "$out/memcheck-gemv.log"; }
   .device/fla bench ops --device cuda --seconds 1 2>&1 | tee "$out/bench.txt"
   for v in ${FLA_VARIANTS:-}; do
     echo "== variant $v"
@@ -68,6 +73,15 @@ run)
       && echo "tests: ok" || { echo "tests: FAILED"; grep -E "rel err|unavailable|failed" "$out/tests-$v.log" | head -n 5; }
     FLA_RECURRENT_VARIANT=$v .device/fla bench ops --device cuda --seconds 0.5 --only decode 2>&1 \
       | grep -E "^decode|error" | sed "s/^/$v /" | tee -a "$out/variants.txt" || true
+  done
+  # The GEMV kernel on the 4 MB out-projection and the 7 MB down projection (U = 16 path).
+  for s in out_proj down_proj; do
+    timeout 100 ncu --clock-control none -k regex:^gemv_ --launch-skip 5 --launch-count 1 --section SpeedOfLight \
+      --section Occupancy --section LaunchStats .device/fla bench ops --device cuda --seconds 0.01 --only "gemv_$s" \
+      > "$out/ncu-gemv-$s.txt" 2>&1 || echo "ncu failed or timed out"
+    echo "== ncu gemv $s"
+    grep -E "gemv_|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Grid Size" \
+      "$out/ncu-gemv-$s.txt" || tail -n 20 "$out/ncu-gemv-$s.txt"
   done
   for v in "" ${FLA_NCU_VARIANTS:-}; do
     FLA_RECURRENT_VARIANT=$v timeout 100 ncu --clock-control none -k regex:recurrent_step --launch-skip 5 \

@@ -16,12 +16,13 @@ use std::sync::Arc;
 
 use fla_core::cuda::cudarc::driver::CudaGraph;
 use fla_core::cuda::{CudaDevice, CudaTensor};
-use fla_core::{cuda_blas, DType, Error, Result, Tensor};
+use fla_core::{DType, Error, Result, Tensor};
 use fla_nn::attention::{GatedAttentionCuda, KvCacheCuda};
 use fla_nn::cuda::{add_rms_norm_cuda, gather_rows_cuda, gather_rows_indexed_cuda, rms_norm_cuda, RowIndices};
 use fla_nn::gated_deltanet::GatedDeltaNetCuda;
 use fla_nn::kda::KimiDeltaAttentionCuda;
 use fla_nn::linear_cuda::LinearCacheCuda;
+use fla_nn::matmul::matmul_t;
 use fla_nn::mla::{MlaCacheCuda, MultiLatentAttentionCuda};
 use fla_nn::mlp::MlpCuda;
 use fla_nn::moe::MoeCuda;
@@ -304,7 +305,7 @@ impl ModelCuda {
 
     /// Logits `[rows, vocab]` of final hidden states, on the device.
     pub fn logits(&self, hidden: &CudaTensor) -> Result<CudaTensor> {
-        cuda_blas::matmul(hidden, &self.lm_head, true)
+        matmul_t(hidden, &self.lm_head)
     }
 
     /// Logits of every token of each sequence (one pass, fresh cache), copied to the host as

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use fla_core::cpu::{gemm, MatMut, MatRef};
 use fla_core::cuda::{CudaDevice, CudaTensor};
-use fla_core::{cuda_blas, DType, Error, Result, Tensor};
+use fla_core::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
+use crate::matmul::matmul_t;
 use crate::ops::{rms_norm, sigmoid, softmax};
 use crate::rope::Rope;
 use crate::{Batch, Linear, VarBuilder};
@@ -289,9 +290,9 @@ impl GatedAttentionCuda {
             cache.v = Some(grow(cache.v.as_ref())?);
         }
         let cap = cache.k.as_ref().map_or(0, |k| k.shape()[1]);
-        let qg = cuda_blas::matmul(x, &self.q_proj, true)?;
-        let kn = cuda_blas::matmul(x, &self.k_proj, true)?;
-        let vn = cuda_blas::matmul(x, &self.v_proj, true)?;
+        let qg = matmul_t(x, &self.q_proj)?;
+        let kn = matmul_t(x, &self.k_proj)?;
+        let vn = matmul_t(x, &self.v_proj)?;
         let tables = batch.tables_on(&dev)?;
         // SAFETY: attn_prep writes every element of q (a CTA per (token, head)) and the
         // attention kernels every element of o.
@@ -346,7 +347,7 @@ impl GatedAttentionCuda {
         for (l, r) in cache.len.iter_mut().zip(&batch.seqs) {
             *l += r.len();
         }
-        cuda_blas::matmul(&o.reshape(&[tokens, h * hd])?, &self.o_proj, true)
+        matmul_t(&o.reshape(&[tokens, h * hd])?, &self.o_proj)
     }
 }
 

@@ -73,7 +73,12 @@ fn to_i32(op: &'static str, what: &str, x: usize) -> Result<i32> {
 /// # Safety
 /// `params` must be the kernel's parameter struct, with addresses covering what the kernel
 /// indexes for this `cfg`, alive until the work is done in stream order.
-unsafe fn launch<P: DeviceRepr>(dev: &Arc<CudaDevice>, f: &CudaFunction, cfg: LaunchConfig, params: &P) -> Result<()> {
+pub(crate) unsafe fn launch<P: DeviceRepr>(
+    dev: &Arc<CudaDevice>,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &P,
+) -> Result<()> {
     let mut l = dev.stream().launch_builder(f);
     l.arg(params);
     // SAFETY: the caller's contract.

@@ -13,12 +13,13 @@
 use std::sync::Arc;
 
 use fla_core::cuda::{CudaDevice, CudaTensor};
-use fla_core::{cuda_blas, DType, Result, Tensor};
+use fla_core::{DType, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs};
 
 use crate::conv::{ConvState, ShortConv};
 use crate::cuda::{parts, rms_norm_gate_cols_cuda, split_cols_cuda};
 use crate::linear_cuda::{check_input, conv_recurrence, layer_options, LinearCacheCuda, Recurrence};
+use crate::matmul::matmul_t;
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -312,7 +313,7 @@ impl GatedDeltaNetCuda {
         let tokens = batch.tokens();
         check_input(OP, x, tokens, c.hidden, &self.proj)?;
         // [tokens, conv_dim + value_total + 2·HV]: q|k|v, z, b, a.
-        let proj = cuda_blas::matmul(x, &self.proj, true)?;
+        let proj = matmul_t(x, &self.proj)?;
         let (hv, dv) = (c.value_heads, c.value_dim);
         let (cd, vt) = (c.conv_dim(), c.value_total());
         let [beta, g]: [CudaTensor; 2] = parts(OP, split_cols_cuda(&proj, cd + vt, &[hv, hv])?)?;
@@ -327,6 +328,6 @@ impl GatedDeltaNetCuda {
         };
         let o = conv_recurrence(OP, &proj, 0, &self.conv, r, batch, cache)?;
         let y = rms_norm_gate_cols_cuda(&o, &self.norm, c.eps, 0.0, &proj, cd, GateAct::Silu)?;
-        cuda_blas::matmul(&y.reshape(&[tokens, vt])?, &self.out_proj, true)
+        matmul_t(&y.reshape(&[tokens, vt])?, &self.out_proj)
     }
 }

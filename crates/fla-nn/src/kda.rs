@@ -15,12 +15,13 @@
 use std::sync::Arc;
 
 use fla_core::cuda::{CudaDevice, CudaTensor};
-use fla_core::{cuda_blas, DType, Error, Result, Tensor};
+use fla_core::{DType, Error, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
 use crate::conv::{ConvState, ShortConv};
 use crate::cuda::{parts, rms_norm_cuda, split_cols_cuda};
 use crate::linear_cuda::{check_input, conv_recurrence, LinearCacheCuda, Recurrence};
+use crate::matmul::matmul_t;
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -372,25 +373,24 @@ impl KimiDeltaAttentionCuda {
         let c = &self.cfg;
         let tokens = batch.tokens();
         check_input(OP, x, tokens, c.hidden, &self.proj)?;
-        let lin = |x: &CudaTensor, w: &CudaTensor| cuda_blas::matmul(x, w, true);
         let (h, d) = (c.heads, c.head_dim);
         let (rf, rg) = (self.f_b.shape()[1], self.g_b.shape()[1]);
         // [tokens, 3·H·dk + rf + H + rg]: q|k|v, f_a, b, g_a.
-        let proj = lin(x, &self.proj)?;
+        let proj = matmul_t(x, &self.proj)?;
         let [f_a, beta, g_a]: [CudaTensor; 3] = parts(OP, split_cols_cuda(&proj, 3 * h * d, &[rf, h, rg])?)?;
         let r = Recurrence {
             family: Family::Kda,
             heads: [h, h],
             dims: [d, d],
-            g: lin(&f_a, &self.f_b)?,
+            g: matmul_t(&f_a, &self.f_b)?,
             beta,
             a_log: &self.a_log,
             dt_bias: &self.dt_bias,
         };
         let o = conv_recurrence(OP, &proj, 0, &self.conv, r, batch, cache)?;
-        let gate = lin(&g_a, &self.g_b)?.reshape(&[tokens * h, d])?;
+        let gate = matmul_t(&g_a, &self.g_b)?.reshape(&[tokens * h, d])?;
         let y = rms_norm_cuda(&o, &self.o_norm, c.rms_norm_eps, 0.0, Some((&gate, GateAct::Sigmoid)))?;
-        lin(&y.reshape(&[tokens, h * d])?, &self.o_proj)
+        matmul_t(&y.reshape(&[tokens, h * d])?, &self.o_proj)
     }
 }
 

@@ -26,6 +26,7 @@ pub mod gated_deltanet;
 pub mod kda;
 mod linear;
 pub mod linear_cuda;
+pub mod matmul;
 pub mod mla;
 pub mod mlp;
 pub mod moe;

@@ -20,10 +20,11 @@ use std::sync::Arc;
 
 use fla_core::cpu::dot;
 use fla_core::cuda::{CudaDevice, CudaTensor};
-use fla_core::{cuda_blas, DType, Error, Result, Tensor};
+use fla_core::{DType, Error, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::cuda::{mla_append_cuda, rms_norm_cuda};
+use crate::matmul::matmul_t;
 use crate::ops::{rms_norm, softmax};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -537,10 +538,10 @@ impl MultiLatentAttentionCuda {
         to_i32("tokens·H·hd", tokens * h * hd)?;
 
         let q = match &self.q {
-            QProjCuda::Plain(w) => cuda_blas::matmul(x, w, true)?,
+            QProjCuda::Plain(w) => matmul_t(x, w)?,
             QProjCuda::Lora { a, norm, b } => {
-                let qa = rms_norm_cuda(&cuda_blas::matmul(x, a, true)?, norm, c.norm_eps, 0.0, None)?;
-                cuda_blas::matmul(&qa, b, true)?
+                let qa = rms_norm_cuda(&matmul_t(x, a)?, norm, c.norm_eps, 0.0, None)?;
+                matmul_t(&qa, b)?
             }
         };
         let (mut seq_of, mut pos) = (Vec::with_capacity(tokens), Vec::with_capacity(tokens));
@@ -550,12 +551,12 @@ impl MultiLatentAttentionCuda {
                 pos.push(batch.past[i] + j);
             }
         }
-        let kva = cuda_blas::matmul(x, &self.kv_a_proj, true)?;
+        let kva = matmul_t(x, &self.kv_a_proj)?;
         mla_append_cuda(&kva, &self.kv_a_norm, c.norm_eps, pool, &seq_of, &pos)?;
         // Keys and values of every row of the pool, `[N, cap, H·hd]` each: rows past a
         // sequence's tokens come out of zeros or stale latents and are never attended to.
-        let mut kc = cuda_blas::matmul(pool, &self.k_up, true)?;
-        let mut vc = cuda_blas::matmul(pool, &self.v_up, true)?;
+        let mut kc = matmul_t(pool, &self.k_up)?;
+        let mut vc = matmul_t(pool, &self.v_up)?;
 
         let tables = batch.tables_on(&dev)?;
         // SAFETY: attn_prep writes every element of q_scratch (a CTA per (token, head)) and the
@@ -597,7 +598,7 @@ impl MultiLatentAttentionCuda {
         for (held, r) in cache.len.iter_mut().zip(&batch.seqs) {
             *held += r.len();
         }
-        cuda_blas::matmul(&o.reshape(&[tokens, h * hd])?, &self.o_proj, true)
+        matmul_t(&o.reshape(&[tokens, h * hd])?, &self.o_proj)
     }
 
     /// Checks `cache` against `batch` (every continued sequence holds exactly its `past` tokens)

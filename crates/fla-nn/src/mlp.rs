@@ -2,9 +2,10 @@
 use std::sync::Arc;
 
 use fla_core::cuda::{CudaDevice, CudaTensor};
-use fla_core::{cuda_blas, DType, Result, Tensor};
+use fla_core::{DType, Result, Tensor};
 
 use crate::cuda::swiglu_cuda;
+use crate::matmul::matmul_t;
 use crate::ops::silu;
 use crate::{Linear, VarBuilder};
 
@@ -72,7 +73,7 @@ impl Mlp {
 impl MlpCuda {
     /// `x [tokens, hidden]` in the weights' dtype, on their device → `[tokens, hidden]`.
     pub fn forward(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        let gate_up = cuda_blas::matmul(x, &self.gate_up, true)?;
-        cuda_blas::matmul(&swiglu_cuda(&gate_up)?, &self.down_proj, true)
+        let gate_up = matmul_t(x, &self.gate_up)?;
+        matmul_t(&swiglu_cuda(&gate_up)?, &self.down_proj)
     }
 }

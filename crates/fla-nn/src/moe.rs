@@ -14,10 +14,11 @@ use std::cmp::Ordering;
 use std::sync::Arc;
 
 use fla_core::cuda::{CudaDevice, CudaTensor};
-use fla_core::{cuda_blas, DType, Error, Result};
+use fla_core::{DType, Error, Result};
 use rayon::prelude::*;
 
 use crate::cuda::{gather_rows_cuda, scatter_add_rows_cuda};
+use crate::matmul::matmul_t;
 use crate::mlp::{Mlp, MlpCuda};
 use crate::ops::{sigmoid, softmax};
 use crate::{Linear, VarBuilder};
@@ -455,7 +456,7 @@ impl KimiMoe {
 impl MoeCuda {
     /// `x [tokens, hidden]` in the weights' dtype, on their device → `[tokens, hidden]`.
     pub fn forward(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        let logits: Vec<f32> = cuda_blas::matmul(x, &self.gate, true)?.to_host()?.to_vec()?;
+        let logits: Vec<f32> = matmul_t(x, &self.gate)?.to_host()?.to_vec()?;
         let routing = self.router.route(logits);
         let mut out = CudaTensor::zeros(x.shape(), x.dtype(), x.cuda_device())?;
         for (e, list) in routing.per_expert(self.experts.len()).iter().enumerate().filter(|(_, l)| !l.is_empty()) {
@@ -464,7 +465,7 @@ impl MoeCuda {
             scatter_add_rows_cuda(&mut out, &y, Some(&tokens), Some(&weights), None)?;
         }
         if let Some(mlp) = &self.shared {
-            let gate = self.shared_gate.as_ref().map(|w| cuda_blas::matmul(x, w, true)).transpose()?;
+            let gate = self.shared_gate.as_ref().map(|w| matmul_t(x, w)).transpose()?;
             scatter_add_rows_cuda(&mut out, &mlp.forward(x)?, None, None, gate.as_ref())?;
         }
         Ok(out)

@@ -1,6 +1,7 @@
-//! `fla bench ops --device cuda`: the GPU decode step and the chunk forward (Gated DeltaNet at
-//! several shapes, DeltaNet) next to the HBM ceiling measured in the same run (a device-to-device
-//! copy, bytes read + written). FLA's times on the same shapes come from
+//! `fla bench ops --device cuda`: the GPU decode step, the chunk forward (Gated DeltaNet at
+//! several shapes, DeltaNet) and the one-row products of a decode step (`gemv`: our kernel and
+//! cuBLAS on the same weights) next to the HBM ceiling measured in the same run (a
+//! device-to-device copy, bytes read + written). FLA's times on the same shapes come from
 //! `scripts/fla_side_by_side.py`, run on the same card.
 //!
 //! Timing: CUDA events around a batch of back-to-back calls (so a launch-bound step shows its
@@ -11,7 +12,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use fla_core::cuda::{self, CudaDevice, CudaTensor};
-use fla_core::{DType, Tensor};
+use fla_core::{cuda_blas, DType, Tensor};
+use fla_nn::matmul;
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
 use super::bench::Row;
@@ -269,6 +271,59 @@ fn chunk_row(case: &ChunkCase, ms: f64, fraction: Option<f64>, note: String) -> 
     }
 }
 
+/// The weights `[N, K]` of the `gemv` rows: a Qwen3.5-0.8B-shaped decoder's projections
+/// (`--only gemv` runs them all, `--only gemv_<name>` one).
+const GEMV_CASES: &[(&str, [usize; 2])] = &[
+    ("out_proj", [1024, 2048]),
+    ("down_proj", [1024, 3584]),
+    ("gate_up_proj", [7168, 1024]),
+    ("in_proj", [8224, 1024]),
+    ("lm_head", [248320, 1024]),
+];
+
+/// One `gemv` row: `x [1, K] · Wᵀ` in bf16 through the GEMV kernel, and through cuBLAS on the
+/// same weights in the note. Weight copies rotate so that their bytes exceed the L2 cache
+/// several times (as a decode step's layers do): every call streams its weight from HBM. The
+/// rate is the weight's bytes per second.
+fn gemv_row(dev: &Arc<CudaDevice>, seconds: f64, (label, [n, k]): (&str, [usize; 2]), hbm: f64) -> Result<Row> {
+    let x = CudaTensor::from_host(&random(&[1, k], 31, -1.0, 1.0).to_dtype(DType::BF16)?, dev)?;
+    let w0 = CudaTensor::from_host(&random(&[n, k], 32, -0.05, 0.05).to_dtype(DType::BF16)?, dev)?;
+    let bytes = n * k * 2;
+    let copies = ROTATE_BYTES.div_ceil(bytes).clamp(2, 256);
+    let mut ws = vec![w0];
+    while ws.len() < copies {
+        let mut w = CudaTensor::zeros(&[n, k], DType::BF16, dev)?;
+        w.copy_from(&ws[0])?;
+        ws.push(w);
+    }
+    let (ms, host_ms) = time_gpu_ms(dev, seconds, |i| {
+        matmul::gemv(&x, &ws[i % copies])?;
+        Ok(())
+    })?;
+    let (blas_ms, blas_host_ms) = time_gpu_ms(dev, seconds, |i| {
+        cuda_blas::matmul(&x, &ws[i % copies], true)?;
+        Ok(())
+    })?;
+    let rate = bytes as f64 / ms / 1e6;
+    Ok(Row {
+        name: "gemv".into(),
+        shape: format!("M=1 W [{n}, {k}] bf16 ({label})"),
+        ms,
+        rate,
+        unit: "GB/s",
+        fraction: Some(rate / hbm),
+        note: format!(
+            "{:.1} µs/call (host {:.1} µs); cuBLAS {:.1} µs/call = {:.0} GB/s (host {:.1} µs): {:.2}x",
+            ms * 1e3,
+            host_ms * 1e3,
+            blas_ms * 1e3,
+            bytes as f64 / blas_ms / 1e6,
+            blas_host_ms * 1e3,
+            blas_ms / ms
+        ),
+    })
+}
+
 /// The CUDA rows of `fla bench ops --device cuda`.
 pub(crate) fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
     if !cuda::is_available() {
@@ -303,6 +358,11 @@ pub(crate) fn rows(seconds: f64, only: Option<&str>) -> Result<Vec<Row>> {
     for case in FWD_BWD_CASES {
         if want(case.name) {
             out.push(chunk_fwd_bwd_row(&dev, seconds, case).with_context(|| format!("{} row", case.name))?);
+        }
+    }
+    for &case in GEMV_CASES {
+        if want("gemv") || want(&format!("gemv_{}", case.0)) {
+            out.push(gemv_row(&dev, seconds, case, hbm.rate).with_context(|| format!("gemv {} row", case.0))?);
         }
     }
     out.push(hbm);

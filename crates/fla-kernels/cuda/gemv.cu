@@ -1,0 +1,182 @@
+// y = x·Wᵀ for a few rows of x (decode): x [M, K], W [N, K] row-major (a Linear weight), y [M, N],
+// all three in one dtype (f32, bf16 or f16), f32 accumulation, 1 <= M <= 8. Launched from
+// fla-nn/src/matmul.rs (`matmul_t`), which sends anything else to cuBLAS.
+//
+// The product is bound by streaming W once from HBM, so everything is shaped for bandwidth:
+//
+// - A warp owns a tile of 8 rows of W and a slice of K. Lane (g = lane / 4, t = lane % 4) reads
+//   row g of the tile in 16-byte vectors: at each step the four lanes of a row read 64 contiguous
+//   bytes (two full sectors), and U = 8 (or 16) steps are issued before any is used, so a thread
+//   has eight (sixteen) 16-byte loads of W in flight. W loads bypass L1
+//   (`ld.global.nc.L1::no_allocate`), ask L2 to fetch the whole 256-byte block (the next steps
+//   of the row hit it) and are marked evict-first (the weights do not fit L2 anyway; the
+//   activations should stay).
+// - x is tiny and read through L1 with the same 16-byte vectors (lane (g, t) reads row g of x at
+//   the same K position as its W vector).
+// - bf16 / f16: the products run on tensor cores. With A = x (rows m = g, the upper 8 rows zero)
+//   and B = Wᵀ (column n = g), one m16n8k16 `mma` per 8-byte half of the lane's vectors: the A and
+//   B fragments of lane (g, t) both cover the logical k slots {2t, 2t+1, 2t+8, 2t+9}, and a dot
+//   product does not care which physical k a slot stands for, as long as A and B agree. So the
+//   16-byte vectors feed the mma as loaded: no conversion, no shuffle, two `mma` per vector, and
+//   any M up to 8 costs the same. The accumulator holds y[m = g][n = 2t, 2t + 1] of the tile.
+// - f32: FMAs with one f32 accumulator per row of x (TF32 would not hold f32 accuracy), reduced
+//   over the four lanes of a row by shuffles.
+// - A CTA is GEMV_WARPS = 8 warps = 8 / S tiles, each split over S warps along K (S = 1, 2, 4, 8,
+//   chosen by the launcher so that even N = 1024 gives every SM a CTA); the S partial tiles are
+//   summed in shared memory and written once.
+// - K must be a multiple of one vector (8 bf16 / f16, 4 f32) and x, W 16-byte aligned; the
+//   launcher checks. Ragged ends (K not a multiple of 32 vectors, N not a multiple of 8, a split
+//   shorter than the unroll) are predicated loads of zeros. Row offsets are 64-bit.
+#include "common/dtype.cuh"
+#include "common/mma.cuh"
+
+#define GEMV_WARPS 8
+#define GEMV_MAX_M 8
+
+// Keep in sync with `GemvParams` in fla-nn/src/matmul.rs (repr(C)).
+struct GemvParams {
+    const void* x; // [m, k]
+    const void* w; // [n, k]
+    void* y;       // [m, n]
+    int n, k, m;   // k a multiple of the vector (16 bytes), 1 <= m <= GEMV_MAX_M
+    int splits;    // warps per tile along K: 1, 2, 4 or 8
+};
+
+// An L2 cache policy that evicts first what it marks (the streamed weights).
+__device__ __forceinline__ unsigned long long gemv_evict_first() {
+    unsigned long long policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
+
+// 16 bytes of W: streamed once, so not kept in L1, the 256-byte block prefetched into L2, and
+// marked by `policy` (evict first).
+__device__ __forceinline__ uint4 gemv_ld_w(const uint4* p, unsigned long long policy) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p), "l"(policy));
+    return v;
+}
+
+// 16 bytes of x (read by every tile: kept in L1).
+__device__ __forceinline__ uint4 gemv_ld_x(const uint4* p) { return __ldg(p); }
+
+// c += a b (m16n8k16) in the 16-bit dtype DT.
+template <int DT>
+__device__ __forceinline__ void gemv_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    if constexpr (DT == FLA_BF16) fla_mma<FlaBf16>(c, a, b0, b1);
+    else fla_mma<FlaF16>(c, a, b0, b1);
+}
+
+// DT: the dtype; U: steps whose loads are issued together.
+template <int DT, int U>
+__device__ __forceinline__ void gemv(const GemvParams& p) {
+    __shared__ float red[GEMV_WARPS][64]; // partial tile of each warp: [m][n], 8 x 8
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int S = p.splits, tiles_per_cta = GEMV_WARPS / S;
+    const int split = warp % S;
+    const long long tile = (long long)blockIdx.x * tiles_per_cta + warp / S;
+    const long long row = tile * 8 + g;
+    const bool row_ok = row < p.n;
+    // K in 16-byte vectors, in steps of 4 vectors (the four lanes of a row), split in S slices.
+    constexpr int VEC = DT == FLA_F32 ? 4 : 8;
+    const int kv = p.k / VEC;
+    const int steps = (kv + 3) >> 2;
+    const int per = (steps + S - 1) / S;
+    const int s0 = split * per, s1 = min(steps, s0 + per);
+    const uint4* w = static_cast<const uint4*>(p.w) + (row_ok ? row : 0) * (long long)kv;
+    const uint4* x = static_cast<const uint4*>(p.x);
+    const unsigned long long policy = gemv_evict_first();
+
+    // This warp's partial tile, P[m][n] over its slice of K.
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}; // 16-bit: y[g][2t], y[g][2t + 1] (c[2], c[3] unused)
+    float acc[GEMV_MAX_M];                 // f32: y[m][g], this lane's part
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; ++m) acc[m] = 0.0f;
+
+    for (int st0 = s0; st0 < s1; st0 += U) {
+        uint4 wv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int v = (st0 + u) * 4 + t;
+            wv[u] = make_uint4(0, 0, 0, 0);
+            if (row_ok && st0 + u < s1 && v < kv) wv[u] = gemv_ld_w(w + v, policy);
+        }
+        if constexpr (DT == FLA_F32) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int v = (st0 + u) * 4 + t;
+                if (st0 + u < s1 && v < kv) {
+                    const float w0 = __uint_as_float(wv[u].x), w1 = __uint_as_float(wv[u].y),
+                                w2 = __uint_as_float(wv[u].z), w3 = __uint_as_float(wv[u].w);
+#pragma unroll
+                    for (int m = 0; m < GEMV_MAX_M; ++m) {
+                        if (m < p.m) {
+                            const uint4 xv = gemv_ld_x(x + (long long)m * kv + v);
+                            acc[m] = fmaf(__uint_as_float(xv.x), w0, acc[m]);
+                            acc[m] = fmaf(__uint_as_float(xv.y), w1, acc[m]);
+                            acc[m] = fmaf(__uint_as_float(xv.z), w2, acc[m]);
+                            acc[m] = fmaf(__uint_as_float(xv.w), w3, acc[m]);
+                        }
+                    }
+                }
+            }
+        } else {
+            uint4 xv[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int v = (st0 + u) * 4 + t;
+                xv[u] = make_uint4(0, 0, 0, 0);
+                if (g < p.m && st0 + u < s1 && v < kv) xv[u] = gemv_ld_x(x + (long long)g * kv + v);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const unsigned a0[4] = {xv[u].x, 0u, xv[u].y, 0u};
+                gemv_mma<DT>(c, a0, wv[u].x, wv[u].y);
+                const unsigned a1[4] = {xv[u].z, 0u, xv[u].w, 0u};
+                gemv_mma<DT>(c, a1, wv[u].z, wv[u].w);
+            }
+        }
+    }
+
+    if constexpr (DT == FLA_F32) {
+        // Sum the four lanes of each row; lane t then writes y[m][g] for m = t and t + 4.
+#pragma unroll
+        for (int m = 0; m < GEMV_MAX_M; ++m) {
+            acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], 1);
+            acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], 2);
+        }
+        red[warp][t * 8 + g] = t == 0 ? acc[0] : t == 1 ? acc[1] : t == 2 ? acc[2] : acc[3];
+        red[warp][(t + 4) * 8 + g] = t == 0 ? acc[4] : t == 1 ? acc[5] : t == 2 ? acc[6] : acc[7];
+    } else {
+        red[warp][g * 8 + 2 * t] = c[0];
+        red[warp][g * 8 + 2 * t + 1] = c[1];
+    }
+    __syncthreads();
+
+    // The S partial tiles of each tile summed, y[m][n] written for m < M, n < N.
+    for (int e = threadIdx.x; e < tiles_per_cta * 64; e += 32 * GEMV_WARPS) {
+        const int j = e >> 6, mn = e & 63, m = mn >> 3;
+        const long long n = ((long long)blockIdx.x * tiles_per_cta + j) * 8 + (mn & 7);
+        if (m < p.m && n < p.n) {
+            float s = 0.0f;
+            for (int i = 0; i < S; ++i) s += red[j * S + i][mn];
+            fla_st<DT>(p.y, (long long)m * p.n + n, s);
+        }
+    }
+}
+
+// Entries `gemv_<dtype>_u<U>`. U = 8 for most shapes (at most 85 registers: three CTAs an SM;
+// f32, two). U = 16, bf16 / f16 only, for grids of at most one CTA per SM whose warps have more
+// than 8 steps (N = 1024, K = 3584): one CTA an SM, sixteen loads of W in flight per thread.
+#define GEMV_ENTRY(NAME, DT, U, MIN_CTAS)                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, MIN_CTAS)                     \
+        gemv_##NAME##_u##U(const GemvParams p) {                                                \
+        gemv<DT, U>(p);                                                                         \
+    }
+GEMV_ENTRY(f32, FLA_F32, 8, 2)
+GEMV_ENTRY(bf16, FLA_BF16, 8, 3)
+GEMV_ENTRY(f16, FLA_F16, 8, 3)
+GEMV_ENTRY(bf16, FLA_BF16, 16, 1)
+GEMV_ENTRY(f16, FLA_F16, 16, 1)
