@@ -28,18 +28,31 @@
 //   launcher checks. Ragged ends (K not a multiple of 32 vectors, N not a multiple of 8, a split
 //   shorter than the unroll) are predicated loads of zeros. Row offsets are 64-bit.
 #include "common/dtype.cuh"
+#include "common/math.cuh"
 #include "common/mma.cuh"
 
 #define GEMV_WARPS 8
 #define GEMV_MAX_M 8
 
+// Most norm groups per row of x of the norm prologue.
+#define GEMV_MAX_GROUPS 64
+
 // Keep in sync with `GemvParams` in fla-nn/src/matmul.rs (repr(C)).
 struct GemvParams {
-    const void* x; // [m, k]
+    const void* x; // [m, k] (the swiglu prologue: [m, 2k], gate | up)
     const void* w; // [n, k]
     void* y;       // [m, n]
+    // The norm prologue (mode 2): x (+ res, rounded to the dtype) normalised over groups of
+    // `group` columns, times (offset + nw[col % group]), times act(z) when gated, rounded.
+    const void* res;  // [m, k] or null
+    void* x_out;      // [m, k]: x + res, written by CTA 0 (with res)
+    const float* nw;  // [group]
+    const void* z;    // gate: row r at r * ld_z (dtype of x), or null
     int n, k, m;   // k a multiple of the vector (16 bytes), 1 <= m <= GEMV_MAX_M
     int splits;    // warps per tile along K: 1, 2, 4 or 8
+    int mode;      // the entry's prologue (0: x as is; 1: silu(gate) * up; 2: the norm), unused
+    int group, ld_z, gate;  // gate: 1 silu(z), 2 sigmoid(z)
+    float eps, offset;
 };
 
 // An L2 cache policy that evicts first what it marks (the streamed weights).
@@ -69,10 +82,82 @@ __device__ __forceinline__ void gemv_mma(float (&c)[4], const unsigned (&a)[4], 
     else fla_mma<FlaF16>(c, a, b0, b1);
 }
 
+// The 16-byte vector `v` of row m of x as the product sees it (after the prologue).
+template <int DT, int MODE>
+__device__ __forceinline__ uint4 gemv_x(const GemvParams& p, const float* rs, int m, int v) {
+    constexpr int VEC = DT == FLA_F32 ? 4 : 8;
+    const int kv = p.k / VEC;
+    if constexpr (MODE == 0) return gemv_ld_x(static_cast<const uint4*>(p.x) + (long long)m * kv + v);
+    float e[VEC];
+    const int k0 = v * VEC;
+    if constexpr (MODE == 1) {
+        const long long b = (long long)m * 2 * p.k;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            const float a = fla_ld<DT>(p.x, b + k0 + j), u = fla_ld<DT>(p.x, b + p.k + k0 + j);
+            e[j] = a * fla_sigmoidf(a) * u;
+        }
+    } else {
+        const long long b = (long long)m * p.k;
+        const float r = rs[m * GEMV_MAX_GROUPS + k0 / p.group];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            float s = fla_ld<DT>(p.x, b + k0 + j);
+            if (p.res) s = fla_round(DT, s + fla_ld<DT>(p.res, b + k0 + j));
+            e[j] = s * r * (p.offset + p.nw[(k0 + j) % p.group]);
+            if (p.gate) {
+                const float z = fla_ld<DT>(p.z, (long long)m * p.ld_z + k0 + j);
+                e[j] *= p.gate == 1 ? z * fla_sigmoidf(z) : fla_sigmoidf(z);
+            }
+        }
+    }
+    uint4 out;
+    unsigned* o = reinterpret_cast<unsigned*>(&out);
+    if constexpr (DT == FLA_F32) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[j] = __float_as_uint(e[j]);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const unsigned lo = DT == FLA_BF16 ? fla_f32_to_bf16(e[2 * j]) : fla_f32_to_f16(e[2 * j]);
+            const unsigned hi = DT == FLA_BF16 ? fla_f32_to_bf16(e[2 * j + 1]) : fla_f32_to_f16(e[2 * j + 1]);
+            o[j] = lo | (hi << 16);
+        }
+    }
+    return out;
+}
+
+// The norm prologue's first pass: rs[m][g] = rsqrt(mean over group g of row m of (x + res)^2 +
+// eps), a warp per (row, group); CTA 0 also writes x + res to x_out. Ends with a barrier.
+template <int DT>
+__device__ __forceinline__ void gemv_norm_scales(const GemvParams& p, float* rs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int groups = p.k / p.group;
+    for (int q = warp; q < p.m * groups; q += GEMV_WARPS) {
+        const long long b = (long long)(q / groups) * p.k + (long long)(q % groups) * p.group;
+        float ss = 0.0f;
+#pragma unroll 8
+        for (int c = lane; c < p.group; c += 32) {
+            float s = fla_ld<DT>(p.x, b + c);
+            if (p.res) {
+                s = fla_round(DT, s + fla_ld<DT>(p.res, b + c));
+                if (blockIdx.x == 0) fla_st<DT>(p.x_out, b + c, s);
+            }
+            ss += s * s;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) rs[(q / groups) * GEMV_MAX_GROUPS + q % groups] = rsqrtf(ss / p.group + p.eps);
+    }
+    __syncthreads();
+}
+
 // DT: the dtype; U: steps whose loads are issued together.
-template <int DT, int U>
+template <int DT, int U, int MODE>
 __device__ __forceinline__ void gemv(const GemvParams& p) {
     __shared__ float red[GEMV_WARPS][64]; // partial tile of each warp: [m][n], 8 x 8
+    __shared__ float rs[GEMV_MAX_M * GEMV_MAX_GROUPS]; // the norm prologue's scales
+    if constexpr (MODE == 2) gemv_norm_scales<DT>(p, rs);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int S = p.splits, tiles_per_cta = GEMV_WARPS / S;
     const int split = warp % S;
@@ -86,7 +171,6 @@ __device__ __forceinline__ void gemv(const GemvParams& p) {
     const int per = (steps + S - 1) / S;
     const int s0 = split * per, s1 = min(steps, s0 + per);
     const uint4* w = static_cast<const uint4*>(p.w) + (row_ok ? row : 0) * (long long)kv;
-    const uint4* x = static_cast<const uint4*>(p.x);
     const unsigned long long policy = gemv_evict_first();
 
     // This warp's partial tile, P[m][n] over its slice of K.
@@ -113,7 +197,7 @@ __device__ __forceinline__ void gemv(const GemvParams& p) {
 #pragma unroll
                     for (int m = 0; m < GEMV_MAX_M; ++m) {
                         if (m < p.m) {
-                            const uint4 xv = gemv_ld_x(x + (long long)m * kv + v);
+                            const uint4 xv = gemv_x<DT, MODE>(p, rs, m, v);
                             acc[m] = fmaf(__uint_as_float(xv.x), w0, acc[m]);
                             acc[m] = fmaf(__uint_as_float(xv.y), w1, acc[m]);
                             acc[m] = fmaf(__uint_as_float(xv.z), w2, acc[m]);
@@ -128,7 +212,7 @@ __device__ __forceinline__ void gemv(const GemvParams& p) {
             for (int u = 0; u < U; ++u) {
                 const int v = (st0 + u) * 4 + t;
                 xv[u] = make_uint4(0, 0, 0, 0);
-                if (g < p.m && st0 + u < s1 && v < kv) xv[u] = gemv_ld_x(x + (long long)g * kv + v);
+                if (g < p.m && st0 + u < s1 && v < kv) xv[u] = gemv_x<DT, MODE>(p, rs, g, v);
             }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
@@ -167,16 +251,24 @@ __device__ __forceinline__ void gemv(const GemvParams& p) {
     }
 }
 
-// Entries `gemv_<dtype>_u<U>`. U = 8 for most shapes (at most 85 registers: three CTAs an SM;
-// f32, two). U = 16, bf16 / f16 only, for grids of at most one CTA per SM whose warps have more
-// than 8 steps (N = 1024, K = 3584): one CTA an SM, sixteen loads of W in flight per thread.
-#define GEMV_ENTRY(NAME, DT, U, MIN_CTAS)                                                     \
+// Entries `gemv_<dtype>_u<U>` (x as is), `gemv_<dtype>_glu` (the SwiGLU prologue) and
+// `gemv_<dtype>_norm` (the norm prologue). U = 8 for most shapes (at most 85 registers: three CTAs
+// an SM; f32, two). U = 16, bf16 / f16 only, for grids of at most one CTA per SM whose warps have
+// more than 8 steps (N = 1024, K = 3584): one CTA an SM, sixteen loads of W in flight per thread.
+// The prologues compute x in the loop, so their entries take U = 8 at two CTAs an SM.
+#define GEMV_ENTRY(NAME, DT, U, MODE, MIN_CTAS)                                               \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, MIN_CTAS)                     \
-        gemv_##NAME##_u##U(const GemvParams p) {                                                \
-        gemv<DT, U>(p);                                                                         \
+        gemv_##NAME(const GemvParams p) {                                                       \
+        gemv<DT, U, MODE>(p);                                                                   \
     }
-GEMV_ENTRY(f32, FLA_F32, 8, 2)
-GEMV_ENTRY(bf16, FLA_BF16, 8, 3)
-GEMV_ENTRY(f16, FLA_F16, 8, 3)
-GEMV_ENTRY(bf16, FLA_BF16, 16, 1)
-GEMV_ENTRY(f16, FLA_F16, 16, 1)
+GEMV_ENTRY(f32_u8, FLA_F32, 8, 0, 2)
+GEMV_ENTRY(bf16_u8, FLA_BF16, 8, 0, 3)
+GEMV_ENTRY(f16_u8, FLA_F16, 8, 0, 3)
+GEMV_ENTRY(bf16_u16, FLA_BF16, 16, 0, 1)
+GEMV_ENTRY(f16_u16, FLA_F16, 16, 0, 1)
+GEMV_ENTRY(f32_glu, FLA_F32, 8, 1, 2)
+GEMV_ENTRY(bf16_glu, FLA_BF16, 8, 1, 2)
+GEMV_ENTRY(f16_glu, FLA_F16, 8, 1, 2)
+GEMV_ENTRY(f32_norm, FLA_F32, 8, 2, 2)
+GEMV_ENTRY(bf16_norm, FLA_BF16, 8, 2, 2)
+GEMV_ENTRY(f16_norm, FLA_F16, 8, 2, 2)

@@ -206,27 +206,49 @@ impl ModelCuda {
             None => rms_norm_cuda(x, w, m.eps, m.norm_offset, None),
         };
         for layer in &self.layers {
-            let h = norm(&mut x, pending.take(), &layer.input_norm)?;
-            let y = match &layer.mixer {
-                MixerCuda::Gdn(g) => {
+            let y = match (&layer.mixer, pending.take()) {
+                // The residual add and the input norm fused into the layer's input product.
+                (MixerCuda::Gdn(g), Some(f)) => {
                     li += 1;
-                    g.forward(&h, batch, &mut cache.linear[li - 1])?
+                    let (y, sum) =
+                        g.forward_prenorm(x, &f, &layer.input_norm, m.eps, m.norm_offset, batch, &mut cache.linear[li - 1])?;
+                    x = sum;
+                    y
                 }
-                MixerCuda::Kda(k) => {
-                    li += 1;
-                    k.forward(&h, batch, &mut cache.linear[li - 1])?
-                }
-                MixerCuda::Attention(a) => {
-                    ai += 1;
-                    a.forward(&h, batch, &mut cache.attn[ai - 1])?
-                }
-                MixerCuda::Mla(a) => {
-                    mi += 1;
-                    a.forward(&h, batch, &mut cache.mla[mi - 1])?
+                (mixer, pending) => {
+                    let h = norm(&mut x, pending, &layer.input_norm)?;
+                    match mixer {
+                        MixerCuda::Gdn(g) => {
+                            li += 1;
+                            g.forward(&h, batch, &mut cache.linear[li - 1])?
+                        }
+                        MixerCuda::Kda(k) => {
+                            li += 1;
+                            k.forward(&h, batch, &mut cache.linear[li - 1])?
+                        }
+                        MixerCuda::Attention(a) => {
+                            ai += 1;
+                            a.forward(&h, batch, &mut cache.attn[ai - 1])?
+                        }
+                        MixerCuda::Mla(a) => {
+                            mi += 1;
+                            a.forward(&h, batch, &mut cache.mla[mi - 1])?
+                        }
+                    }
                 }
             };
-            let h = norm(&mut x, Some(y), &layer.post_norm)?;
-            pending = Some(layer.ffn.forward(&h)?);
+            pending = Some(match &layer.ffn {
+                // The residual add and the post-attention norm fused into the gate | up product.
+                FfnCuda::Dense(mlp) => {
+                    let (f, sum) = mlp.forward_prenorm(x, &y, &layer.post_norm, m.eps, m.norm_offset)?;
+                    x = sum;
+                    f
+                }
+                ffn => {
+                    let h = norm(&mut x, Some(y), &layer.post_norm)?;
+                    ffn.forward(&h)?
+                }
+            });
         }
         cache.past.iter_mut().zip(&batch.seqs).for_each(|(p, r)| *p += r.len());
         norm(&mut x, pending, &self.norm)

@@ -17,9 +17,9 @@ use fla_core::{DType, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs};
 
 use crate::conv::{ConvState, ShortConv};
-use crate::cuda::{parts, rms_norm_gate_cols_cuda, split_cols_cuda};
+use crate::cuda::{parts, split_cols_cuda};
 use crate::linear_cuda::{check_input, conv_recurrence, layer_options, LinearCacheCuda, Recurrence};
-use crate::matmul::matmul_t;
+use crate::matmul::{matmul_t, matmul_t_fused, NormPrologue, Prologue};
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -303,17 +303,42 @@ impl GatedDeltaNet {
     }
 }
 
+const OP: &str = "GatedDeltaNetCuda::forward";
+
 impl GatedDeltaNetCuda {
     /// `x [tokens, hidden]` (the dtype of the projection weights, on their device) →
     /// `[tokens, hidden]`, continuing each sequence from `cache`: prefill through the chunk form,
     /// a decode batch (one new token per cached sequence) through the recurrent step.
     pub fn forward(&self, x: &CudaTensor, batch: &Batch, cache: &mut LinearCacheCuda) -> Result<CudaTensor> {
-        const OP: &str = "GatedDeltaNetCuda::forward";
+        check_input(OP, x, batch.tokens(), self.cfg.hidden, &self.proj)?;
+        self.forward_proj(matmul_t(x, &self.proj)?, batch, cache)
+    }
+
+    /// [`GatedDeltaNetCuda::forward`] of `rms_norm(x + res)` (weight `norm [hidden]` f32 plus
+    /// `offset`), the residual add and the norm fused into the input product: returns the
+    /// output and `x + res` (the residual stream after the add).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_prenorm(
+        &self,
+        x: CudaTensor,
+        res: &CudaTensor,
+        norm: &CudaTensor,
+        eps: f32,
+        offset: f32,
+        batch: &Batch,
+        cache: &mut LinearCacheCuda,
+    ) -> Result<(CudaTensor, CudaTensor)> {
         let c = &self.cfg;
-        let tokens = batch.tokens();
-        check_input(OP, x, tokens, c.hidden, &self.proj)?;
-        // [tokens, conv_dim + value_total + 2·HV]: q|k|v, z, b, a.
-        let proj = matmul_t(x, &self.proj)?;
+        check_input(OP, &x, batch.tokens(), c.hidden, &self.proj)?;
+        let np = NormPrologue { res: Some(res), weight: norm, offset, eps, group: c.hidden, gate: None };
+        let (proj, sum) = matmul_t_fused(x, &self.proj, &Prologue::Norm(np))?;
+        let sum = sum.ok_or_else(|| fla_core::Error::Cuda("the fused norm gave no residual sum".into()))?;
+        Ok((self.forward_proj(proj, batch, cache)?, sum))
+    }
+
+    /// The layer after its input product `proj [tokens, conv_dim + value_total + 2·HV]`.
+    fn forward_proj(&self, proj: CudaTensor, batch: &Batch, cache: &mut LinearCacheCuda) -> Result<CudaTensor> {
+        let c = &self.cfg;
         let (hv, dv) = (c.value_heads, c.value_dim);
         let (cd, vt) = (c.conv_dim(), c.value_total());
         let [beta, g]: [CudaTensor; 2] = parts(OP, split_cols_cuda(&proj, cd + vt, &[hv, hv])?)?;
@@ -327,7 +352,15 @@ impl GatedDeltaNetCuda {
             dt_bias: &self.dt_bias,
         };
         let o = conv_recurrence(OP, &proj, 0, &self.conv, r, batch, cache)?;
-        let y = rms_norm_gate_cols_cuda(&o, &self.norm, c.eps, 0.0, &proj, cd, GateAct::Silu)?;
-        matmul_t(&y.reshape(&[tokens, vt])?, &self.out_proj)
+        // The gated norm (per head, z read out of the product) fused into the output product.
+        let np = NormPrologue {
+            res: None,
+            weight: &self.norm,
+            offset: 0.0,
+            eps: c.eps,
+            group: dv,
+            gate: Some((&proj, cd, GateAct::Silu)),
+        };
+        Ok(matmul_t_fused(o, &self.out_proj, &Prologue::Norm(np))?.0)
     }
 }

@@ -36,7 +36,8 @@ use fla_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig};
 use fla_core::cuda::CudaTensor;
 use fla_core::{cuda_blas, DType, Error, Result};
 
-use crate::cuda::launch;
+use crate::cuda::{add_rms_norm_cuda, launch, rms_norm_cuda, rms_norm_gate_cols_cuda, swiglu_cuda};
+use crate::ops::GateAct;
 
 /// Most rows of `x` (the product of its leading dimensions) the GEMV kernel takes; [`matmul_t`]
 /// sends more to cuBLAS.
@@ -51,15 +52,25 @@ const VECS_PER_STEP: usize = 4;
 
 /// Mirror of `GemvParams` in `gemv.cu` (same order, `repr(C)`).
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct GemvParams {
     x: u64,
     w: u64,
     y: u64,
+    res: u64,
+    x_out: u64,
+    nw: u64,
+    z: u64,
     n: i32,
     k: i32,
     m: i32,
     splits: i32,
+    mode: i32,
+    group: i32,
+    ld_z: i32,
+    gate: i32,
+    eps: f32,
+    offset: f32,
 }
 // SAFETY: plain old data in the C layout the kernel reads.
 unsafe impl DeviceRepr for GemvParams {}
@@ -87,16 +98,27 @@ fn gemv_enabled() -> bool {
 
 /// Checks `x` and `w` for the GEMV kernel: the errors of [`gemv`].
 fn plan(op: &'static str, x: &CudaTensor, w: &CudaTensor) -> Result<Plan> {
-    let Some((&k, lead)) = x.shape().split_last() else {
+    plan_cols(op, x, w, 1)
+}
+
+/// [`plan`] for an `x [.., per·K]` whose prologue turns `per` columns into one (SwiGLU: 2).
+fn plan_cols(op: &'static str, x: &CudaTensor, w: &CudaTensor, per: usize) -> Result<Plan> {
+    let Some((&kx, lead)) = x.shape().split_last() else {
         return Err(Error::shape(op, "x", "[.., K] (at least one dimension)", x.shape()));
     };
     let n = match *w.shape() {
-        [n, wk] if wk == k => n,
+        [n, wk] if wk * per == kx => n,
         [_, _] => {
-            return Err(Error::shape(op, "w", format!("[N, K] with K = {k} (the last dimension of `x`)"), w.shape()))
+            return Err(Error::shape(
+                op,
+                "w",
+                format!("[N, K] with {per}·K = {kx} (the last dimension of `x`)"),
+                w.shape(),
+            ))
         }
         _ => return Err(Error::shape(op, "w", "[N, K]", w.shape())),
     };
+    let k = kx / per;
     let elem = match x.dtype() {
         DType::F32 => 4,
         DType::BF16 | DType::F16 => 2,
@@ -164,6 +186,19 @@ fn unroll(sixteen_bit: bool, ctas: usize, per_warp: usize, sms: usize) -> usize 
 
 /// Launches the kernel on a checked pair.
 fn run(op: &'static str, x: &CudaTensor, w: &CudaTensor, p: &Plan) -> Result<CudaTensor> {
+    run_with(op, x, w, p, GemvParams::default(), None)
+}
+
+/// Launches the kernel on a checked pair, with the prologue fields of `fused` (its `mode` picks
+/// the entry; 0: none) and the prologue's scratch output `x_out`.
+fn run_with(
+    op: &'static str,
+    x: &CudaTensor,
+    w: &CudaTensor,
+    p: &Plan,
+    fused: GemvParams,
+    x_out: Option<&mut CudaTensor>,
+) -> Result<CudaTensor> {
     let dev = x.cuda_device();
     let sixteen_bit = x.dtype() != DType::F32;
     let vec = if sixteen_bit { 8 } else { 4 };
@@ -173,13 +208,17 @@ fn run(op: &'static str, x: &CudaTensor, w: &CudaTensor, p: &Plan) -> Result<Cud
     let ctas = (tiles * s).div_ceil(WARPS);
     let grid =
         u32::try_from(ctas).map_err(|_| Error::size(op, format!("N = {}: more CTAs than one launch takes", p.n)))?;
-    let name = match (x.dtype(), unroll(sixteen_bit, ctas, steps.div_ceil(s), dev.sm_count())) {
-        (DType::F32, _) => "gemv_f32_u8",
-        (DType::BF16, 16) => "gemv_bf16_u16",
-        (DType::BF16, _) => "gemv_bf16_u8",
-        (_, 16) => "gemv_f16_u16",
-        _ => "gemv_f16_u8",
+    let dt = match x.dtype() {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        _ => "f16",
     };
+    let name = match (fused.mode, unroll(sixteen_bit, ctas, steps.div_ceil(s), dev.sm_count())) {
+        (1, _) => format!("gemv_{dt}_glu"),
+        (2, _) => format!("gemv_{dt}_norm"),
+        (_, u) => format!("gemv_{dt}_u{u}"),
+    };
+    let name = name.as_str();
     let image = fla_kernels::cubin("gemv").map_err(|msg| Error::NoCudaKernel { kernel: name.to_string(), msg })?;
     let f = dev.function("gemv", image, name)?;
     // SAFETY: the kernel writes every element of y (each m < M, n < N once) before anything on
@@ -189,10 +228,12 @@ fn run(op: &'static str, x: &CudaTensor, w: &CudaTensor, p: &Plan) -> Result<Cud
         x: x.raw_addr(),
         w: w.raw_addr(),
         y: y.raw_addr_mut(),
+        x_out: x_out.map_or(0, |t| t.raw_addr_mut()),
         n: p.n as i32,
         k: p.k as i32,
         m: p.m as i32,
         splits: s as i32,
+        ..fused
     };
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (32 * WARPS as u32, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: `plan` checked that x holds m·k, w n·k and y m·n elements of one dtype on one
@@ -244,6 +285,159 @@ pub fn matmul_t(x: &CudaTensor, w: &CudaTensor) -> Result<CudaTensor> {
         }
     }
     cuda_blas::matmul(x, w, true)
+}
+
+/// An elementwise step fused in front of the GEMV kernel: the kernel that a GPU layer otherwise
+/// runs just before a projection, done while the product loads `x` (a decode step then launches
+/// one kernel, not two).
+#[derive(Clone, Copy)]
+pub enum Prologue<'a> {
+    /// `x [.., 2K]` holds gate | up; the product takes `silu(gate)·up` ([`swiglu_cuda`]).
+    SwiGlu,
+    /// An RMSNorm of `x` (or of `x + res`) over groups of columns, gated or not.
+    Norm(NormPrologue<'a>),
+}
+
+/// The RMSNorm of [`Prologue::Norm`]: over each group of `group` columns of `x` (the whole row, or
+/// a head), `x·rsqrt(mean(x²) + eps)·(offset + weight)`, times `act(z)` when gated, rounded to
+/// the dtype — what [`rms_norm_cuda`], [`add_rms_norm_cuda`] and [`rms_norm_gate_cols_cuda`]
+/// store.
+#[derive(Clone, Copy)]
+pub struct NormPrologue<'a> {
+    /// Added to `x` first (rounded to the dtype); the sum comes back as the new residual stream.
+    pub res: Option<&'a CudaTensor>,
+    /// `[group]` f32.
+    pub weight: &'a CudaTensor,
+    /// Added to the weight (1 for Qwen's `1 + w` norms, else 0).
+    pub offset: f32,
+    /// Added to the mean square.
+    pub eps: f32,
+    /// Columns per norm group (dividing K).
+    pub group: usize,
+    /// The gate: columns `start .. start + K` of `z [rows, cols]` (rows as `x`), and its
+    /// activation. Not with `res`.
+    pub gate: Option<(&'a CudaTensor, usize, GateAct)>,
+}
+
+/// `prologue(x)·Wᵀ` for a layer's projection (see [`matmul_t`]): `x` holds `rows·K` elements (`rows·2K`
+/// for [`Prologue::SwiGlu`]) in any shape — `[rows, K]`, or `[rows·K / group, group]` as a
+/// per-head norm has it — and the result is `[rows, N]`; with a [`NormPrologue`] over `x + res`,
+/// also that sum (the updated residual stream, `[rows, K]`). Up to [`GEMV_MAX_ROWS`] rows run one
+/// GEMV kernel with the prologue fused in; anything else runs the prologue's own kernel and then
+/// [`matmul_t`], with the same results up to summation order.
+pub fn matmul_t_fused(x: CudaTensor, w: &CudaTensor, pro: &Prologue<'_>) -> Result<(CudaTensor, Option<CudaTensor>)> {
+    const OP: &str = "matmul::matmul_t_fused";
+    let &[_, k] = w.shape() else {
+        return Err(Error::shape(OP, "w", "[N, K]", w.shape()));
+    };
+    let per = if matches!(pro, Prologue::SwiGlu) { 2 } else { 1 };
+    if k == 0 || x.elem_count() % (per * k) != 0 {
+        return Err(Error::shape(OP, "x", format!("rows × {per}·K = {} elements", per * k), x.shape()));
+    }
+    let rows = x.elem_count() / (per * k);
+    let x = x.reshape(&[rows, per * k])?;
+    let fused = rows <= GEMV_MAX_ROWS && gemv_enabled() && fla_kernels::compiled();
+    match pro {
+        Prologue::SwiGlu => {
+            if fused {
+                if let Ok(p) = plan_cols(OP, &x, w, 2) {
+                    let params = GemvParams { mode: 1, ..Default::default() };
+                    return Ok((run_with(OP, &x, w, &p, params, None)?, None));
+                }
+            }
+            Ok((matmul_t(&swiglu_cuda(&x)?, w)?, None))
+        }
+        Prologue::Norm(np) => {
+            check_norm(OP, &x, k, np)?;
+            let vec = 16 / x.dtype().size_in_bytes();
+            if fused && np.group % vec == 0 && k / np.group <= MAX_NORM_GROUPS {
+                if let Ok(p) = plan(OP, &x, w) {
+                    let (z, ld_z, gate) = match np.gate {
+                        Some((z, start, act)) => (
+                            z.raw_addr() + (start * z.dtype().size_in_bytes()) as u64,
+                            z.shape()[1],
+                            if act == GateAct::Silu { 1 } else { 2 },
+                        ),
+                        None => (0, 0, 0),
+                    };
+                    let mut x_out = match np.res {
+                        // SAFETY: CTA 0 of the kernel writes every element (x + res).
+                        Some(_) => Some(unsafe { CudaTensor::uninit(x.shape(), x.dtype(), x.cuda_device())? }),
+                        None => None,
+                    };
+                    let params = GemvParams {
+                        mode: 2,
+                        res: np.res.map_or(0, |r| r.raw_addr()),
+                        nw: np.weight.raw_addr(),
+                        z,
+                        group: to_i32(OP, "group", np.group)?,
+                        ld_z: to_i32(OP, "z's row stride", ld_z)?,
+                        gate,
+                        eps: np.eps,
+                        offset: np.offset,
+                        ..Default::default()
+                    };
+                    let y = run_with(OP, &x, w, &p, params, x_out.as_mut())?;
+                    return Ok((y, x_out));
+                }
+            }
+            // The prologue's own kernel (over rows of `group` columns), then the product.
+            let (h, sum) = match (np.res, np.gate) {
+                (Some(res), _) => {
+                    let mut s = x;
+                    let h = add_rms_norm_cuda(&mut s, res, np.weight, np.eps, np.offset)?;
+                    (h, Some(s))
+                }
+                (None, gate) => {
+                    let grouped = x.reshape(&[rows * k / np.group, np.group])?;
+                    let h = match gate {
+                        Some((z, start, act)) => {
+                            rms_norm_gate_cols_cuda(&grouped, np.weight, np.eps, np.offset, z, start, act)?
+                        }
+                        None => rms_norm_cuda(&grouped, np.weight, np.eps, np.offset, None)?,
+                    };
+                    (h.reshape(&[rows, k])?, None)
+                }
+            };
+            Ok((matmul_t(&h, w)?, sum))
+        }
+    }
+}
+
+fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::size(op, format!("{what} = {v} does not fit the kernel's 32-bit index")))
+}
+
+/// Most norm groups in a row of the fused norm prologue (`GEMV_MAX_GROUPS` in gemv.cu).
+const MAX_NORM_GROUPS: usize = 64;
+
+/// Checks a norm prologue against `x [.., K]`.
+fn check_norm(op: &'static str, x: &CudaTensor, k: usize, np: &NormPrologue<'_>) -> Result<()> {
+    if x.shape().last() != Some(&k) {
+        return Err(Error::shape(op, "x", format!("[.., K = {k}] (the weight's K)"), x.shape()));
+    }
+    if np.group == 0 || k % np.group != 0 {
+        return Err(Error::Argument { op, arg: "group", msg: format!("{} columns do not divide K = {k}", np.group) });
+    }
+    if np.weight.shape() != [np.group] || np.weight.dtype() != DType::F32 {
+        return Err(Error::shape(op, "weight", format!("[group = {}] f32", np.group), np.weight.shape()));
+    }
+    if let Some(res) = np.res {
+        if res.shape() != x.shape() || res.dtype() != x.dtype() || res.device() != x.device() {
+            return Err(Error::shape(op, "res", format!("{:?} ({}, as x)", x.shape(), x.dtype()), res.shape()));
+        }
+        if np.gate.is_some() || np.group != k {
+            return Err(Error::Unsupported { op, msg: "a norm of x + res gated or over groups of a row".into() });
+        }
+    }
+    if let Some((z, start, _)) = np.gate {
+        let rows = x.elem_count() / k;
+        let ok = matches!(*z.shape(), [r, cols] if r == rows && start + k <= cols);
+        if !ok || z.dtype() != x.dtype() || z.device() != x.device() {
+            return Err(Error::shape(op, "z", format!("[rows = {rows}, ≥ {start} + {k} columns] ({})", x.dtype()), z.shape()));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,8 +4,7 @@ use std::sync::Arc;
 use fla_core::cuda::{CudaDevice, CudaTensor};
 use fla_core::{DType, Result, Tensor};
 
-use crate::cuda::swiglu_cuda;
-use crate::matmul::matmul_t;
+use crate::matmul::{matmul_t, matmul_t_fused, NormPrologue, Prologue};
 use crate::ops::silu;
 use crate::{Linear, VarBuilder};
 
@@ -47,8 +46,8 @@ impl Mlp {
 }
 
 /// The SwiGLU MLP on a CUDA device ([`Mlp::to_cuda`]): `down(silu(gate x)·up x)` with the gate
-/// and up projections fused into one cuBLAS product and [`crate::cuda::swiglu_cuda`] over its
-/// halves, the twin of [`Mlp::forward`].
+/// and up projections fused into one product and the SwiGLU gate fused into the down product
+/// ([`Prologue::SwiGlu`]), the twin of [`Mlp::forward`].
 pub struct MlpCuda {
     /// `[2·intermediate, hidden]`: gate rows, then up rows.
     gate_up: CudaTensor,
@@ -73,7 +72,24 @@ impl Mlp {
 impl MlpCuda {
     /// `x [tokens, hidden]` in the weights' dtype, on their device → `[tokens, hidden]`.
     pub fn forward(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        let gate_up = matmul_t(x, &self.gate_up)?;
-        matmul_t(&swiglu_cuda(&gate_up)?, &self.down_proj)
+        Ok(matmul_t_fused(matmul_t(x, &self.gate_up)?, &self.down_proj, &Prologue::SwiGlu)?.0)
+    }
+
+    /// [`MlpCuda::forward`] of `rms_norm(x + res)` (weight `norm [hidden]` f32 plus `offset`),
+    /// the residual add and the norm fused into the gate | up product: returns the output and
+    /// `x + res` (the residual stream after the add).
+    pub fn forward_prenorm(
+        &self,
+        x: CudaTensor,
+        res: &CudaTensor,
+        norm: &CudaTensor,
+        eps: f32,
+        offset: f32,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        let hidden = self.down_proj.shape()[0];
+        let np = NormPrologue { res: Some(res), weight: norm, offset, eps, group: hidden, gate: None };
+        let (gate_up, sum) = matmul_t_fused(x, &self.gate_up, &Prologue::Norm(np))?;
+        let y = matmul_t_fused(gate_up, &self.down_proj, &Prologue::SwiGlu)?.0;
+        Ok((y, sum.ok_or_else(|| fla_core::Error::Cuda("the fused norm gave no residual sum".into()))?))
     }
 }

@@ -3,13 +3,16 @@
 //! 1024 and 4099; K of 8, 1000 (ragged last step), 1024, 2056, 3584 and 7 (not a multiple of the
 //! 16-byte vector: cuBLAS); f32, bf16 and f16; small ragged shapes (for compute-sanitizer);
 //! leading dimensions on `x`; 9 rows (cuBLAS); empty dimensions; the typed errors of bad
-//! arguments. Every test prints "skipped: no CUDA device"
+//! arguments; the fused prologues (SwiGLU, RMSNorm of x + res with the sum returned, a per-group
+//! norm gated by columns of a wider tensor) on the kernel (≤ 8 rows) and on their own kernels
+//! (12 rows) against float64. Every test prints "skipped: no CUDA device"
 //! and passes where there is no GPU (CI).
 use std::sync::Arc;
 
 use fla_core::cuda::{self, CudaDevice, CudaTensor};
 use fla_core::{cuda_blas, DType, Error, Tensor};
-use fla_nn::matmul::{gemv, gemv_supported, matmul_t, GEMV_MAX_ROWS};
+use fla_nn::matmul::{gemv, gemv_supported, matmul_t, matmul_t_fused, NormPrologue, Prologue, GEMV_MAX_ROWS};
+use fla_nn::ops::GateAct;
 
 /// The first GPU with this build's kernels, or `None` (after saying so).
 fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
@@ -217,4 +220,76 @@ fn bad_arguments_give_typed_errors() {
     assert!(matches!(e, Error::DType { arg: "b", got: DType::F32, .. }), "{e}");
     let e = matmul_t(&t(&[1, 64], DType::F32), &t(&[8, 64], DType::BF16)).unwrap_err();
     assert!(matches!(e, Error::DType { arg: "b", got: DType::BF16, .. }), "{e}");
+}
+
+fn silu(v: f64) -> f64 {
+    v / (1.0 + (-v).exp())
+}
+
+/// `x` normalised over groups of `group` columns (`rows × k`), times `offset + w[col % group]`.
+fn norm_ref(x: &[f64], w: &[f64], group: usize, offset: f64, eps: f64) -> Vec<f64> {
+    x.chunks(group)
+        .flat_map(|g| {
+            let r = 1.0 / (g.iter().map(|v| v * v).sum::<f64>() / group as f64 + eps).sqrt();
+            g.iter().zip(w).map(move |(v, w)| v * r * (offset + w)).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The prologues fused into the GEMV kernel (1, 3 and 8 rows) and run on their own kernels
+/// (12 rows) against float64: SwiGLU of gate | up; RMSNorm (1 + w) of x + res, the sum returned
+/// exactly as x + res rounded to the dtype; an RMSNorm per group of 64 columns gated by silu of
+/// columns 20.. of a wider tensor.
+#[test]
+fn fused_prologues_vs_f64() {
+    let Some(dev) = gpu("fused_prologues_vs_f64") else { return };
+    let (n, k, group) = (72, 256, 64);
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = tol(dtype);
+        let (gw, w) = random(1, &[n, k], dtype, &dev);
+        let nw: Vec<f32> = uniform(2, k).iter().map(|v| 0.5 * v).collect();
+        let gnw = CudaTensor::from_host(&Tensor::from_vec(nw.clone(), &[k]).unwrap(), &dev).unwrap();
+        let gnw64 = CudaTensor::from_host(&Tensor::from_vec(nw[..group].to_vec(), &[group]).unwrap(), &dev).unwrap();
+        let nw: Vec<f64> = nw.into_iter().map(f64::from).collect();
+        for m in [1usize, 3, 8, 12] {
+            let case = format!("{dtype} rows={m}");
+            // SwiGLU.
+            let (gx, x) = random(10 + m as u64, &[m, 2 * k], dtype, &dev);
+            let h: Vec<f64> = x.chunks(2 * k).flat_map(|r| (0..k).map(|j| silu(r[j]) * r[k + j]).collect::<Vec<_>>()).collect();
+            let (y, sum) = matmul_t_fused(gx, &gw, &Prologue::SwiGlu).unwrap();
+            assert!(sum.is_none());
+            let e = rel_err(&down(&y), &reference(&h, &w, m, n, k));
+            assert!(e <= tol, "{case} swiglu: rel err {e:.2e}");
+            // RMSNorm of x + res, the sum returned.
+            let (gx, x) = random(20 + m as u64, &[m, k], dtype, &dev);
+            let (gr, r) = random(30 + m as u64, &[m, k], dtype, &dev);
+            let s32: Vec<f32> = x.iter().zip(&r).map(|(a, b)| (a + b) as f32).collect();
+            let s: Vec<f64> =
+                Tensor::from_vec(s32, &[m, k]).unwrap().to_dtype(dtype).unwrap().to_vec::<f32>().unwrap().into_iter().map(f64::from).collect();
+            let np = NormPrologue { res: Some(&gr), weight: &gnw, offset: 1.0, eps: 1e-6, group: k, gate: None };
+            let (y, sum) = matmul_t_fused(gx, &gw, &Prologue::Norm(np)).unwrap();
+            assert_eq!(down(&sum.expect("the sum")), s, "{case}: x + res");
+            let e = rel_err(&down(&y), &reference(&norm_ref(&s, &nw, k, 1.0, 1e-6), &w, m, n, k));
+            assert!(e <= tol, "{case} add + norm: rel err {e:.2e}");
+            // A norm per group of 64 columns gated by silu of columns 20 .. 20 + K of z.
+            let (gx, x) = random(40 + m as u64, &[m * k / group, group], dtype, &dev);
+            let (gz, z) = random(50 + m as u64, &[m, 300], dtype, &dev);
+            let mut h = norm_ref(&x, &nw[..group].repeat(k / group), group, 0.0, 1e-5);
+            for (i, v) in h.iter_mut().enumerate() {
+                *v *= silu(z[(i / k) * 300 + 20 + i % k]);
+            }
+            let np = NormPrologue {
+                res: None,
+                weight: &gnw64,
+                offset: 0.0,
+                eps: 1e-5,
+                group,
+                gate: Some((&gz, 20, GateAct::Silu)),
+            };
+            let (y, _) = matmul_t_fused(gx, &gw, &Prologue::Norm(np)).unwrap();
+            assert_eq!(y.shape(), [m, n]);
+            let e = rel_err(&down(&y), &reference(&h, &w, m, n, k));
+            assert!(e <= tol, "{case} gated group norm: rel err {e:.2e}");
+        }
+    }
 }
