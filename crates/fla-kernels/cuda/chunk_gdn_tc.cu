@@ -166,7 +166,7 @@ __device__ __forceinline__ void tc_intra(const ChunkParams& p) {
     u16* wg = static_cast<u16*>(p.w16) + (bos * p.hv + hv) * KD;
 #pragma unroll
     for (int c0 = 0; c0 < KD; c0 += 64) {
-        tc_lower_times<E>(acc, tt, ks, LK, c0, 64);
+        tc_lower_times<E, 8>(acc, tt, ks, LK, warp, c0, 64);
         tc_store_rows<E, 8>(acc, wg + c0, (long long)p.hv * KD, m0, 64, l);
     }
     __syncthreads();
@@ -375,7 +375,7 @@ __device__ __forceinline__ void kda_intra(const ChunkParams& p) {
     u16* wg = static_cast<u16*>(p.w16) + hrow * KD;
 #pragma unroll
     for (int c0 = 0; c0 < KD; c0 += 64) {
-        tc_lower_times<E>(acc, tt, kb, LK, c0, 64);
+        tc_lower_times<E, 8>(acc, tt, kb, LK, warp, c0, 64);
         tc_store_rows<E, 8>(acc, wg + c0, (long long)p.hv * KD, 16 * warp, 64, l);
     }
     __syncthreads();
