@@ -380,6 +380,10 @@ __device__ __forceinline__ void kda_intra(const ChunkParams& p) {
     float ad[2][4];
     {
         const int b = lane >> 3, s = lane & 7, r0 = 16 * b;
+        // This lane's octets s + 8 m in row r0 of the block (rows below at compile-time offsets).
+        const u16* kr = ks + r0 * LK + 8 * s;
+        const u16* qr = qs + r0 * LK + 8 * s;
+        const float* er = es + r0 * KD + 8 * s + 4 * ((s >> 2) & 1);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int j = h ? 15 - warp : warp;
@@ -387,25 +391,27 @@ __device__ __forceinline__ void kda_intra(const ChunkParams& p) {
 #pragma unroll
             for (int i = 0; i < 16; ++i) a[i] = pp[i] = 0.0f;
 #pragma unroll
-            for (int m = 0; m < MO; ++m) kda_ld8h<E>(ks + (r0 + j) * LK + 8 * (s + 8 * m), y[m]);
+            for (int m = 0; m < MO; ++m) kda_ld8h<E>(kr + j * LK + 64 * m, y[m]);
 #pragma unroll
             for (int i = 0; i < 16; ++i) {
                 if (i >= j) {
-                    const int row = r0 + i;
                     // Four partial sums each: short dependency chains.
                     float ta[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                     for (int m = 0; m < MO; ++m) {
-                        const int o = s + 8 * m;
                         float kv[8], qv[8];
                         if (i > j) {
-                            float e8[8];
-                            kda_ld8f(es + row * KD, o, e8);
+                            // Octet s + 8 m of the swizzled row: its first quad at 8 (s + 8 m) + 4 f,
+                            // its second at 8 (s + 8 m) + 4 (1 - f), f = (s >> 2) & 1 (as kda_ld8f).
+                            const float* e = er + i * KD + 64 * m;
+                            const float4 lo = *reinterpret_cast<const float4*>(e);
+                            const float4 hi = *reinterpret_cast<const float4*>(e + 4 - 8 * ((s >> 2) & 1));
+                            const float e8[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
                             for (int x = 0; x < 8; ++x) y[m][x] *= e8[x];
                         }
-                        kda_ld8h<E>(ks + row * LK + 8 * o, kv);
-                        kda_ld8h<E>(qs + row * LK + 8 * o, qv);
+                        kda_ld8h<E>(kr + i * LK + 64 * m, kv);
+                        kda_ld8h<E>(qr + i * LK + 64 * m, qv);
 #pragma unroll
                         for (int x = 0; x < 8; ++x) {
                             ta[x & 3] += kv[x] * y[m][x];
