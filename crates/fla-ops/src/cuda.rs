@@ -357,11 +357,23 @@ fn tc_intra_smem(k: usize) -> u32 {
 }
 
 /// Dynamic shared memory of `chunk_kda_tc_intra_*` for key dim `k` (`KDA_INTRA_SMEM` in
-/// chunk_gdn_tc.cu): A and T in f32 (T's space first holds one block pair's split factors),
-/// block products, three [C] vectors, G ([C][K+1] f32), and the K, Q tiles (16-bit, rows padded
-/// by 8): ≈ 105 KB at K = 128, two CTAs per SM.
+/// chunk_gdn_tc.cu): the K, Q tiles (16-bit, rows padded by 8), G ([C][K] f32), A ([C][C+1] f32;
+/// before it e^g, [C][K] f32 over A and T), the tail after A (T and the inverse's block products
+/// in f32, before them one block row's split factors: 80 rows of K + 8, 16-bit) and three [C]
+/// vectors: ≈ 104 KB at K = 128, two CTAs (16 warps) per SM.
 fn kda_intra_smem(k: usize) -> u32 {
-    (2 * 64 * 65 * 4 + 3 * 256 * 4 + 3 * 64 * 4 + 64 * (k + 1) * 4 + 2 * 64 * (k + 8) * 2) as u32
+    let tail = (64 * 65 * 4 + 3 * 256 * 4).max(80 * (k + 8) * 2);
+    (2 * 64 * (k + 8) * 2 + 64 * k * 4 + 64 * 65 * 4 + tail + 3 * 64 * 4) as u32
+}
+
+/// Threads per CTA of `chunk_gdn_tc_intra_*` (`TC_NT`: 4 warps) and `chunk_kda_tc_intra_*`
+/// (`KDA_NT`: 8 warps).
+fn tc_intra_threads(channel: bool) -> u32 {
+    if channel {
+        256
+    } else {
+        128
+    }
 }
 
 /// Threads per CTA of `chunk_gdn_tc_fwd_*_v{bv}` (`TC_FWD_ALL`): 4 warps for 16 value columns,
@@ -656,7 +668,11 @@ impl ChunkCall {
         // SAFETY: see `chunk_forward`.
         if nc > 0 {
             let grid = (nc as u32, d.hv as u32, 1);
-            let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: intra_smem };
+            let cfg = LaunchConfig {
+                grid_dim: grid,
+                block_dim: (tc_intra_threads(channel), 1, 1),
+                shared_mem_bytes: intra_smem,
+            };
             launch_chunk(&self.dev, &intra, cfg, &self.params)?;
         }
         if tiles > 0 {
@@ -1093,8 +1109,8 @@ mod tests {
         const MAX: u32 = 232_448;
         for k in [64, 128] {
             assert!(tc_intra_smem(k) <= MAX && kda_intra_smem(k) <= MAX, "intra, K = {k}");
-            // The split factors of one block pair (48 rows of K + 8) live in T's f32 space.
-            assert!(48 * (k + 8) * 2 <= 64 * 65 * 4);
+            // KDA's e^g ([C][K] f32) lives where A and T go.
+            assert!(64 * k * 4 <= 2 * 64 * 65 * 4);
             for bv in [16, 32, 64] {
                 assert!(tc_fwd_smem(k, bv) <= MAX, "sweep, K = {k}, BV = {bv}");
             }
@@ -1106,6 +1122,10 @@ mod tests {
         for smem in [INTRA_SMEM, FWD_SMEM, BWD_DH_SMEM, BWD_DQK_SMEM, BWD_GATE_SMEM] {
             assert!(smem <= MAX, "{smem}");
         }
+        // KDA's intra kernel keeps two CTAs per SM (228 KB of shared memory, 1 KB reserved per
+        // CTA) at K = 128.
+        assert!(2 * (kda_intra_smem(128) + 1024) <= 233_472);
+        assert_eq!(kda_intra_smem(128), 106_752);
         assert_eq!(tc_dqk_threads(128), 512);
         assert_eq!(tc_dqk_threads(64), 256);
     }

@@ -1,5 +1,6 @@
 // Tiles and helpers shared by the tensor-core chunk kernels (chunk_gdn_tc.cu: forward;
-// chunk_bwd_tc.cu: backward): 4-warp CTAs, [C][C] tiles, the per-chunk input stage of the sweeps.
+// chunk_bwd_tc.cu: backward): 4-warp CTAs (KDA's intra kernel: 8), [C][C] tiles, the per-chunk
+// input stage of the sweeps.
 #pragma once
 #include "common/chunk.cuh"
 #include "common/mma.cuh"
@@ -10,22 +11,22 @@
 
 typedef unsigned short u16;
 
-// acc (this warp's 16 rows from 16 * warp, 64 columns from n0, ncols of them valid) = L X, for a
+// acc (16 rows from 16 rw, 8 NTL columns from n0, ncols of them valid) = L X, for a
 // lower-triangular [C][C] tile L (stride TC_LDC; only the blocks on or below the diagonal are
 // read) and a row-major [C][..] tile X (stride ld).
-template <class E>
-__device__ __forceinline__ void tc_lower_times(float (&acc)[8][4], const u16* L, const u16* X, int ld, int n0,
-                                               int ncols) {
-    const int warp = threadIdx.x >> 5, m0 = warp * 16;
+template <class E, int NTL>
+__device__ __forceinline__ void tc_lower_times(float (&acc)[NTL][4], const u16* L, const u16* X, int ld, int rw,
+                                               int n0, int ncols) {
+    const int m0 = rw * 16;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int nt = 0; nt < NTL; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[nt][r] = 0.0f;
-    for (int kt = 0; kt <= warp; ++kt) {
+    for (int kt = 0; kt <= rw; ++kt) {
         unsigned a[4];
         fla_frag_a(a, L, TC_LDC, m0, kt * 16);
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
+        for (int np = 0; np < NTL / 2; ++np) {
             if (np * 16 < ncols) {
                 unsigned b[4];
                 fla_frag_b_kn(b, X, ld, kt * 16, n0 + np * 16);
@@ -145,10 +146,11 @@ __device__ __forceinline__ void tc_pack_state(const float (&s)[MT][NTV][4], u16*
 // stride, zeroed by the caller): the 16x16 diagonal blocks by forward substitution (a warp
 // each), then block rows X_j = sum_{m=j}^{i-1} A_im T_mj, T_ij = -T_ii X_j (warp j for block
 // column j) on tensor cores to about f32 accuracy (3xTF32); `xs` is [3][16][16] f32 scratch.
-// All 4 warps of the CTA take part; ends with a barrier.
+// Warps 0..3 of the CTA's NT threads do the work, all take part in its barriers; ends with one.
+template <int NT = TC_NT>
 __device__ __forceinline__ void tc_invert(const float* af, float* tf, float* xs) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
-    {
+    if (NT == TC_NT || warp < 4) {
         const int b0 = warp * 16;
         if (lane < 16) tf[(b0 + lane) * TC_LDF + b0 + lane] = 1.0f;
         __syncwarp();
@@ -194,11 +196,11 @@ __device__ __forceinline__ void tc_invert(const float* af, float* tf, float* xs)
 
 // With the backward's scratch (`tm` not null): rows i < l of T (f32 `tf`, stride TC_LDF) in 16
 // bits to tm ([tokens, HV, C]) for one chunk and value head.
-template <class E>
+template <class E, int NT = TC_NT>
 __device__ __forceinline__ void tc_save_t(const ChunkParams& p, const float* tf, long long bos, int l, int hv) {
     if (!p.tm) return;
     u16* tg = static_cast<u16*>(p.tm) + (bos * p.hv + hv) * FLA_C;
-    for (int e = threadIdx.x; e < l * FLA_C / 2; e += TC_NT) {
+    for (int e = threadIdx.x; e < l * FLA_C / 2; e += NT) {
         const int i = e >> 5, j = (e & 31) * 2;
         *reinterpret_cast<unsigned*>(tg + i * (long long)p.hv * FLA_C + j) =
             fla_pack2<E>(tf[i * TC_LDF + j], tf[i * TC_LDF + j + 1]);
@@ -206,46 +208,61 @@ __device__ __forceinline__ void tc_save_t(const ChunkParams& p, const float* tf,
 }
 
 // Starts loading V columns v0..v0+64 (or fewer, a multiple of 16) of one chunk and value head
-// into the [C][TC_LDC] tile `dst` (rows >= l zero), as one commit group.
+// into the [C][TC_LDC] tile `dst` (rows >= l zero), as one commit group of the CTA's NT threads.
+template <int NT = TC_NT>
 __device__ __forceinline__ void tc_load_v(const ChunkParams& p, int v0, u16* dst, long long bos, int l, int hv) {
     const int V = p.dv, nv = min(64, V - v0);
     const u16* vg = static_cast<const u16*>(p.v) + (bos * p.hv + hv) * V + v0;
     const long long ld = (long long)p.hv * V;
-    if (nv == 64) fla_load_tile<TC_NT, FLA_C, 64>(dst, TC_LDC, vg, ld, l);
-    else if (nv == 48) fla_load_tile<TC_NT, FLA_C, 48>(dst, TC_LDC, vg, ld, l);
-    else if (nv == 32) fla_load_tile<TC_NT, FLA_C, 32>(dst, TC_LDC, vg, ld, l);
-    else fla_load_tile<TC_NT, FLA_C, 16>(dst, TC_LDC, vg, ld, l);
+    if (nv == 64) fla_load_tile<NT, FLA_C, 64>(dst, TC_LDC, vg, ld, l);
+    else if (nv == 48) fla_load_tile<NT, FLA_C, 48>(dst, TC_LDC, vg, ld, l);
+    else if (nv == 32) fla_load_tile<NT, FLA_C, 32>(dst, TC_LDC, vg, ld, l);
+    else fla_load_tile<NT, FLA_C, 16>(dst, TC_LDC, vg, ld, l);
     fla_cp_commit();
 }
 
-// U = T diag(beta) V into u16 scratch, the end of both intra kernels: T (f32 `tf`) scaled into
-// the 16-bit tile `tt`; V block 0 is (being) loaded into `vb0`, block 1 (when V > 64) into
-// `vb1` by the caller; later blocks are loaded here, alternating between the two.
+// U = tt V into u16 scratch for the 16-bit lower-triangular tile tt = T diag(beta), V in blocks
+// of 64 columns: block 0 is (being) loaded into `vb0`, block 1 (when V > 64) into `vb1` by the
+// caller, which has made tt visible; later blocks are loaded here, alternating between the two.
+// NT = 128: warp w on rows 16 w, all columns of a block; NT = 256: warp w on rows 16 (w % 4),
+// columns 32 (w / 4) .. of a block.
+template <class E, int NT>
+__device__ __forceinline__ void tc_times_v(const ChunkParams& p, const u16* tt, u16* vb0, u16* vb1, long long bos,
+                                           int l, int hv) {
+    static_assert(NT == TC_NT || NT == 2 * TC_NT, "4 or 8 warps");
+    constexpr int NTL = NT == TC_NT ? 8 : 4; // n8 tiles per warp
+    const int warp = threadIdx.x >> 5, rw = warp & 3, n0 = NT == TC_NT ? 0 : (warp >> 2) * 32, V = p.dv;
+    u16* ug = static_cast<u16*>(p.u16) + (bos * p.hv + hv) * V;
+    float acc[NTL][4];
+    for (int v0 = 0; v0 < V; v0 += 64) {
+        u16* blk = (v0 / 64) & 1 ? vb1 : vb0;
+        if (v0 >= 128) {
+            __syncthreads();
+            tc_load_v<NT>(p, v0, blk, bos, l, hv);
+            fla_cp_wait_all();
+            __syncthreads();
+        }
+        const int nv = min(64, V - v0);
+        if (n0 < nv) {
+            tc_lower_times<E, NTL>(acc, tt, blk, TC_LDC, rw, n0, nv - n0);
+            tc_store_rows<E, NTL>(acc, ug + v0 + n0, (long long)p.hv * V, rw * 16, nv - n0, l);
+        }
+    }
+}
+
+// U = T diag(beta) V into u16 scratch, the end of chunk_gdn_tc_intra: T (f32 `tf`) scaled into
+// the 16-bit tile `tt`, then tc_times_v (V blocks 0 and 1 loaded by the caller as there).
 template <class E>
 __device__ __forceinline__ void tc_u(const ChunkParams& p, const float* tf, const float* bs, u16* tt, u16* vb0,
                                      u16* vb1, long long bos, int l, int hv) {
-    const int tid = threadIdx.x, m0 = (tid >> 5) * 16, V = p.dv;
-    u16* ug = static_cast<u16*>(p.u16) + (bos * p.hv + hv) * V;
-    for (int e = tid; e < FLA_C * FLA_C / 2; e += TC_NT) {
+    for (int e = threadIdx.x; e < FLA_C * FLA_C / 2; e += TC_NT) {
         const int i = e >> 5, j = (e & 31) * 2;
         *reinterpret_cast<unsigned*>(tt + i * TC_LDC + j) =
             fla_pack2<E>(tf[i * TC_LDF + j] * bs[j], tf[i * TC_LDF + j + 1] * bs[j + 1]);
     }
     fla_cp_wait_all();
     __syncthreads();
-    float acc[8][4];
-    for (int v0 = 0; v0 < V; v0 += 64) {
-        u16* blk = (v0 / 64) & 1 ? vb1 : vb0;
-        if (v0 >= 128) {
-            __syncthreads();
-            tc_load_v(p, v0, blk, bos, l, hv);
-            fla_cp_wait_all();
-            __syncthreads();
-        }
-        const int nv = min(64, V - v0);
-        tc_lower_times<E>(acc, tt, blk, TC_LDC, 0, nv);
-        tc_store_rows<E, 8>(acc, ug + v0, (long long)p.hv * V, m0, nv, l);
-    }
+    tc_times_v<E, TC_NT>(p, tt, vb0, vb1, bos, l, hv);
 }
 
 // One sweep CTA's work — sequence n, value head hv (key head hk), BV = CH BVW value columns from
