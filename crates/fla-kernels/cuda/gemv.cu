@@ -82,68 +82,111 @@ __device__ __forceinline__ void gemv_mma(float (&c)[4], const unsigned (&a)[4], 
     else fla_mma<FlaF16>(c, a, b0, b1);
 }
 
-// The 16-byte vector `v` of row m of x as the product sees it (after the prologue).
+// The VEC elements of a 16-byte vector in dtype DT, as f32, and back (rounded to nearest even).
+template <int DT>
+__device__ __forceinline__ void gemv_unpack(uint4 v, float (&e)[DT == FLA_F32 ? 4 : 8]) {
+    const unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        if constexpr (DT == FLA_F32) {
+            e[j] = __uint_as_float(u[j]);
+        } else {
+            e[2 * j] = DT == FLA_BF16 ? fla_bf16_to_f32(u[j] & 0xffffu) : fla_f16_to_f32(u[j] & 0xffffu);
+            e[2 * j + 1] = DT == FLA_BF16 ? fla_bf16_to_f32(u[j] >> 16) : fla_f16_to_f32(u[j] >> 16);
+        }
+    }
+}
+template <int DT>
+__device__ __forceinline__ uint4 gemv_pack(const float (&e)[DT == FLA_F32 ? 4 : 8]) {
+    unsigned u[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        if constexpr (DT == FLA_F32) {
+            u[j] = __float_as_uint(e[j]);
+        } else {
+            const unsigned lo = DT == FLA_BF16 ? fla_f32_to_bf16(e[2 * j]) : fla_f32_to_f16(e[2 * j]);
+            const unsigned hi = DT == FLA_BF16 ? fla_f32_to_bf16(e[2 * j + 1]) : fla_f32_to_f16(e[2 * j + 1]);
+            u[j] = lo | (hi << 16);
+        }
+    }
+    return make_uint4(u[0], u[1], u[2], u[3]);
+}
+
+// The 16-byte vector at element `off` of `p` (16-byte aligned: the launcher checks).
+__device__ __forceinline__ uint4 gemv_vec(const void* p, long long off, int elem) {
+    return __ldg(reinterpret_cast<const uint4*>(static_cast<const char*>(p) + off * elem));
+}
+
+// Vector `v` of row m of x after the prologue (MODE 1: silu(gate) * up; MODE 2: the norm, with
+// the scales `rs` of gemv_norm_scales), rounded to the dtype as the prologue's own kernel stores it.
 template <int DT, int MODE>
 __device__ __forceinline__ uint4 gemv_x(const GemvParams& p, const float* rs, int m, int v) {
-    constexpr int VEC = DT == FLA_F32 ? 4 : 8;
-    const int kv = p.k / VEC;
-    if constexpr (MODE == 0) return gemv_ld_x(static_cast<const uint4*>(p.x) + (long long)m * kv + v);
-    float e[VEC];
+    constexpr int VEC = DT == FLA_F32 ? 4 : 8, ELEM = DT == FLA_F32 ? 4 : 2;
     const int k0 = v * VEC;
+    float e[VEC];
     if constexpr (MODE == 1) {
-        const long long b = (long long)m * 2 * p.k;
+        float u[VEC];
+        const long long b = (long long)m * 2 * p.k + k0;
+        gemv_unpack<DT>(gemv_vec(p.x, b, ELEM), e);
+        gemv_unpack<DT>(gemv_vec(p.x, b + p.k, ELEM), u);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            const float a = fla_ld<DT>(p.x, b + k0 + j), u = fla_ld<DT>(p.x, b + p.k + k0 + j);
-            e[j] = a * fla_sigmoidf(a) * u;
-        }
+        for (int j = 0; j < VEC; ++j) e[j] = e[j] * fla_sigmoidf(e[j]) * u[j];
     } else {
-        const long long b = (long long)m * p.k;
-        const float r = rs[m * GEMV_MAX_GROUPS + k0 / p.group];
+        const long long b = (long long)m * p.k + k0;
+        gemv_unpack<DT>(gemv_vec(p.x, b, ELEM), e);
+        if (p.res) {
+            float r[VEC];
+            gemv_unpack<DT>(gemv_vec(p.res, b, ELEM), r);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            float s = fla_ld<DT>(p.x, b + k0 + j);
-            if (p.res) s = fla_round(DT, s + fla_ld<DT>(p.res, b + k0 + j));
-            e[j] = s * r * (p.offset + p.nw[(k0 + j) % p.group]);
-            if (p.gate) {
-                const float z = fla_ld<DT>(p.z, (long long)m * p.ld_z + k0 + j);
-                e[j] *= p.gate == 1 ? z * fla_sigmoidf(z) : fla_sigmoidf(z);
+            for (int j = 0; j < VEC; ++j) e[j] = fla_round(DT, e[j] + r[j]);
+        }
+        const float sc = rs[m * GEMV_MAX_GROUPS + k0 / p.group];
+        const float4* nw = reinterpret_cast<const float4*>(p.nw + k0 % p.group);
+        float z[VEC];
+        if (p.gate) gemv_unpack<DT>(gemv_vec(p.z, (long long)m * p.ld_z + k0, ELEM), z);
+#pragma unroll
+        for (int q = 0; q < VEC / 4; ++q) {
+            const float4 w4 = __ldg(nw + q);
+            const float w[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                float y = e[4 * q + j] * sc * (p.offset + w[j]);
+                if (p.gate) {
+                    const float zz = z[4 * q + j];
+                    y *= p.gate == 1 ? zz * fla_sigmoidf(zz) : fla_sigmoidf(zz);
+                }
+                e[4 * q + j] = y;
             }
         }
     }
-    uint4 out;
-    unsigned* o = reinterpret_cast<unsigned*>(&out);
-    if constexpr (DT == FLA_F32) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) o[j] = __float_as_uint(e[j]);
-    } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const unsigned lo = DT == FLA_BF16 ? fla_f32_to_bf16(e[2 * j]) : fla_f32_to_f16(e[2 * j]);
-            const unsigned hi = DT == FLA_BF16 ? fla_f32_to_bf16(e[2 * j + 1]) : fla_f32_to_f16(e[2 * j + 1]);
-            o[j] = lo | (hi << 16);
-        }
-    }
-    return out;
+    return gemv_pack<DT>(e);
 }
 
 // The norm prologue's first pass: rs[m][g] = rsqrt(mean over group g of row m of (x + res)^2 +
-// eps), a warp per (row, group); CTA 0 also writes x + res to x_out. Ends with a barrier.
+// eps), a warp per (row, group) reading 16-byte vectors; CTA 0 also writes x + res to x_out.
 template <int DT>
 __device__ __forceinline__ void gemv_norm_scales(const GemvParams& p, float* rs) {
+    constexpr int VEC = DT == FLA_F32 ? 4 : 8, ELEM = DT == FLA_F32 ? 4 : 2;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int groups = p.k / p.group;
+    const int groups = p.k / p.group, gv = p.group / VEC;
     for (int q = warp; q < p.m * groups; q += GEMV_WARPS) {
         const long long b = (long long)(q / groups) * p.k + (long long)(q % groups) * p.group;
         float ss = 0.0f;
-#pragma unroll 8
-        for (int c = lane; c < p.group; c += 32) {
-            float s = fla_ld<DT>(p.x, b + c);
+#pragma unroll 4
+        for (int v = lane; v < gv; v += 32) {
+            float e[VEC];
+            gemv_unpack<DT>(gemv_vec(p.x, b + v * VEC, ELEM), e);
             if (p.res) {
-                s = fla_round(DT, s + fla_ld<DT>(p.res, b + c));
-                if (blockIdx.x == 0) fla_st<DT>(p.x_out, b + c, s);
+                float r[VEC];
+                gemv_unpack<DT>(gemv_vec(p.res, b + v * VEC, ELEM), r);
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) e[j] = fla_round(DT, e[j] + r[j]);
+                if (blockIdx.x == 0) {
+                    *reinterpret_cast<uint4*>(static_cast<char*>(p.x_out) + (b + v * VEC) * ELEM) = gemv_pack<DT>(e);
+                }
             }
-            ss += s * s;
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) ss += e[j] * e[j];
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -157,7 +200,7 @@ template <int DT, int U, int MODE>
 __device__ __forceinline__ void gemv(const GemvParams& p) {
     __shared__ float red[GEMV_WARPS][64]; // partial tile of each warp: [m][n], 8 x 8
     __shared__ float rs[GEMV_MAX_M * GEMV_MAX_GROUPS]; // the norm prologue's scales
-    if constexpr (MODE == 2) gemv_norm_scales<DT>(p, rs);
+    extern __shared__ uint4 xs[];                       // a prologue's x: [m][k / VEC] vectors
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int S = p.splits, tiles_per_cta = GEMV_WARPS / S;
     const int split = warp % S;
@@ -172,6 +215,12 @@ __device__ __forceinline__ void gemv(const GemvParams& p) {
     const int s0 = split * per, s1 = min(steps, s0 + per);
     const uint4* w = static_cast<const uint4*>(p.w) + (row_ok ? row : 0) * (long long)kv;
     const unsigned long long policy = gemv_evict_first();
+    // A prologue computes x once per CTA into shared memory; the loop then reads it from there.
+    if constexpr (MODE != 0) {
+        if constexpr (MODE == 2) gemv_norm_scales<DT>(p, rs);
+        for (int i = threadIdx.x; i < p.m * kv; i += 32 * GEMV_WARPS) xs[i] = gemv_x<DT, MODE>(p, rs, i / kv, i % kv);
+        __syncthreads();
+    }
 
     // This warp's partial tile, P[m][n] over its slice of K.
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}; // 16-bit: y[g][2t], y[g][2t + 1] (c[2], c[3] unused)
@@ -197,7 +246,7 @@ __device__ __forceinline__ void gemv(const GemvParams& p) {
 #pragma unroll
                     for (int m = 0; m < GEMV_MAX_M; ++m) {
                         if (m < p.m) {
-                            const uint4 xv = gemv_x<DT, MODE>(p, rs, m, v);
+                            const uint4 xv = (MODE == 0 ? gemv_ld_x(static_cast<const uint4*>(p.x) + (long long)m * kv + v) : xs[m * kv + v]);
                             acc[m] = fmaf(__uint_as_float(xv.x), w0, acc[m]);
                             acc[m] = fmaf(__uint_as_float(xv.y), w1, acc[m]);
                             acc[m] = fmaf(__uint_as_float(xv.z), w2, acc[m]);
@@ -212,7 +261,7 @@ __device__ __forceinline__ void gemv(const GemvParams& p) {
             for (int u = 0; u < U; ++u) {
                 const int v = (st0 + u) * 4 + t;
                 xv[u] = make_uint4(0, 0, 0, 0);
-                if (g < p.m && st0 + u < s1 && v < kv) xv[u] = gemv_x<DT, MODE>(p, rs, g, v);
+                if (g < p.m && st0 + u < s1 && v < kv) xv[u] = (MODE == 0 ? gemv_ld_x(static_cast<const uint4*>(p.x) + (long long)g * kv + v) : xs[g * kv + v]);
             }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
@@ -251,11 +300,11 @@ __device__ __forceinline__ void gemv(const GemvParams& p) {
     }
 }
 
-// Entries `gemv_<dtype>_u<U>` (x as is), `gemv_<dtype>_glu` (the SwiGLU prologue) and
-// `gemv_<dtype>_norm` (the norm prologue). U = 8 for most shapes (at most 85 registers: three CTAs
+// Entries `gemv_<dtype>_u<U>` (x as is), `gemv_<dtype>_glu_u<U>` (the SwiGLU prologue) and
+// `gemv_<dtype>_norm_u<U>` (the norm prologue; both stage x in dynamic shared memory). U = 8 for most shapes (at most 85 registers: three CTAs
 // an SM; f32, two). U = 16, bf16 / f16 only, for grids of at most one CTA per SM whose warps have
 // more than 8 steps (N = 1024, K = 3584): one CTA an SM, sixteen loads of W in flight per thread.
-// The prologues compute x in the loop, so their entries take U = 8 at two CTAs an SM.
+// The prologue entries with U = 8 run two CTAs an SM (up to 95 registers).
 #define GEMV_ENTRY(NAME, DT, U, MODE, MIN_CTAS)                                               \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS, MIN_CTAS)                     \
         gemv_##NAME(const GemvParams p) {                                                       \
@@ -266,9 +315,13 @@ GEMV_ENTRY(bf16_u8, FLA_BF16, 8, 0, 3)
 GEMV_ENTRY(f16_u8, FLA_F16, 8, 0, 3)
 GEMV_ENTRY(bf16_u16, FLA_BF16, 16, 0, 1)
 GEMV_ENTRY(f16_u16, FLA_F16, 16, 0, 1)
-GEMV_ENTRY(f32_glu, FLA_F32, 8, 1, 2)
-GEMV_ENTRY(bf16_glu, FLA_BF16, 8, 1, 2)
-GEMV_ENTRY(f16_glu, FLA_F16, 8, 1, 2)
-GEMV_ENTRY(f32_norm, FLA_F32, 8, 2, 2)
-GEMV_ENTRY(bf16_norm, FLA_BF16, 8, 2, 2)
-GEMV_ENTRY(f16_norm, FLA_F16, 8, 2, 2)
+GEMV_ENTRY(f32_glu_u8, FLA_F32, 8, 1, 2)
+GEMV_ENTRY(bf16_glu_u8, FLA_BF16, 8, 1, 2)
+GEMV_ENTRY(f16_glu_u8, FLA_F16, 8, 1, 2)
+GEMV_ENTRY(bf16_glu_u16, FLA_BF16, 16, 1, 1)
+GEMV_ENTRY(f16_glu_u16, FLA_F16, 16, 1, 1)
+GEMV_ENTRY(f32_norm_u8, FLA_F32, 8, 2, 2)
+GEMV_ENTRY(bf16_norm_u8, FLA_BF16, 8, 2, 2)
+GEMV_ENTRY(f16_norm_u8, FLA_F16, 8, 2, 2)
+GEMV_ENTRY(bf16_norm_u16, FLA_BF16, 16, 2, 1)
+GEMV_ENTRY(f16_norm_u16, FLA_F16, 16, 2, 1)

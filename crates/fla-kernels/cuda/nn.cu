@@ -108,6 +108,8 @@ struct ConvParams {
     const int* cu_seqlens;  // [N + 1]
     const int* seq_of;      // [tokens]: the sequence of each token
     int dtype, tokens, n, c, w, ld_x;  // w: the kernel width W
+    int state_in_conv;      // 1: every sequence lies in one run of FLA_CONV_TOKENS tokens, so
+                            // nn_short_conv_w* writes the new cache itself (no state kernel)
 };
 
 // The input at position k of sequence n (k < 0: from the cache, k = -W .. -1), channel ch.
@@ -152,6 +154,11 @@ __device__ __forceinline__ void short_conv(const ConvParams& p) {
 #pragma unroll
         for (int j = 0; j < W; ++j) acc += w[j] * win[j];
         split_store(p.y, p.dtype, p.c, t, ch, acc * fla_sigmoidf(acc));
+        // The sequence's last token, its whole window read by this thread alone: the new cache.
+        if (p.state_in_conv && t == p.cu_seqlens[n + 1] - 1) {
+#pragma unroll
+            for (int j = 0; j < W; ++j) p.state[((long long)n * p.c + ch) * W + j] = win[j];
+        }
     }
 }
 

@@ -331,6 +331,8 @@ struct ConvParams {
     c: i32,
     w: i32,
     ld_x: i32,
+    state_in_conv: i32,
+    _pad: i32,
 }
 // SAFETY: plain old data in the C layout the kernel reads.
 unsafe impl DeviceRepr for ConvParams {}
@@ -446,6 +448,9 @@ fn conv(
     // SAFETY: the kernel writes every output element (a thread per (channel, run of tokens), the
     // runs covering every token, each channel stored into its part).
     let (ys, y) = unsafe { split_out(op, parts, tokens, c, x.dtype(), &dev)? };
+    // A decode step (and any batch whose sequences each fit one thread's run of tokens) has the
+    // convolution kernel write the new cache: one launch instead of two.
+    let state_in_conv = seqs.iter().all(|r| r.is_empty() || r.start / CONV_TOKENS == (r.end - 1) / CONV_TOKENS);
     if tables.len() != n || tables.tokens() != tokens {
         return Err(Error::size(
             op,
@@ -465,6 +470,8 @@ fn conv(
         c: to_i32(op, "channels", c)?,
         w: to_i32(op, "kernel", w)?,
         ld_x: to_i32(op, "columns", cols)?,
+        state_in_conv: state_in_conv as i32,
+        _pad: 0,
     };
     // SAFETY (both launches): ConvParams mirrors the kernels' argument; x holds tokens·cols
     // elements of the dtype named by `dtype` and the kernels read columns start .. start + C
@@ -482,7 +489,7 @@ fn conv(
             LaunchConfig { grid_dim: (blocks(op, c, 256)?, runs, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { launch(&dev, &function(&dev, &format!("nn_short_conv_w{w}"))?, cfg, &params) }?;
     }
-    if n * c * w > 0 {
+    if n * c * w > 0 && !state_in_conv {
         let cfg =
             LaunchConfig { grid_dim: (blocks(op, n * c, 256)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         unsafe { launch(&dev, &function(&dev, "nn_short_conv_state")?, cfg, &params) }?;
@@ -1168,7 +1175,7 @@ mod tests {
     fn params_match_the_kernel_structs() {
         assert_eq!(std::mem::size_of::<SplitOut>(), 3 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<NormParams>(), 5 * 8 + 8 * 4);
-        assert_eq!(std::mem::size_of::<ConvParams>(), 5 * 8 + 32 + 6 * 4);
+        assert_eq!(std::mem::size_of::<ConvParams>(), 5 * 8 + 32 + 8 * 4);
         assert_eq!(std::mem::size_of::<GluParams>(), 2 * 8 + 8 + 2 * 8);
         assert_eq!(std::mem::size_of::<ColsParams>(), 8 + 32 + 5 * 4 + 4);
         assert_eq!(std::mem::size_of::<AttnParams>(), 14 * 8 + 13 * 4 + 4);

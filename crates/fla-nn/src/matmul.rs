@@ -213,12 +213,15 @@ fn run_with(
         DType::BF16 => "bf16",
         _ => "f16",
     };
-    let name = match (fused.mode, unroll(sixteen_bit, ctas, steps.div_ceil(s), dev.sm_count())) {
-        (1, _) => format!("gemv_{dt}_glu"),
-        (2, _) => format!("gemv_{dt}_norm"),
-        (_, u) => format!("gemv_{dt}_u{u}"),
+    let u = unroll(sixteen_bit, ctas, steps.div_ceil(s), dev.sm_count());
+    let name = match fused.mode {
+        1 => format!("gemv_{dt}_glu_u{u}"),
+        2 => format!("gemv_{dt}_norm_u{u}"),
+        _ => format!("gemv_{dt}_u{u}"),
     };
     let name = name.as_str();
+    // A prologue stages its x (m rows of K) in dynamic shared memory.
+    let smem = if fused.mode == 0 { 0 } else { (p.m * p.k * x.dtype().size_in_bytes()) as u32 };
     let image = fla_kernels::cubin("gemv").map_err(|msg| Error::NoCudaKernel { kernel: name.to_string(), msg })?;
     let f = dev.function("gemv", image, name)?;
     // SAFETY: the kernel writes every element of y (each m < M, n < N once) before anything on
@@ -235,7 +238,7 @@ fn run_with(
         splits: s as i32,
         ..fused
     };
-    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (32 * WARPS as u32, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (32 * WARPS as u32, 1, 1), shared_mem_bytes: smem };
     // SAFETY: `plan` checked that x holds m·k, w n·k and y m·n elements of one dtype on one
     // device, K a multiple of the 16-byte vector and both inputs 16-byte aligned, which is all
     // the kernel reads (loads past a row's K or past N are predicated off); y is written only at
@@ -339,7 +342,7 @@ pub fn matmul_t_fused(x: CudaTensor, w: &CudaTensor, pro: &Prologue<'_>) -> Resu
     let fused = rows <= GEMV_MAX_ROWS && gemv_enabled() && fla_kernels::compiled();
     match pro {
         Prologue::SwiGlu => {
-            if fused {
+            if fused && staged_fits(&x, k) {
                 if let Ok(p) = plan_cols(OP, &x, w, 2) {
                     let params = GemvParams { mode: 1, ..Default::default() };
                     return Ok((run_with(OP, &x, w, &p, params, None)?, None));
@@ -349,8 +352,17 @@ pub fn matmul_t_fused(x: CudaTensor, w: &CudaTensor, pro: &Prologue<'_>) -> Resu
         }
         Prologue::Norm(np) => {
             check_norm(OP, &x, k, np)?;
-            let vec = 16 / x.dtype().size_in_bytes();
-            if fused && np.group % vec == 0 && k / np.group <= MAX_NORM_GROUPS {
+            let elem = x.dtype().size_in_bytes();
+            let aligned = |t: Option<&CudaTensor>, off: usize| t.is_none_or(|t| (t.raw_addr() as usize + off * elem) % 16 == 0);
+            let gate_ok = np.gate.is_none_or(|(z, start, _)| aligned(Some(z), start) && (z.shape()[1] * elem) % 16 == 0);
+            if fused
+                && staged_fits(&x, k)
+                && np.group % (16 / elem) == 0
+                && k / np.group <= MAX_NORM_GROUPS
+                && aligned(np.res, 0)
+                && aligned(Some(np.weight), 0)
+                && gate_ok
+            {
                 if let Ok(p) = plan(OP, &x, w) {
                     let (z, ld_z, gate) = match np.gate {
                         Some((z, start, act)) => (
@@ -406,6 +418,12 @@ pub fn matmul_t_fused(x: CudaTensor, w: &CudaTensor, pro: &Prologue<'_>) -> Resu
 
 fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::size(op, format!("{what} = {v} does not fit the kernel's 32-bit index")))
+}
+
+/// Whether a prologue's x (its rows of K elements) fits the 48 KB of shared memory a launch
+/// gets without opting in.
+fn staged_fits(x: &CudaTensor, k: usize) -> bool {
+    x.elem_count() / x.shape().last().copied().unwrap_or(1).max(1) * k * x.dtype().size_in_bytes() <= 48 * 1024
 }
 
 /// Most norm groups in a row of the fused norm prologue (`GEMV_MAX_GROUPS` in gemv.cu).
