@@ -107,25 +107,15 @@ const VARIANTS: [(&str, Tiling); 4] = [
     ("bv128", Tiling { suffix: "_bv128", bv: 128, threads: 256 }),
 ];
 
-/// The tiling of a step over `heads` (sequences × value heads) of head dims `k`, `v` on a GPU of
-/// `sms` SMs: [`BV64`] where it applies, unless its CTAs would leave SMs idle (a decode step of
-/// one sequence: 16 heads make 32 CTAs), then [`BV32`]'s twice as many; `FLA_RECURRENT_VARIANT`
-/// overrides.
-fn tiling(k: usize, v: usize, heads: usize, sms: usize) -> Tiling {
+fn tiling(k: usize, v: usize) -> Tiling {
     if !(65..=128).contains(&k) || v % 4 != 0 {
         return BV32;
     }
-    static CHOSEN: std::sync::OnceLock<Option<Tiling>> = std::sync::OnceLock::new();
-    let chosen = CHOSEN.get_or_init(|| {
-        std::env::var("FLA_RECURRENT_VARIANT")
-            .ok()
-            .map(|want| VARIANTS.iter().find(|(name, _)| *name == want).map_or(BV64, |(_, t)| *t))
-    });
-    match chosen {
-        Some(t) => *t,
-        None if heads * v.div_ceil(BV64.bv) < sms => BV32,
-        None => BV64,
-    }
+    static CHOSEN: std::sync::OnceLock<Tiling> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| match std::env::var("FLA_RECURRENT_VARIANT") {
+        Ok(want) => VARIANTS.iter().find(|(name, _)| *name == want).map_or(BV64, |(_, t)| *t),
+        Err(_) => BV64,
+    })
 }
 
 /// The recurrent step on the GPU; see [`crate::recurrent::step_cuda`] for the contract.
@@ -208,7 +198,7 @@ pub(crate) fn recurrent_step(
         }
         None => None,
     };
-    let tl = tiling(d.k, d.v, d.n * d.hv, dev.sm_count());
+    let tl = tiling(d.k, d.v);
     let tiles = d.n * d.hv * d.v.div_ceil(tl.bv);
     let tiles = u32::try_from(tiles)
         .ok()
@@ -1142,15 +1132,10 @@ mod tests {
 
     #[test]
     fn tiling_by_shape() {
-        assert_eq!(tiling(64, 64, 1024, 132).bv, 32);
-        assert_eq!(tiling(256, 128, 1024, 132).bv, 32);
-        assert_eq!(tiling(128, 50, 1024, 132).bv, 32);
-        if std::env::var_os("FLA_RECURRENT_VARIANT").is_none() {
-            // One sequence of 16 heads: BV64 would make 32 CTAs on 132 SMs.
-            assert_eq!(tiling(128, 128, 16, 132).bv, 32);
-            assert_eq!(tiling(128, 128, 1024, 132).bv, 64);
-        }
-        let t = tiling(128, 128, 1024, 132);
+        assert_eq!(tiling(64, 64).bv, 32);
+        assert_eq!(tiling(256, 128).bv, 32);
+        assert_eq!(tiling(128, 50).bv, 32);
+        let t = tiling(128, 128);
         assert!(VARIANTS.iter().any(|(_, v)| v.suffix == t.suffix), "{t:?}");
     }
 }
