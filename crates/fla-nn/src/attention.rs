@@ -175,7 +175,7 @@ impl GatedAttention {
 }
 
 /// The gated attention layer on a CUDA device ([`GatedAttention::to_cuda`]): the computation of
-/// [`GatedAttention::forward`], its CPU twin, with cuBLAS projections, q / k RMSNorm and partial
+/// [`GatedAttention::forward`], its CPU twin, with its projections through [`crate::matmul::matmul_t`], q / k RMSNorm and partial
 /// RoPE fused with the cache append (`attn_prep`), and causal softmax attention over each
 /// token's cached context (`fla-kernels/cuda/attention.cu`): a tensor-core flash-attention
 /// kernel for 16-bit prefills with head_dim 64, 128 or 256, a split-KV kernel otherwise

@@ -231,11 +231,13 @@ impl GatedDeltaNet {
 /// The Gated DeltaNet layer on a CUDA device ([`GatedDeltaNet::to_cuda`]): the computation of
 /// [`GatedDeltaNet::forward`], its CPU twin, with the weights uploaded once in one dtype (the
 /// four input projections stacked into one, the interleaved Qwen3-Next ones reordered into the
-/// split order on upload) and activations in that dtype: one cuBLAS product for the input
-/// projections, the short convolution reading q|k|v out of it and writing q, k and v apart, the
-/// chunk forward (prefill) or the recurrent step (decode), the RMSNorm gated by z read out of
-/// the product. A decode step is two cuBLAS products (in and out) and five kernels: b and a
-/// copied apart, the convolution and its cache, the recurrent step, the gated norm.
+/// split order on upload) and activations in that dtype: one product for the input projections,
+/// the short convolution reading q|k|v out of it and writing q, k and v apart, the chunk
+/// forward (prefill) or the recurrent step (decode), the RMSNorm gated by z read out of the
+/// product. A decode step is five kernels: the input product (with the block's residual add and
+/// input norm when [`GatedDeltaNetCuda::forward_prenorm`]), b and a copied apart, the
+/// convolution with its cache, the recurrent step, the output product with the gated norm fused
+/// in front.
 pub struct GatedDeltaNetCuda {
     cfg: GatedDeltaNetConfig,
     /// `[conv_dim + value_total + 2·HV, hidden]`: rows `qkv [conv_dim] | z [value_total] |

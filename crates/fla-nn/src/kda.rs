@@ -306,9 +306,9 @@ impl KimiDeltaAttention {
 
 /// The KDA layer on a CUDA device ([`KimiDeltaAttention::to_cuda`]), the twin of
 /// [`KimiDeltaAttention::forward`]: the projections of the input (q, k, v, `f_a`, `b`, `g_a`)
-/// stacked into one cuBLAS product and the three convolutions into one (reading q | k | v out of
+/// stacked into one product and the three convolutions into one (reading q | k | v out of
 /// the product and writing them apart), `f_a`, `b` and `g_a` copied apart in one kernel, the
-/// second low-rank products `f_b` and `g_b` with cuBLAS, the recurrence ([`crate::linear_cuda`]:
+/// second low-rank products `f_b` and `g_b`, the recurrence ([`crate::linear_cuda`]:
 /// per-channel decay computed in the op), then the per-head RMSNorm gated by the sigmoid of the
 /// output gate. Activations in the weights' dtype.
 pub struct KimiDeltaAttentionCuda {
