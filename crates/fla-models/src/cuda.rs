@@ -23,6 +23,7 @@ use fla_nn::gated_deltanet::GatedDeltaNetCuda;
 use fla_nn::kda::KimiDeltaAttentionCuda;
 use fla_nn::linear_cuda::LinearCacheCuda;
 use fla_nn::matmul::matmul_t;
+use fla_nn::matmul::PreNorm;
 use fla_nn::mla::{MlaCacheCuda, MultiLatentAttentionCuda};
 use fla_nn::mlp::MlpCuda;
 use fla_nn::moe::MoeCuda;
@@ -210,8 +211,8 @@ impl ModelCuda {
                 // The residual add and the input norm fused into the layer's input product.
                 (MixerCuda::Gdn(g), Some(f)) => {
                     li += 1;
-                    let (y, sum) =
-                        g.forward_prenorm(x, &f, &layer.input_norm, m.eps, m.norm_offset, batch, &mut cache.linear[li - 1])?;
+                    let pre = PreNorm { res: &f, weight: &layer.input_norm, eps: m.eps, offset: m.norm_offset };
+                    let (y, sum) = g.forward_prenorm(x, &pre, batch, &mut cache.linear[li - 1])?;
                     x = sum;
                     y
                 }
@@ -240,7 +241,8 @@ impl ModelCuda {
             pending = Some(match &layer.ffn {
                 // The residual add and the post-attention norm fused into the gate | up product.
                 FfnCuda::Dense(mlp) => {
-                    let (f, sum) = mlp.forward_prenorm(x, &y, &layer.post_norm, m.eps, m.norm_offset)?;
+                    let pre = PreNorm { res: &y, weight: &layer.post_norm, eps: m.eps, offset: m.norm_offset };
+                    let (f, sum) = mlp.forward_prenorm(x, &pre)?;
                     x = sum;
                     f
                 }

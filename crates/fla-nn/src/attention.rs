@@ -243,25 +243,7 @@ impl GatedAttentionCuda {
         let c = &self.cfg;
         let (h, kvh, hd) = (c.heads, c.kv_heads, c.head_dim);
         let tokens = batch.tokens();
-        if x.shape() != [tokens, c.hidden] {
-            return Err(Error::shape(OP, "x", format!("[tokens, hidden] = [{tokens}, {}]", c.hidden), x.shape()));
-        }
-        if x.dtype() != self.q_proj.dtype() {
-            return Err(Error::DType {
-                op: OP,
-                arg: "x",
-                expected: format!("{} (the weights' dtype)", self.q_proj.dtype()),
-                got: x.dtype(),
-            });
-        }
-        if x.device() != self.q_proj.device() {
-            return Err(Error::Device {
-                op: OP,
-                arg: "x",
-                expected: self.q_proj.device().to_string(),
-                got: x.device().to_string(),
-            });
-        }
+        crate::cuda::check_input(OP, x, tokens, c.hidden, &self.q_proj)?;
         let n = batch.len();
         if cache.len.len() != n && batch.past.iter().all(|&p| p == 0) {
             *cache = KvCacheCuda { k: None, v: None, len: vec![0; n] };

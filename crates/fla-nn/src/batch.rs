@@ -150,7 +150,8 @@ impl BatchTables {
             return Err(Error::size(op, format!("{} sequences but {} past lengths", seqs.len(), past.len())));
         }
         let i32_of = |what: &str, v: usize| {
-            i32::try_from(v).map_err(|_| Error::size(op, format!("{what} = {v} does not fit the kernels' 32-bit index")))
+            i32::try_from(v)
+                .map_err(|_| Error::size(op, format!("{what} = {v} does not fit the kernels' 32-bit index")))
         };
         let tokens = cu[seqs.len()];
         let mut t = Vec::with_capacity(cu.len() + 2 * tokens);

@@ -251,6 +251,32 @@ pub fn add_rms_norm_cuda(
     unsafe { norm("add_rms_norm_cuda", addr, x, Some(res), w, eps, offset, None) }
 }
 
+/// `x` is `[tokens, hidden]` of `weight`'s dtype, on its device: the input check of every GPU
+/// layer (`op` names it in the typed errors).
+pub(crate) fn check_input(
+    op: &'static str,
+    x: &CudaTensor,
+    tokens: usize,
+    hidden: usize,
+    weight: &CudaTensor,
+) -> Result<()> {
+    if x.shape() != [tokens, hidden] {
+        return Err(Error::shape(op, "x", format!("[tokens, hidden] = [{tokens}, {hidden}]"), x.shape()));
+    }
+    if x.dtype() != weight.dtype() {
+        return Err(Error::DType {
+            op,
+            arg: "x",
+            expected: format!("{} (the weights' dtype)", weight.dtype()),
+            got: x.dtype(),
+        });
+    }
+    if x.device() != weight.device() {
+        return Err(Error::Device { op, arg: "x", expected: weight.device().to_string(), got: x.device().to_string() });
+    }
+    Ok(())
+}
+
 /// The longest row `nn_rms_norm_*` takes: 128 threads × 64 elements in registers.
 const NORM_MAX_DIM: usize = 128 * 64;
 
@@ -454,7 +480,11 @@ fn conv(
     if tables.len() != n || tables.tokens() != tokens {
         return Err(Error::size(
             op,
-            format!("tables of {} sequences, {} tokens for {n} sequences, {tokens} tokens", tables.len(), tables.tokens()),
+            format!(
+                "tables of {} sequences, {} tokens for {n} sequences, {tokens} tokens",
+                tables.len(),
+                tables.tokens()
+            ),
         ));
     }
     let params = ConvParams {
@@ -942,7 +972,11 @@ impl RowIndices {
     fn host(rows: &[usize], bound: usize) -> Result<Vec<i32>> {
         const OP: &str = "RowIndices";
         if let Some(&bad) = rows.iter().find(|&&i| i >= bound) {
-            return Err(Error::Argument { op: OP, arg: "rows", msg: format!("row {bad} of a tensor with {bound} rows") });
+            return Err(Error::Argument {
+                op: OP,
+                arg: "rows",
+                msg: format!("row {bad} of a tensor with {bound} rows"),
+            });
         }
         rows.iter().map(|&r| to_i32(OP, "row", r)).collect()
     }

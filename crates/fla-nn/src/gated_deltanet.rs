@@ -17,9 +17,9 @@ use fla_core::{DType, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs};
 
 use crate::conv::{ConvState, ShortConv};
-use crate::cuda::{parts, split_cols_cuda};
-use crate::linear_cuda::{check_input, conv_recurrence, layer_options, LinearCacheCuda, Recurrence};
-use crate::matmul::{matmul_t, matmul_t_fused, NormPrologue, Prologue};
+use crate::cuda::{check_input, parts, split_cols_cuda};
+use crate::linear_cuda::{conv_recurrence, layer_options, LinearCacheCuda, Recurrence};
+use crate::matmul::{matmul_t, matmul_t_fused, matmul_t_prenorm, NormPrologue, PreNorm, Prologue};
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};
 
@@ -316,25 +316,18 @@ impl GatedDeltaNetCuda {
         self.forward_proj(matmul_t(x, &self.proj)?, batch, cache)
     }
 
-    /// [`GatedDeltaNetCuda::forward`] of `rms_norm(x + res)` (weight `norm [hidden]` f32 plus
-    /// `offset`), the residual add and the norm fused into the input product: returns the
-    /// output and `x + res` (the residual stream after the add).
-    #[allow(clippy::too_many_arguments)]
+    /// [`GatedDeltaNetCuda::forward`] of `rms_norm(x + res)`, the residual add and the norm fused
+    /// into the input product: returns the output and `x + res` (the residual stream after the
+    /// add).
     pub fn forward_prenorm(
         &self,
         x: CudaTensor,
-        res: &CudaTensor,
-        norm: &CudaTensor,
-        eps: f32,
-        offset: f32,
+        pre: &PreNorm<'_>,
         batch: &Batch,
         cache: &mut LinearCacheCuda,
     ) -> Result<(CudaTensor, CudaTensor)> {
-        let c = &self.cfg;
-        check_input(OP, &x, batch.tokens(), c.hidden, &self.proj)?;
-        let np = NormPrologue { res: Some(res), weight: norm, offset, eps, group: c.hidden, gate: None };
-        let (proj, sum) = matmul_t_fused(x, &self.proj, &Prologue::Norm(np))?;
-        let sum = sum.ok_or_else(|| fla_core::Error::Cuda("the fused norm gave no residual sum".into()))?;
+        check_input(OP, &x, batch.tokens(), self.cfg.hidden, &self.proj)?;
+        let (proj, sum) = matmul_t_prenorm(x, &self.proj, pre)?;
         Ok((self.forward_proj(proj, batch, cache)?, sum))
     }
 

@@ -19,8 +19,8 @@ use fla_core::{DType, Error, Result, Tensor};
 use fla_ops::{chunk, recurrent, Family, Inputs, Options};
 
 use crate::conv::{ConvState, ShortConv};
-use crate::cuda::{parts, rms_norm_cuda, split_cols_cuda};
-use crate::linear_cuda::{check_input, conv_recurrence, LinearCacheCuda, Recurrence};
+use crate::cuda::{check_input, parts, rms_norm_cuda, split_cols_cuda};
+use crate::linear_cuda::{conv_recurrence, LinearCacheCuda, Recurrence};
 use crate::matmul::matmul_t;
 use crate::ops::{rms_norm_gated, GateAct};
 use crate::{Batch, Linear, VarBuilder};

@@ -1,5 +1,5 @@
 //! What the GPU linear-attention layers ([`crate::gated_deltanet::GatedDeltaNetCuda`],
-//! [`crate::kda::KimiDeltaAttentionCuda`]) share: their cache, the check of their input, and the
+//! [`crate::kda::KimiDeltaAttentionCuda`]) share: their cache and the
 //! core from the fused q|k|v projection to the attention output — the short convolution with its
 //! cache, writing q, k and v apart, then the recurrent step (a decode batch) or the chunk form
 //! (anything else) on the cached states.
@@ -30,31 +30,6 @@ pub(crate) fn layer_options() -> Options {
         use_gate_in_kernel: true,
         scale: None,
     }
-}
-
-/// `x` is `[tokens, hidden]` of `weight`'s dtype, on its device.
-pub(crate) fn check_input(
-    op: &'static str,
-    x: &CudaTensor,
-    tokens: usize,
-    hidden: usize,
-    weight: &CudaTensor,
-) -> Result<()> {
-    if x.shape() != [tokens, hidden] {
-        return Err(Error::shape(op, "x", format!("[tokens, hidden] = [{tokens}, {hidden}]"), x.shape()));
-    }
-    if x.dtype() != weight.dtype() {
-        return Err(Error::DType {
-            op,
-            arg: "x",
-            expected: format!("{} (the weights' dtype)", weight.dtype()),
-            got: x.dtype(),
-        });
-    }
-    if x.device() != weight.device() {
-        return Err(Error::Device { op, arg: "x", expected: weight.device().to_string(), got: x.device().to_string() });
-    }
-    Ok(())
 }
 
 /// The recurrence of one layer call: its family, head counts and dims, and the per-token gate

@@ -353,8 +353,10 @@ pub fn matmul_t_fused(x: CudaTensor, w: &CudaTensor, pro: &Prologue<'_>) -> Resu
         Prologue::Norm(np) => {
             check_norm(OP, &x, k, np)?;
             let elem = x.dtype().size_in_bytes();
-            let aligned = |t: Option<&CudaTensor>, off: usize| t.is_none_or(|t| (t.raw_addr() as usize + off * elem) % 16 == 0);
-            let gate_ok = np.gate.is_none_or(|(z, start, _)| aligned(Some(z), start) && (z.shape()[1] * elem) % 16 == 0);
+            let aligned =
+                |t: Option<&CudaTensor>, off: usize| t.is_none_or(|t| (t.raw_addr() as usize + off * elem) % 16 == 0);
+            let gate_ok =
+                np.gate.is_none_or(|(z, start, _)| aligned(Some(z), start) && (z.shape()[1] * elem) % 16 == 0);
             if fused
                 && staged_fits(&x, k)
                 && np.group % (16 / elem) == 0
@@ -420,6 +422,30 @@ fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::size(op, format!("{what} = {v} does not fit the kernel's 32-bit index")))
 }
 
+/// The residual add and RMSNorm in front of a block's first product: `rms_norm(x + res)` with
+/// weight `weight [K]` f32 plus `offset`.
+#[derive(Clone, Copy)]
+pub struct PreNorm<'a> {
+    /// Added to `x` first.
+    pub res: &'a CudaTensor,
+    /// `[K]` f32.
+    pub weight: &'a CudaTensor,
+    /// Added to the mean square.
+    pub eps: f32,
+    /// Added to the weight (1 for Qwen's `1 + w` norms).
+    pub offset: f32,
+}
+
+/// `rms_norm(x + res)·Wᵀ` through [`matmul_t_fused`] with the norm over whole rows: the product
+/// and `x + res` (the residual stream after the add).
+pub fn matmul_t_prenorm(x: CudaTensor, w: &CudaTensor, pre: &PreNorm<'_>) -> Result<(CudaTensor, CudaTensor)> {
+    let k = w.shape().last().copied().unwrap_or(0);
+    let np =
+        NormPrologue { res: Some(pre.res), weight: pre.weight, offset: pre.offset, eps: pre.eps, group: k, gate: None };
+    let (y, sum) = matmul_t_fused(x, w, &Prologue::Norm(np))?;
+    Ok((y, sum.ok_or_else(|| Error::Cuda("the fused norm gave no residual sum".into()))?))
+}
+
 /// Whether a prologue's x (its rows of K elements) fits the 48 KB of shared memory a launch
 /// gets without opting in.
 fn staged_fits(x: &CudaTensor, k: usize) -> bool {
@@ -452,7 +478,12 @@ fn check_norm(op: &'static str, x: &CudaTensor, k: usize, np: &NormPrologue<'_>)
         let rows = x.elem_count() / k;
         let ok = matches!(*z.shape(), [r, cols] if r == rows && start + k <= cols);
         if !ok || z.dtype() != x.dtype() || z.device() != x.device() {
-            return Err(Error::shape(op, "z", format!("[rows = {rows}, ≥ {start} + {k} columns] ({})", x.dtype()), z.shape()));
+            return Err(Error::shape(
+                op,
+                "z",
+                format!("[rows = {rows}, ≥ {start} + {k} columns] ({})", x.dtype()),
+                z.shape(),
+            ));
         }
     }
     Ok(())

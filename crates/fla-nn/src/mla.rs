@@ -479,25 +479,7 @@ impl MultiLatentAttentionCuda {
         let c = &self.cfg;
         let (h, hd, lat) = (c.heads, self.hd, c.latent());
         let tokens = batch.tokens();
-        if x.shape() != [tokens, c.hidden] {
-            return Err(Error::shape(OP, "x", format!("[tokens, hidden] = [{tokens}, {}]", c.hidden), x.shape()));
-        }
-        if x.dtype() != self.o_proj.dtype() {
-            return Err(Error::DType {
-                op: OP,
-                arg: "x",
-                expected: format!("{} (the weights' dtype)", self.o_proj.dtype()),
-                got: x.dtype(),
-            });
-        }
-        if x.device() != self.o_proj.device() {
-            return Err(Error::Device {
-                op: OP,
-                arg: "x",
-                expected: self.o_proj.device().to_string(),
-                got: x.device().to_string(),
-            });
-        }
+        crate::cuda::check_input(OP, x, tokens, c.hidden, &self.o_proj)?;
         let dev = x.cuda_device().clone();
         if tokens == 0 {
             return CudaTensor::zeros(&[0, c.hidden], x.dtype(), &dev);

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use fla_core::cuda::{CudaDevice, CudaTensor};
 use fla_core::{DType, Result, Tensor};
 
-use crate::matmul::{matmul_t, matmul_t_fused, NormPrologue, Prologue};
+use crate::matmul::{matmul_t, matmul_t_fused, matmul_t_prenorm, PreNorm, Prologue};
 use crate::ops::silu;
 use crate::{Linear, VarBuilder};
 
@@ -75,21 +75,10 @@ impl MlpCuda {
         Ok(matmul_t_fused(matmul_t(x, &self.gate_up)?, &self.down_proj, &Prologue::SwiGlu)?.0)
     }
 
-    /// [`MlpCuda::forward`] of `rms_norm(x + res)` (weight `norm [hidden]` f32 plus `offset`),
-    /// the residual add and the norm fused into the gate | up product: returns the output and
-    /// `x + res` (the residual stream after the add).
-    pub fn forward_prenorm(
-        &self,
-        x: CudaTensor,
-        res: &CudaTensor,
-        norm: &CudaTensor,
-        eps: f32,
-        offset: f32,
-    ) -> Result<(CudaTensor, CudaTensor)> {
-        let hidden = self.down_proj.shape()[0];
-        let np = NormPrologue { res: Some(res), weight: norm, offset, eps, group: hidden, gate: None };
-        let (gate_up, sum) = matmul_t_fused(x, &self.gate_up, &Prologue::Norm(np))?;
-        let y = matmul_t_fused(gate_up, &self.down_proj, &Prologue::SwiGlu)?.0;
-        Ok((y, sum.ok_or_else(|| fla_core::Error::Cuda("the fused norm gave no residual sum".into()))?))
+    /// [`MlpCuda::forward`] of `rms_norm(x + res)`, the residual add and the norm fused into the
+    /// gate | up product: returns the output and `x + res` (the residual stream after the add).
+    pub fn forward_prenorm(&self, x: CudaTensor, pre: &PreNorm<'_>) -> Result<(CudaTensor, CudaTensor)> {
+        let (gate_up, sum) = matmul_t_prenorm(x, &self.gate_up, pre)?;
+        Ok((matmul_t_fused(gate_up, &self.down_proj, &Prologue::SwiGlu)?.0, sum))
     }
 }

@@ -255,7 +255,8 @@ fn fused_prologues_vs_f64() {
             let case = format!("{dtype} rows={m}");
             // SwiGLU.
             let (gx, x) = random(10 + m as u64, &[m, 2 * k], dtype, &dev);
-            let h: Vec<f64> = x.chunks(2 * k).flat_map(|r| (0..k).map(|j| silu(r[j]) * r[k + j]).collect::<Vec<_>>()).collect();
+            let h: Vec<f64> =
+                x.chunks(2 * k).flat_map(|r| (0..k).map(|j| silu(r[j]) * r[k + j]).collect::<Vec<_>>()).collect();
             let (y, sum) = matmul_t_fused(gx, &gw, &Prologue::SwiGlu).unwrap();
             assert!(sum.is_none());
             let e = rel_err(&down(&y), &reference(&h, &w, m, n, k));
@@ -264,8 +265,15 @@ fn fused_prologues_vs_f64() {
             let (gx, x) = random(20 + m as u64, &[m, k], dtype, &dev);
             let (gr, r) = random(30 + m as u64, &[m, k], dtype, &dev);
             let s32: Vec<f32> = x.iter().zip(&r).map(|(a, b)| (a + b) as f32).collect();
-            let s: Vec<f64> =
-                Tensor::from_vec(s32, &[m, k]).unwrap().to_dtype(dtype).unwrap().to_vec::<f32>().unwrap().into_iter().map(f64::from).collect();
+            let s: Vec<f64> = Tensor::from_vec(s32, &[m, k])
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_vec::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
             let np = NormPrologue { res: Some(&gr), weight: &gnw, offset: 1.0, eps: 1e-6, group: k, gate: None };
             let (y, sum) = matmul_t_fused(gx, &gw, &Prologue::Norm(np)).unwrap();
             assert_eq!(down(&sum.expect("the sum")), s, "{case}: x + res");

@@ -159,8 +159,13 @@ fn short_conv_vs_cpu() {
             let mut state = ConvState { data: state0.clone() };
             let want = conv.forward(&x, &batch, &mut state);
             let mut st = up(&state0, &[lens.len(), c, w], DType::F32, &dev);
-            let y = short_conv_cuda(&up(&x, &[tokens, c], dtype, &dev), &up(&weight, &[c, w], DType::F32, &dev), &mut st, &cu)
-                .unwrap();
+            let y = short_conv_cuda(
+                &up(&x, &[tokens, c], dtype, &dev),
+                &up(&weight, &[c, w], DType::F32, &dev),
+                &mut st,
+                &cu,
+            )
+            .unwrap();
             let e = rel_err(&down(&y), &want);
             assert!(e < tol(dtype), "{dtype} kernel {w} y: rel err {e:.2e}");
             // The cache holds inputs as given (rounded to the dtype): exact.
@@ -171,8 +176,9 @@ fn short_conv_vs_cpu() {
             let wide = up(&widen(&mut rng, &x, c, start, cols), &[tokens, cols], dtype, &dev);
             for parts in [vec![64, 64, 172], vec![100, 37, 163], vec![150, 150], vec![c]] {
                 let mut st = up(&state0, &[lens.len(), c, w], DType::F32, &dev);
-                let ys = short_conv_split_cuda(&wide, start, &up(&weight, &[c, w], DType::F32, &dev), &mut st, &cu, &parts)
-                    .unwrap();
+                let ys =
+                    short_conv_split_cuda(&wide, start, &up(&weight, &[c, w], DType::F32, &dev), &mut st, &cu, &parts)
+                        .unwrap();
                 assert_eq!(ys.len(), parts.len());
                 let mut first = 0;
                 for (y, &width) in ys.iter().zip(&parts) {
