@@ -315,10 +315,21 @@ impl ModelCuda {
                 let mut logits = CudaTensor::zeros(&[n, self.host.vocab], self.lm_head.dtype(), &dev)?;
                 let mut batch = Batch::new(&vec![1; n], &cache.past);
                 batch.tables = Some(tables.clone());
-                let (graph, ()) = dev.capture(|| {
+                // Capturing runs the layers' host code (the caches' token counts advance) but
+                // none of their GPU work: if it fails, the counts go back.
+                let counts = (cache.past.clone(), cache.attn.iter().map(|a| a.len.clone()).collect::<Vec<_>>());
+                let captured = dev.capture(|| {
                     let hidden = self.run(&ids, &batch, cache)?;
                     logits.copy_from(&self.logits(&hidden)?)
-                })?;
+                });
+                let graph = match captured {
+                    Ok((graph, ())) => graph,
+                    Err(e) => {
+                        cache.past = counts.0;
+                        cache.attn.iter_mut().zip(counts.1).for_each(|(a, len)| a.len = len);
+                        return Err(e);
+                    }
+                };
                 drop(batch);
                 graph.launch()?;
                 cache.graph = Some(DecodeGraph { graph, ids, tables, logits, caps });
